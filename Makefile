@@ -1,0 +1,49 @@
+# Two entry points: `make run` starts the node, `make test` runs the whole suite against real peers.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config/gateway.toml
+# Debian packages the tests talk to: command that proves presence -> package.
+TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc
+
+.PHONY: run test venv dev peers lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+dev: $(VENV)/.dev-installed
+
+run: venv
+	$(PY) -m gateway serve --config $(CONFIG)
+
+peers:
+	@missing=""; for pair in $(TEST_PEERS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test peers:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+test: dev peers
+	$(PY) -m pytest
+
+lint: dev
+	$(PY) -m ruff check gateway tests scripts
+	$(PY) -m mypy
+
+bench: dev peers
+	$(PY) scripts/bench_ingest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,244 @@
+"""pynetdicom acceptor machinery tuned for ingest: fast socket reads, no polling reactor, peer policy.
+
+Subclasses only (no fork of pynetdicom 3.0.4):
+
+* ``_FastSocket`` reads whole PDUs with ``recv_into`` instead of 4 KiB ``recv`` calls.
+* ``_GatewayAssociation`` waits on the DIMSE queue instead of sleeping 1 ms per loop,
+  and lowers the DUL's idle delay; measured on loopback this is the difference between
+  ~1.3 s and ~1.0 s for 300 x 512 KB instances.
+* ``_PolicyACSE`` decides acceptance from the :class:`AssociationPolicy` (calling AE and
+  source address must match one peer entry; the node-wide association limit).
+* ``FdAssociationServer`` is a pynetdicom server that never listens itself: the parent
+  process accepts and hands it connected sockets (see :mod:`gateway.listener`).
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pynetdicom import evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from gateway.config import GatewayConfig, Peer
+
+log = structlog.get_logger(__name__)
+
+#: DUL idle delay between socket polls (pynetdicom's default is 1 ms); ~4 % CPU per idle association.
+_DUL_IDLE_DELAY_S = 0.0005
+#: How often the reactor re-checks release/abort/timeouts while no DIMSE message arrives.
+_REACTOR_TICK_S = 0.005
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+
+@dataclass(frozen=True)
+class AssociationPolicy:
+    """Who may associate: ``config`` peers plus the node's own AE title."""
+
+    config: GatewayConfig
+
+    def decide(self, calling_ae: str, called_ae: str, address: str) -> tuple[Peer | None, str | None]:
+        """Return ``(peer, None)`` to accept, or ``(None, reason)`` to reject."""
+        peer = self.config.peer_for(calling_ae, address)
+        if peer is None:
+            return None, "calling_ae_not_recognised"
+        if called_ae.strip() != self.config.node.ae_title:
+            return None, "called_ae_not_recognised"
+        return peer, None
+
+
+_REJECTIONS = {
+    "calling_ae_not_recognised": REJECT_CALLING_AE,
+    "called_ae_not_recognised": REJECT_CALLED_AE,
+    "local_limit_exceeded": REJECT_LOCAL_LIMIT,
+}
+
+
+class _FastSocket(AssociationSocket):
+    """AssociationSocket reading into one preallocated buffer per PDU."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock: socket.socket = self.socket  # type: ignore[assignment]
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = sock.recv_into(view[received:], nr_bytes - received)
+            if not count:
+                del view
+                return buffer[:received]
+            received += count
+        del view
+        return buffer
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that applies the gateway's association policy before pynetdicom's own checks."""
+
+    def _negotiate_as_acceptor(self) -> None:
+        assoc: _GatewayAssociation = self.assoc  # type: ignore[assignment]
+        rq = self.requestor.primitive
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        address = str(self.requestor.address_info.address)
+        peer, reason = assoc.policy.decide(calling, called, address)
+        if peer is not None and assoc.over_limit:
+            peer, reason = None, "local_limit_exceeded"
+        if peer is None:
+            assert reason is not None
+            log.warning("association_rejected", reason=reason, calling_ae=calling, called_ae=called,
+                        address=address)
+            self.requestor.ae_title = calling
+            self.send_reject(*_REJECTIONS[reason])
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        assoc.peer = peer
+        log.info("association_accepted", peer=peer.name, calling_ae=calling, address=address)
+        super()._negotiate_as_acceptor()
+
+
+class _GatewayAssociation(Association):
+    """Acceptor association with an event-driven reactor and the gateway's policy."""
+
+    def __init__(self, ae: Any, mode: str, policy: AssociationPolicy, over_limit: bool,
+                 on_finished: Callable[[], None]) -> None:
+        super().__init__(ae, mode)
+        self.policy = policy
+        self.over_limit = over_limit
+        self._on_finished = on_finished
+        self.peer: Peer | None = None
+        self.acse = _PolicyACSE(self)
+        self.dul._run_loop_delay = _DUL_IDLE_DELAY_S
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self._on_finished()
+
+    def _run_reactor(self) -> None:
+        # Same duties as Association._run_reactor, but a DIMSE message wakes it at once
+        # instead of after a fixed 1 ms sleep per loop.
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=_REACTOR_TICK_S)
+            except queue.Empty:
+                msg = None
+            if msg:
+                self._serve_request(msg, context_id)
+                continue
+            if self._peer_finished():
+                return
+
+    def _peer_finished(self) -> bool:
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return True
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return True
+        if not self.dul.is_alive():
+            self.kill()
+            return True
+        if self.dul.idle_timer_expired():
+            log.warning("association_idle_timeout")
+            self.abort()
+            self.kill()
+            return True
+        return False
+
+
+class _RequestHandler(RequestHandler):
+    server: FdAssociationServer
+
+    def _create_association(self) -> Association:
+        over_limit = bool(getattr(self.request, "gateway_over_limit", False))
+        assoc = _GatewayAssociation(self.ae, "acceptor", self.server.policy, over_limit,
+                                    self.server.on_closed)
+        assoc._server = self.server
+        assoc.name = "AcceptorThread"
+        assoc.set_socket(_FastSocket(assoc, client_socket=self.request))
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = list(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in self.server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers:
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+class _ConnectedSocket(socket.socket):
+    """A socket handed over by the listener, carrying its admission decision."""
+
+    gateway_over_limit = False
+
+
+class FdAssociationServer(ThreadedAssociationServer):
+    """A pynetdicom server fed with already-accepted sockets; it never binds or listens."""
+
+    daemon_threads = True
+
+    def __init__(self, ae: Any, policy: AssociationPolicy, evt_handlers: list[Any],
+                 on_closed: Callable[[], None]) -> None:
+        self.policy = policy
+        self.on_closed = on_closed
+        super().__init__(ae, ("127.0.0.1", 0), ae.ae_title, ae.supported_contexts, None, evt_handlers,
+                         request_handler=_RequestHandler)
+
+    def server_bind(self) -> None:  # the parent process owns the listening socket
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def submit(self, fd: int, over_limit: bool) -> None:
+        """Serve the connected socket *fd* in a new thread."""
+        sock = _ConnectedSocket(fileno=fd)
+        sock.gateway_over_limit = over_limit
+        try:
+            address = sock.getpeername()
+        except OSError:
+            sock.close()
+            self.on_closed()
+            return
+        sock.settimeout(None)
+        self.process_request(sock, address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # handle() only starts the association thread, which reports its own end.
+        try:
+            self.finish_request(request, client_address)
+        except Exception as exc:
+            log.error("connection_setup_failed", exc_info=exc)
+            self.shutdown_request(request)
+            self.on_closed()

@@ -1,0 +1,150 @@
+"""Study assembly: received instances grouped into one job per study, complete after a quiet period.
+
+A study is complete when no instance of it arrived for the sending peer's
+``quiet_seconds``, across any number of associations and in any order; A-RELEASE says
+nothing about completeness (PS3.4 B.4). Instances that arrive after completion start a
+new job. Studies and instances are known by keyed hashes (HMAC-SHA-256 with a node
+secret) of their UIDs, so the job table holds no UIDs and the hashes cannot be
+recomputed without the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import pydicom
+import structlog
+from pydicom.errors import InvalidDicomError
+
+from gateway.config import Peer
+from gateway.jobs import Job, JobState, JobStore, RecordOutcome
+from gateway.spool import Spool
+
+__all__ = ["Assembler", "IncomingInstance", "StoreResult"]
+
+log = structlog.get_logger(__name__)
+
+
+class StoreResult(StrEnum):
+    """What happened to an incoming instance."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class IncomingInstance:
+    """An instance ready to spool: its identifying UIDs and the bytes of the file to write."""
+
+    study_uid: str
+    sop_instance_uid: str
+    parts: tuple[bytes | bytearray | memoryview, ...]
+
+
+class Assembler:
+    """Puts received instances into study jobs and closes jobs after their quiet period."""
+
+    def __init__(self, spool: Spool, jobs: JobStore, *, clock: Callable[[], float] = time.time) -> None:
+        self._spool = spool
+        self._jobs = jobs
+        self._clock = clock
+        self._secret = spool.secret("identifier")
+
+    def key(self, uid: str) -> str:
+        """Keyed hash of a UID: stable within this node, meaningless elsewhere."""
+        return hmac.new(self._secret, uid.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def accept(self, instance: IncomingInstance, peer: Peer) -> StoreResult:
+        """Store *instance* durably in its study's receiving job.
+
+        Raises
+        ------
+        SpoolError
+            When the instance could not be written; nothing of it remains.
+        """
+        study_key = self.key(instance.study_uid)
+        sop_key = self.key(instance.sop_instance_uid)
+        for _attempt in range(3):
+            job_id = self._reserve(study_key, peer)
+            if self._jobs.has_instance(job_id, sop_key):
+                log.debug("instance_duplicate", job_id=job_id)
+                return StoreResult.DUPLICATE
+            file_id, size = self._spool.write_instance(job_id, instance.parts)
+            outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
+            if outcome is RecordOutcome.STORED:
+                log.debug("instance_stored", job_id=job_id, bytes=size)
+                return StoreResult.STORED
+            self._spool.remove_instance(job_id, file_id)
+            if outcome is RecordOutcome.DUPLICATE:
+                log.debug("instance_duplicate", job_id=job_id)
+                return StoreResult.DUPLICATE
+            # The job was closed while we wrote (forced completion): file it anew.
+        raise RuntimeError("job kept closing while an instance was stored")
+
+    def _reserve(self, study_key: str, peer: Peer) -> str:
+        reservation = self._jobs.reserve(study_key, peer.name, peer.quiet_seconds, self._clock())
+        if reservation.created:
+            log.info("job_created", job_id=reservation.job_id, study=study_key[:16], peer=peer.name,
+                     previous_job_id=reservation.previous_job_id)
+            if reservation.previous_job_id is not None:
+                log.info("study_received_after_completion", job_id=reservation.job_id,
+                         study=study_key[:16], previous_job_id=reservation.previous_job_id)
+        return reservation.job_id
+
+    def complete_due(self) -> list[Job]:
+        """Close every job whose quiet period has passed; return them."""
+        done = self._jobs.complete_due(self._clock())
+        for job in done:
+            log.info("job_complete", job_id=job.job_id, study=job.study, instances=job.instance_count,
+                     trigger="quiet_period", receiving_seconds=round(job.last_received_at - job.created_at, 3))
+        return done
+
+    def force_complete(self, job_id: str) -> Job:
+        """Close *job_id* now (``python -m gateway complete``)."""
+        job = self._jobs.force_complete(job_id, self._clock())
+        log.info("job_complete", job_id=job.job_id, study=job.study, instances=job.instance_count,
+                 trigger="forced", state=job.state)
+        return job
+
+    def reconcile(self) -> None:
+        """Make the database and the spool agree after a crash or power loss."""
+        removed = self._spool.remove_temporaries()
+        known = {job.job_id: job for job in self._jobs.jobs()}
+        for job_id in self._spool.job_ids():
+            job = known.get(job_id)
+            if job is None:
+                log.warning("orphan_job_folder", job_id=job_id)
+                continue
+            self._reconcile_job(job, self._spool.file_ids(job_id))
+        log.info("spool_reconciled", temporaries_removed=removed, jobs=len(known))
+
+    def _reconcile_job(self, job: Job, present: Iterable[str]) -> None:
+        registered = self._jobs.instance_files(job.job_id)
+        present = set(present)
+        for file_id in set(registered) - present:
+            self._jobs.forget_instance(job.job_id, file_id)
+            log.warning("instance_row_without_file", job_id=job.job_id)
+        for file_id in present - set(registered):
+            path = self._spool.instance_path(job.job_id, file_id)
+            sop_uid = _read_sop_instance_uid(path)
+            outcome = RecordOutcome.JOB_CLOSED
+            if sop_uid is not None and job.state is JobState.RECEIVING:
+                size = path.stat().st_size
+                outcome = self._jobs.record_instance(job.job_id, self.key(sop_uid), file_id, size, self._clock())
+            if outcome is not RecordOutcome.STORED:
+                # Never acknowledged to the sender (it was not registered), so it will be re-sent.
+                self._spool.remove_instance(job.job_id, file_id)
+            log.warning("unregistered_instance_file", job_id=job.job_id, outcome=outcome)
+
+
+def _read_sop_instance_uid(path: object) -> str | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])  # type: ignore[arg-type]
+        return str(ds.SOPInstanceUID)
+    except (InvalidDicomError, AttributeError, OSError, ValueError):
+        return None

@@ -1,0 +1,322 @@
+"""Configuration: the TOML file, validated once at start-up into frozen models.
+
+Every problem in a file is reported at once, as ``key.path: reason`` lines in a single
+:class:`~gateway.errors.ConfigError`; ``python -m gateway`` turns that into exit code 2.
+Relative paths are resolved against the folder that holds the configuration file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydicom.datadict import keyword_dict
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "MAX_AGE_CEILING_SECONDS",
+    "Destination",
+    "GatewayConfig",
+    "Logging",
+    "Node",
+    "Peer",
+    "Retention",
+    "Retry",
+    "Route",
+    "load_config",
+]
+
+#: The privacy promise: no patient data is kept longer than 24 hours.
+MAX_AGE_CEILING_SECONDS = 86_400
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_ae_title(value: str) -> str:
+    """PS3.5 6.2: AE is 1-16 characters of the default repertoire, no backslash or controls."""
+    if not 1 <= len(value) <= 16:
+        raise ValueError("must be 1 to 16 characters")
+    if not value.strip(" "):
+        raise ValueError("must not be only spaces")
+    if value != value.strip(" "):
+        raise ValueError("must not start or end with a space")
+    if any(ch == "\\" or not (0x20 <= ord(ch) < 0x7F) for ch in value):
+        raise ValueError("may contain only printable ASCII characters and no backslash")
+    return value
+
+
+def _check_host(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("must be an IP address or a CIDR network such as 10.0.0.0/24") from None
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+HostOrNetwork = Annotated[str, AfterValidator(_check_host)]
+Name = Annotated[str, AfterValidator(_check_name)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Node(_Model):
+    """This gateway's own DICOM node: where it listens and where it keeps its state."""
+
+    ae_title: AETitle = "CONTOUR_GW"
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0 = pick a free port (tests)
+    data_dir: Path = Path("var")
+    max_associations: Annotated[int, Field(ge=1, le=256)] = 8
+    #: Largest P-DATA PDU we accept; 128 KiB is dcmtk's largest and measurably faster than 16 KiB.
+    max_pdu_size: Annotated[int, Field(ge=4096, le=4 * 1024 * 1024)] = 131_072
+    #: Receiver processes; pynetdicom is CPU-bound under the GIL, so parallel associations need processes.
+    receive_workers: Annotated[int, Field(ge=1, le=32)] = Field(
+        default_factory=lambda: max(1, min(4, os.cpu_count() or 1))
+    )
+    acse_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    dimse_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    network_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    completion_check_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("must be an IP address to listen on, such as 127.0.0.1 or 0.0.0.0") from None
+        return value
+
+
+class Peer(_Model):
+    """A sender allowed to store studies here: calling AE title and source address must both match."""
+
+    name: Name
+    ae_title: str
+    host: HostOrNetwork
+    quiet_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_or_wildcard(cls, value: str) -> str:
+        return value if value == "*" else _check_ae_title(value)
+
+    def admits(self, calling_ae: str, address: str) -> bool:
+        """Return whether this peer entry covers *calling_ae* connecting from *address*."""
+        if self.ae_title != "*" and calling_ae.strip() != self.ae_title:
+            return False
+        return _address_in(address, self.host)
+
+
+class Retry(_Model):
+    """Retry policy for transient send failures: exponential backoff, then dead letter."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
+    initial_backoff_seconds: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    max_backoff_seconds: Annotated[float, Field(ge=0, le=86_400)] = 300.0
+    multiplier: Annotated[float, Field(ge=1, le=10)] = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number *attempt* (1-based)."""
+        return float(min(self.max_backoff_seconds, self.initial_backoff_seconds * self.multiplier ** (attempt - 1)))
+
+
+class Destination(_Model):
+    """Where results go by C-STORE (a TPS, a PACS)."""
+
+    name: Name
+    ae_title: AETitle
+    host: str
+    port: Port
+    calling_ae_title: AETitle | None = None  # defaults to node.ae_title
+    connect_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    acse_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    dimse_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    retry: Retry = Retry()
+
+
+def _check_match(value: Mapping[str, str]) -> Mapping[str, str]:
+    problems = []
+    for keyword, pattern in value.items():
+        if keyword not in keyword_dict:
+            problems.append(f"{keyword!r} is not a DICOM keyword")
+        elif len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
+            try:
+                re.compile(pattern[1:-1])
+            except re.error as exc:
+                problems.append(f"{keyword}: invalid regular expression ({exc})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value
+
+
+class Route(_Model):
+    """Which series go to which model and destinations; the first matching route wins."""
+
+    name: Name
+    match: Annotated[dict[str, str], AfterValidator(_check_match)] = Field(default_factory=dict)
+    model: Name
+    destinations: Annotated[list[Name], Field(min_length=1)]
+
+    def matches(self, attributes: Mapping[str, str]) -> bool:
+        """Return whether every ``match`` entry fits *attributes* (exact value or ``/regex/``)."""
+        for keyword, pattern in self.match.items():
+            value = attributes.get(keyword)
+            if value is None:
+                return False
+            if len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
+                if re.fullmatch(pattern[1:-1], value) is None:
+                    return False
+            elif value != pattern:
+                return False
+        return True
+
+
+class Retention(_Model):
+    """How long patient data may stay; the ceiling is the 24 h promise."""
+
+    max_age_seconds: Annotated[int, Field(ge=60, le=MAX_AGE_CEILING_SECONDS)] = MAX_AGE_CEILING_SECONDS
+    sweep_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
+
+    @model_validator(mode="after")
+    def _sweep_fits(self) -> Self:
+        if self.sweep_interval_seconds >= self.max_age_seconds:
+            raise ValueError("sweep_interval_seconds must be smaller than max_age_seconds")
+        return self
+
+
+class Logging(_Model):
+    """Log output: JSON lines on stdout (``console`` is for a person at a terminal)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class GatewayConfig(_Model):
+    """The whole validated configuration; built only by :func:`load_config` or in tests."""
+
+    node: Node = Node()
+    peers: list[Peer] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    retention: Retention = Retention()
+    logging: Logging = Logging()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Self:
+        problems = []
+        for field in ("peers", "destinations", "routes"):
+            names = [item.name for item in getattr(self, field)]
+            for dup in sorted({n for n in names if names.count(n) > 1}):
+                problems.append(f"{field}: name {dup!r} is used more than once")
+        known = {d.name for d in self.destinations}
+        for i, route in enumerate(self.routes):
+            for dest in route.destinations:
+                if dest not in known:
+                    problems.append(f"routes[{i}].destinations: {dest!r} is not a configured destination")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called *name*."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(f"no destination named {name!r}")
+
+    def peer_for(self, calling_ae: str, address: str) -> Peer | None:
+        """Return the first peer entry admitting *calling_ae* from *address*, if any."""
+        return next((p for p in self.peers if p.admits(calling_ae, address)), None)
+
+    def address_allowed(self, address: str) -> bool:
+        """Return whether any peer may connect from *address* (checked before any PDU is read)."""
+        return any(_address_in(address, p.host) for p in self.peers)
+
+
+def _address_in(address: str, network: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+        net = ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.version == net.version and ip in net
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith(("function-after", "function-before", "constrained")):
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text or "(top level)"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{_format_location(tuple(err['loc']))}: {message}")
+    return lines
+
+
+def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> GatewayConfig:
+    """Validate an already-parsed mapping; relative ``node.data_dir`` is resolved against *base_dir*."""
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
+    if base_dir is not None and not config.node.data_dir.is_absolute():
+        node = config.node.model_copy(update={"data_dir": (base_dir / config.node.data_dir).resolve()})
+        config = config.model_copy(update={"node": node})
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate the TOML file at *path*.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not TOML, or breaks any rule; all problems are listed.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file ({exc.strerror})"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse_config(raw, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,76 @@
+"""The gateway's exception tree; every message is free of patient data by construction.
+
+::
+
+    GatewayError
+    ├── ConfigError (ValueError)          invalid configuration, lists every problem
+    ├── SpoolError (OSError)              an instance could not be stored durably
+    ├── JobNotFoundError (LookupError)    no job with that id
+    └── SendError                         a C-STORE to a destination did not succeed
+        ├── TransientSendError            worth retrying (refused, timeout, 0xA7xx)
+        └── PermanentSendError            never retried (rejected, 0xCxxx, 0xA9xx)
+
+Third-party exceptions are translated at the module boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ConfigError",
+    "GatewayError",
+    "JobNotFoundError",
+    "PermanentSendError",
+    "SendError",
+    "SpoolError",
+    "TransientSendError",
+]
+
+
+class GatewayError(Exception):
+    """Base class of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError, ValueError):
+    """The configuration file is unusable; ``problems`` holds one line per fault."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration {source}: {len(self.problems)} problem(s)\n{lines}")
+
+
+class SpoolError(GatewayError, OSError):
+    """An instance could not be written durably; nothing partial is left behind."""
+
+
+class JobNotFoundError(GatewayError, LookupError):
+    """No job with the given id exists."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class SendError(GatewayError):
+    """A C-STORE to a destination failed; carries the destination and the reason.
+
+    ``status`` is the DIMSE status returned by the peer, or ``None`` when the failure
+    happened before a response (refused connection, association rejected, timeout).
+    """
+
+    def __init__(self, destination: str, reason: str, *, status: int | None = None) -> None:
+        self.destination = destination
+        self.reason = reason
+        self.status = status
+        super().__init__(f"send to {destination!r} failed: {reason}")
+
+
+class TransientSendError(SendError):
+    """A failure that may succeed later: connection refused, timeout, 0xA7xx, transient reject."""
+
+
+class PermanentSendError(SendError):
+    """A failure that will not succeed on retry: permanent reject, refused context, 0xCxxx."""

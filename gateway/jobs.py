@@ -1,0 +1,259 @@
+"""The SQLite job table: one job per received study, its state, and its instances.
+
+The database holds no patient data: studies and instances are known only by keyed
+hashes of their UIDs (see :mod:`gateway.assembly`), jobs by random ids. It is shared by
+the node's processes (WAL mode). Job creation is committed with ``synchronous=FULL``;
+per-instance rows use ``NORMAL`` because every instance file is itself fsynced and
+:func:`gateway.assembly.Assembler.reconcile` re-registers files after a power loss.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from gateway.errors import JobNotFoundError
+
+__all__ = ["Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    study_key TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    quiet_seconds REAL NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    completed_at REAL,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    previous_job_id TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_receiving_job_per_study ON jobs(study_key)
+    WHERE state = 'receiving';
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS instances (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    sop_key TEXT NOT NULL,
+    file_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (job_id, sop_key)
+);
+"""
+
+
+class JobState(StrEnum):
+    """Where a job stands; later stages add their own states after ``complete``."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    DEAD_LETTER = "dead_letter"
+    SENT = "sent"
+
+
+class RecordOutcome(StrEnum):
+    """Result of registering one received instance."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    JOB_CLOSED = "job_closed"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the job table (no patient data)."""
+
+    job_id: str
+    study_key: str
+    peer: str
+    state: JobState
+    created_at: float
+    last_received_at: float
+    completed_at: float | None
+    instance_count: int
+    reason: str | None
+    previous_job_id: str | None
+
+    @property
+    def study(self) -> str:
+        """Pseudonymous study id for logs: a prefix of the keyed hash, not reversible."""
+        return self.study_key[:16]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The receiving job an incoming instance belongs to."""
+
+    job_id: str
+    created: bool
+    previous_job_id: str | None
+
+
+class JobStore:
+    """Thread-safe access to the job database of one process."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL when this is the last one)."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def reserve(self, study_key: str, peer: str, quiet_seconds: float, now: float) -> Reservation:
+        """Return the receiving job of *study_key*, creating one if none is open.
+
+        The job's ``last_received_at`` is moved to *now*, so it cannot complete while
+        the instance that asked is being written.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id FROM jobs WHERE study_key = ? AND state = 'receiving'", (study_key,)
+            ).fetchone()
+        if row is not None:
+            with self._write() as db:
+                cur = db.execute(
+                    "UPDATE jobs SET last_received_at = max(last_received_at, ?) "
+                    "WHERE job_id = ? AND state = 'receiving'", (now, row["job_id"]))
+                if cur.rowcount == 1:
+                    return Reservation(row["job_id"], False, None)
+        with self._write(durable=True) as db:
+            row = db.execute(
+                "SELECT job_id FROM jobs WHERE study_key = ? AND state = 'receiving'", (study_key,)
+            ).fetchone()
+            if row is not None:
+                db.execute("UPDATE jobs SET last_received_at = max(last_received_at, ?) WHERE job_id = ?",
+                           (now, row["job_id"]))
+                return Reservation(row["job_id"], False, None)
+            previous = db.execute(
+                "SELECT job_id FROM jobs WHERE study_key = ? ORDER BY created_at DESC LIMIT 1", (study_key,)
+            ).fetchone()
+            job_id = secrets.token_hex(8)
+            db.execute(
+                "INSERT INTO jobs (job_id, study_key, peer, quiet_seconds, state, created_at, "
+                "last_received_at, previous_job_id) VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?)",
+                (job_id, study_key, peer, quiet_seconds, now, now, previous["job_id"] if previous else None),
+            )
+            return Reservation(job_id, True, previous["job_id"] if previous else None)
+
+    def has_instance(self, job_id: str, sop_key: str) -> bool:
+        """Return whether the job already holds the instance *sop_key*."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM instances WHERE job_id = ? AND sop_key = ?", (job_id, sop_key)
+            ).fetchone()
+        return row is not None
+
+    def record_instance(self, job_id: str, sop_key: str, file_id: str, size: int, now: float) -> RecordOutcome:
+        """Register a durably written instance file with its job."""
+        with self._write() as db:
+            state = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if state is None or state["state"] != JobState.RECEIVING:
+                return RecordOutcome.JOB_CLOSED
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances (job_id, sop_key, file_id, size, received_at) "
+                "VALUES (?, ?, ?, ?, ?)", (job_id, sop_key, file_id, size, now))
+            if cur.rowcount == 0:
+                return RecordOutcome.DUPLICATE
+            db.execute(
+                "UPDATE jobs SET instance_count = instance_count + 1, "
+                "last_received_at = max(last_received_at, ?) WHERE job_id = ?", (now, job_id))
+            return RecordOutcome.STORED
+
+    def complete_due(self, now: float) -> list[Job]:
+        """Close every receiving job that has been quiet for its peer's ``quiet_seconds``."""
+        with self._write() as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = 'complete', completed_at = ? WHERE state = 'receiving' "
+                "AND last_received_at + quiet_seconds <= ? RETURNING *", (now, now)).fetchall()
+        return [_job(row) for row in rows]
+
+    def force_complete(self, job_id: str, now: float) -> Job:
+        """Close a receiving job now, whatever its quiet period; other states are left alone."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET state = 'complete', completed_at = ? "
+                       "WHERE job_id = ? AND state = 'receiving'", (now, job_id))
+            row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return _job(row)
+
+    def set_state(self, job_id: str, state: JobState, reason: str | None = None) -> None:
+        """Move a job to *state*, recording *reason* (a code, never patient data)."""
+        with self._write() as db:
+            cur = db.execute("UPDATE jobs SET state = ?, reason = ? WHERE job_id = ?", (state, reason, job_id))
+        if cur.rowcount == 0:
+            raise JobNotFoundError(job_id)
+
+    def get(self, job_id: str) -> Job:
+        """Return the job *job_id*."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return _job(row)
+
+    def jobs(self) -> list[Job]:
+        """Return every job, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at").fetchall()
+        return [_job(row) for row in rows]
+
+    def instance_files(self, job_id: str) -> dict[str, str]:
+        """Return ``{file_id: sop_key}`` for the job's registered instances."""
+        with self._lock:
+            rows = self._db.execute("SELECT file_id, sop_key FROM instances WHERE job_id = ?",
+                                    (job_id,)).fetchall()
+        return {row["file_id"]: row["sop_key"] for row in rows}
+
+    def forget_instance(self, job_id: str, file_id: str) -> None:
+        """Drop the row of an instance whose file is gone (start-up reconciliation)."""
+        with self._write() as db:
+            cur = db.execute("DELETE FROM instances WHERE job_id = ? AND file_id = ?", (job_id, file_id))
+            if cur.rowcount:
+                db.execute("UPDATE jobs SET instance_count = instance_count - ? WHERE job_id = ?",
+                           (cur.rowcount, job_id))
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        job_id=row["job_id"], study_key=row["study_key"], peer=row["peer"], state=JobState(row["state"]),
+        created_at=row["created_at"], last_received_at=row["last_received_at"],
+        completed_at=row["completed_at"], instance_count=row["instance_count"], reason=row["reason"],
+        previous_job_id=row["previous_job_id"],
+    )

@@ -1,0 +1,187 @@
+"""The listening socket and the receiver processes it hands connections to.
+
+pynetdicom decodes PDUs in Python under the GIL, so parallel associations in one process
+slow each other down. The parent process accepts each TCP connection, refuses source
+addresses that match no peer before reading a byte, sets TCP_NODELAY, and passes the
+socket (``SCM_RIGHTS``) to the least busy receiver process. It also keeps the node-wide
+association count: past ``max_associations`` the receiver answers A-ASSOCIATE-RJ
+(transient, local limit exceeded).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import selectors
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from gateway.config import GatewayConfig
+
+__all__ = ["Listener"]
+
+log = structlog.get_logger(__name__)
+
+MSG_ACCEPT = b"A"  # parent -> worker: serve this socket
+MSG_OVER_LIMIT = b"R"  # parent -> worker: reject this association (local limit)
+MSG_QUIT = b"Q"  # parent -> worker: finish what is in flight, then exit
+MSG_CLOSED = b"C"  # worker -> parent: one connection ended
+_DRAIN_SECONDS = 30.0
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: Any
+    control: socket.socket
+    active: int = 0
+    alive: bool = True
+
+
+class Listener:
+    """Accepts connections and spreads them over ``node.receive_workers`` processes."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._selector = selectors.DefaultSelector()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``; the port is real even when the config asked for 0."""
+        assert self._socket is not None
+        host, port = self._socket.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Bind, start the receiver processes, and start accepting in a background thread."""
+        node = self._config.node
+        sock = socket.socket(socket.AF_INET6 if ":" in node.bind else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((node.bind, node.port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self._socket = sock
+        self._selector.register(sock, selectors.EVENT_READ, None)
+        for index in range(node.receive_workers):
+            self._spawn(index)
+        self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, index: int) -> None:
+        from gateway.worker import run_worker  # imported here: the child re-imports it by name
+
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = self._context.Process(
+            target=run_worker, args=(self._config, child_end, index), name=f"receiver-{index}", daemon=False
+        )
+        process.start()
+        child_end.close()
+        worker = _Worker(index, process, parent_end)
+        if index < len(self._workers):
+            self._workers[index] = worker
+        else:
+            self._workers.append(worker)
+        self._selector.register(parent_end, selectors.EVENT_READ, worker)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            for key, _ in self._selector.select(timeout=0.5):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._on_worker_message(key.data)
+
+    def _accept(self) -> None:
+        assert self._socket is not None
+        try:
+            conn, address = self._socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("accept_failed", errno=exc.errno)
+            return
+        host = str(address[0])
+        if not self._config.address_allowed(host):
+            conn.close()  # before any PDU byte is read
+            log.warning("connection_refused", reason="address_not_allowed", address=host)
+            return
+        conn.setblocking(True)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._dispatch(conn)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        live = [w for w in self._workers if w.alive]
+        if not live:
+            conn.close()
+            log.error("connection_dropped", reason="no_receiver_process")
+            return
+        worker = min(live, key=lambda w: w.active)
+        total = sum(w.active for w in live)
+        message = MSG_OVER_LIMIT if total >= self._config.node.max_associations else MSG_ACCEPT
+        try:
+            socket.send_fds(worker.control, [message], [conn.fileno()])
+            worker.active += 1
+        except OSError:
+            log.error("connection_dropped", reason="receiver_unreachable", worker=worker.index)
+        finally:
+            conn.close()
+
+    def _on_worker_message(self, worker: _Worker) -> None:
+        try:
+            data = worker.control.recv(16)
+        except OSError:
+            data = b""
+        if data == MSG_CLOSED:
+            worker.active = max(0, worker.active - 1)
+            return
+        if not data:
+            self._on_worker_exit(worker)
+
+    def _on_worker_exit(self, worker: _Worker) -> None:
+        self._selector.unregister(worker.control)
+        worker.control.close()
+        worker.alive = False
+        if not self._stopping.is_set():
+            worker.process.join(timeout=1)
+            log.error("receiver_process_died", worker=worker.index, exitcode=worker.process.exitcode)
+            self._spawn(worker.index)
+
+    def stop(self) -> None:
+        """Stop accepting, let receivers finish the associations in flight, and reap them."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._socket is not None:
+            self._selector.unregister(self._socket)
+            self._socket.close()
+        for worker in self._workers:
+            if worker.alive:
+                try:
+                    worker.control.send(MSG_QUIT)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + _DRAIN_SECONDS + 5
+        for worker in self._workers:
+            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.error("receiver_process_killed", worker=worker.index)
+                worker.process.kill()
+                worker.process.join()
+            if worker.alive:
+                worker.control.close()
+        self._selector.close()
+
+
+def ignore_interrupts() -> None:
+    """Receivers are stopped by the parent; a terminal's Ctrl-C must not kill them mid-write."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,193 @@
+"""Storage SCP: presentation contexts, and a C-STORE handler that only spools and answers.
+
+The handler decodes just enough to identify the instance (structure and UIDs), writes
+the received bytes unchanged behind a new File Meta Information group, and answers
+with an explicit status (PS3.4 B.2.3). Success is sent only once the file is durable.
+Association policy lives in :mod:`gateway._net`; nothing slow runs on this thread.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import structlog
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from gateway import __version__
+from gateway.assembly import Assembler, IncomingInstance
+from gateway.config import GatewayConfig
+from gateway.errors import SpoolError
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "STORAGE_SOP_CLASSES",
+    "TRANSFER_SYNTAXES",
+    "StoreStatus",
+    "UndecodableError",
+    "build_ae",
+    "handle_store",
+    "identify",
+]
+
+log = structlog.get_logger(__name__)
+
+IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1475.1")
+IMPLEMENTATION_VERSION_NAME = f"CONTOURGW_{__version__}"[:16]
+
+#: Storage SOP classes accepted; Enhanced CT waits for a volume stage that reads it.
+STORAGE_SOP_CLASSES = (CTImageStorage,)
+#: Offered transfer syntaxes; Deflate is deliberately absent (unbounded inflation).
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses we send (PS3.4 Table B.2-1)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    UNDECODABLE = 0xC210
+    INVALID_IDENTIFIERS = 0xC220
+
+
+class UndecodableError(ValueError):
+    """The received data set could not be parsed."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The UIDs that identify a received instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+def _valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and UID(value).is_valid
+
+
+def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
+    """Parse *data* (a data set in *transfer_syntax*) and return its UIDs.
+
+    Returns ``None`` when a UID is missing or malformed.
+
+    Raises
+    ------
+    UndecodableError
+        When the data set is not parseable DICOM.
+    """
+    try:
+        ds = read_dataset(io.BytesIO(data), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
+        values = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    except Exception as exc:  # pydicom raises many types for bad input; none may escape
+        raise UndecodableError(f"data set not decodable ({type(exc).__name__})") from None
+    if len(ds) == 0:
+        raise UndecodableError("empty data set")
+    if not all(_valid_uid(v) for v in values):
+        return None
+    return Identity(*(str(v) for v in values))
+
+
+def _file_preamble_and_meta(identity: Identity, transfer_syntax: UID, source_ae: str) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = identity.sop_class_uid
+    meta.MediaStorageSOPInstanceUID = identity.sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = source_ae
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + buffer.getvalue()
+
+
+def handle_store(event: evt.Event, assembler: Assembler) -> int:
+    """EVT_C_STORE handler: identify, spool durably, answer with an explicit status."""
+    request = event.request
+    transfer_syntax = UID(event.context.transfer_syntax)
+    data = request.DataSet.getbuffer()
+    try:
+        try:
+            identity = identify(data, transfer_syntax)
+        except UndecodableError:
+            log.warning("store_refused", status="0xC210", reason="undecodable")
+            return StoreStatus.UNDECODABLE
+        if identity is None:
+            log.warning("store_refused", status="0xC220", reason="missing_or_invalid_uid")
+            return StoreStatus.INVALID_IDENTIFIERS
+        if (identity.sop_instance_uid != str(request.AffectedSOPInstanceUID)
+                or identity.sop_class_uid != str(request.AffectedSOPClassUID)):
+            log.warning("store_refused", status="0xA900", reason="dataset_does_not_match_request")
+            return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        peer = event.assoc.peer  # set by the association policy before any C-STORE
+        head = _file_preamble_and_meta(identity, transfer_syntax, str(event.assoc.requestor.ae_title))
+        instance = IncomingInstance(identity.study_uid, identity.sop_instance_uid, (head, data))
+        assembler.accept(instance, peer)
+        return StoreStatus.SUCCESS
+    except (SpoolError, sqlite3.OperationalError) as exc:
+        log.error("store_failed", status="0xA700", reason="out_of_resources", exc_info=exc)
+        return StoreStatus.OUT_OF_RESOURCES
+    except Exception as exc:  # an escaping exception would be answered 0xC211 by pynetdicom
+        log.error("store_failed", status="0xC000", reason="internal_error", exc_info=exc)
+        return StoreStatus.CANNOT_UNDERSTAND
+    finally:
+        data.release()
+
+
+def build_ae(config: GatewayConfig) -> AE:
+    """Return the Storage SCP application entity described by *config*."""
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.maximum_associations = node.max_associations
+    ae.acse_timeout = node.acse_timeout_seconds
+    ae.dimse_timeout = node.dimse_timeout_seconds
+    ae.network_timeout = node.network_timeout_seconds
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+def store_handlers(assembler: Assembler) -> list[Any]:
+    """The event handlers the Storage SCP binds (C-ECHO uses pynetdicom's default)."""
+    return [(evt.EVT_C_STORE, handle_store, [assembler])]

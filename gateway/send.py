@@ -1,0 +1,176 @@
+"""C-STORE SCU: send a dataset to a configured destination, classify every failure, retry the transient ones.
+
+An empty response (timeout, abort) is a failure, never "sent". Transient failures
+(connection refused or timed out, A-ASSOCIATE-RJ transient, abort, 0xA7xx) are retried with
+exponential backoff; permanent ones (A-ASSOCIATE-RJ permanent, no accepted presentation
+context, 0xA9xx, 0xCxxx, other failure statuses) are not, and the job goes to dead letter
+with the exact reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from gateway.config import Destination, GatewayConfig
+from gateway.errors import PermanentSendError, SendError, TransientSendError
+from gateway.jobs import JobState, JobStore
+
+__all__ = ["Sender", "classify_status", "deliver_for_job"]
+
+log = structlog.get_logger(__name__)
+
+_WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
+_REJECT_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+
+
+def classify_status(status: int) -> str:
+    """Return ``success``, ``warning``, ``transient`` or ``permanent`` for a C-STORE status."""
+    if status == 0x0000:
+        return "success"
+    if status in _WARNING_STATUSES:
+        return "warning"
+    if 0xA700 <= status <= 0xA7FF:
+        return "transient"
+    return "permanent"
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Sender:
+    """Sends datasets as this node's AE title to configured destinations."""
+
+    def __init__(self, config: GatewayConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self._config = config
+        self._sleep = sleep
+
+    def _ae(self, destination: Destination, sop_class: str | None, transfer_syntax: str | None) -> AE:
+        ae = AE(ae_title=destination.calling_ae_title or self._config.node.ae_title)
+        ae.connection_timeout = destination.connect_timeout_seconds
+        ae.acse_timeout = destination.acse_timeout_seconds
+        ae.dimse_timeout = destination.dimse_timeout_seconds
+        ae.network_timeout = destination.dimse_timeout_seconds
+        ae.maximum_pdu_size = self._config.node.max_pdu_size
+        if sop_class is None:
+            ae.add_requested_context(Verification)
+        else:
+            ae.add_requested_context(sop_class, [transfer_syntax] if transfer_syntax else None)
+        return ae
+
+    def _associate(self, ae: AE, destination: Destination) -> Association:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+        if assoc.is_established:
+            return assoc
+        name = destination.name
+        if assoc.is_rejected:
+            rsp = assoc.acceptor.primitive
+            result, source, diagnostic = rsp.result, rsp.result_source, rsp.diagnostic
+            reason = (f"association {_REJECT_RESULTS.get(result, 'rejected')} "
+                      f"(source {source}, reason {diagnostic})")
+            raise (PermanentSendError if result == 1 else TransientSendError)(name, reason)
+        if assoc.is_aborted:
+            raise TransientSendError(name, "association aborted by the peer during negotiation")
+        raise TransientSendError(name, "connection failed (refused, unreachable or timed out)")
+
+    def send_once(self, dataset: Dataset, destination: Destination) -> int:
+        """Make one C-STORE attempt; return the peer's success or warning status.
+
+        Raises
+        ------
+        TransientSendError, PermanentSendError
+            Classified failure; the association is always released or aborted.
+        """
+        transfer_syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        assoc = self._associate(self._ae(destination, dataset.SOPClassUID, transfer_syntax), destination)
+        try:
+            if not any(cx.abstract_syntax == dataset.SOPClassUID for cx in assoc.accepted_contexts):
+                raise PermanentSendError(destination.name, "no presentation context accepted for the SOP class "
+                                         "and transfer syntax")
+            response = assoc.send_c_store(dataset)
+            status = getattr(response, "Status", None)
+            if status is None:
+                raise TransientSendError(destination.name, "no C-STORE response (timeout or abort)")
+            kind = classify_status(int(status))
+            if kind in ("transient", "permanent"):
+                error = TransientSendError if kind == "transient" else PermanentSendError
+                raise error(destination.name, f"C-STORE status 0x{int(status):04X}", status=int(status))
+            assoc.release()
+            return int(status)
+        finally:
+            if assoc.is_established:
+                assoc.abort()
+
+    def deliver(self, dataset: Dataset, destination: Destination) -> int:
+        """Send with retries per ``destination.retry``; return the number of attempts used.
+
+        Raises
+        ------
+        PermanentSendError
+            At once, on a permanent failure.
+        TransientSendError
+            When every attempt failed transiently; the last failure is raised.
+        """
+        policy = destination.retry
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                status = self.send_once(dataset, destination)
+            except PermanentSendError as exc:
+                log.error("send_failed", destination=destination.name, attempt=attempt, permanent=True,
+                          reason=exc.reason)
+                raise
+            except TransientSendError as exc:
+                last = attempt == policy.max_attempts
+                log.warning("send_failed", destination=destination.name, attempt=attempt, permanent=False,
+                            reason=exc.reason, retry_in_seconds=None if last else policy.delay(attempt))
+                if last:
+                    raise
+                self._sleep(policy.delay(attempt))
+            else:
+                log.info("send_succeeded", destination=destination.name, attempt=attempt,
+                         status=f"0x{status:04X}")
+                return attempt
+        raise AssertionError("unreachable")
+
+    def echo(self, destination: Destination) -> None:
+        """C-ECHO *destination* once; raise :class:`SendError` on any failure."""
+        assoc = self._associate(self._ae(destination, None, None), destination)
+        try:
+            response: Any = assoc.send_c_echo()
+            status = getattr(response, "Status", None)
+            if status is None:
+                raise TransientSendError(destination.name, "no C-ECHO response (timeout or abort)")
+            if int(status) != 0:
+                raise PermanentSendError(destination.name, f"C-ECHO status 0x{int(status):04X}", status=int(status))
+            assoc.release()
+        finally:
+            if assoc.is_established:
+                assoc.abort()
+
+
+def deliver_for_job(sender: Sender, jobs: JobStore, job_id: str, dataset: Dataset,
+                    destination: Destination) -> bool:
+    """Deliver a job's result; on final failure move the job to dead letter with the reason.
+
+    Returns ``True`` when the destination confirmed the instance.
+    """
+    try:
+        sender.deliver(dataset, destination)
+    except SendError as exc:
+        jobs.set_state(job_id, JobState.DEAD_LETTER, reason=f"{destination.name}: {exc.reason}")
+        log.error("job_dead_letter", job_id=job_id, destination=destination.name, reason=exc.reason)
+        return False
+    jobs.set_state(job_id, JobState.SENT)
+    return True

@@ -1,0 +1,87 @@
+"""Wiring of the running node: spool, job table, receivers, and the completion timer."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import structlog
+
+from gateway import __version__
+from gateway.assembly import Assembler
+from gateway.config import GatewayConfig
+from gateway.jobs import JobStore
+from gateway.listener import Listener
+from gateway.spool import Spool
+
+__all__ = ["Node", "serve"]
+
+log = structlog.get_logger(__name__)
+
+
+class Node:
+    """The gateway node: call :meth:`start`, later :meth:`stop`."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.spool = Spool(config.node.data_dir)
+        self._jobs: JobStore | None = None
+        self._listener = Listener(config)
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Recover state, then accept associations and run the completion timer."""
+        self.spool.prepare()
+        self._jobs = JobStore(self.spool.database_path)
+        assembler = Assembler(self.spool, self._jobs)
+        assembler.reconcile()
+        assembler.complete_due()  # quiet periods that ended while the node was down
+        self._listener.start()
+        self._timer = threading.Thread(target=self._complete_loop, args=(assembler,), name="completion",
+                                       daemon=True)
+        self._timer.start()
+        host, port = self._listener.address
+        node = self.config.node
+        log.info("node_started", version=__version__, ae_title=node.ae_title, bind=host, port=port,
+                 receive_workers=node.receive_workers, max_associations=node.max_associations,
+                 peers=len(self.config.peers), destinations=len(self.config.destinations))
+
+    def _complete_loop(self, assembler: Assembler) -> None:
+        interval = self.config.node.completion_check_seconds
+        while not self._stop.wait(interval):
+            try:
+                assembler.complete_due()
+            except Exception as exc:  # keep the timer alive; the next tick retries
+                log.error("completion_check_failed", exc_info=exc)
+
+    def stop(self) -> None:
+        """Stop accepting, finish associations in flight, stop the timer, close the database."""
+        log.info("node_stopping")
+        self._stop.set()
+        self._listener.stop()
+        if self._timer is not None:
+            self._timer.join(timeout=10)
+        if self._jobs is not None:
+            self._jobs.close()
+        log.info("node_stopped")
+
+
+def serve(config: GatewayConfig) -> None:
+    """Run the node in the foreground until SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node = Node(config)
+    node.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()

@@ -1,0 +1,161 @@
+"""The spool: the only module that knows paths under ``data_dir``.
+
+Layout (every name is a server-generated random hex id, never a UID or patient data)::
+
+    data_dir/
+        gateway.db                 job table (gateway.jobs)
+        keys/identifier.key        secret for keyed UID hashes (mode 0600)
+        spool/<job_id>/<file_id>.dcm
+        spool/<job_id>/.<file_id>.tmp   while being written; removed at start-up
+
+An instance is durable when :meth:`Spool.write_instance` returns: written to a temporary
+file in the same folder, fsynced, renamed, and the folder fsynced.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from gateway.errors import SpoolError
+
+__all__ = ["Spool"]
+
+_ID = re.compile(r"^[0-9a-f]{16,64}$")
+_SUFFIX = ".dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_id(value: str) -> str:
+    if not _ID.match(value):
+        raise ValueError(f"not a spool id: {value!r}")
+    return value
+
+
+def _write_all(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> int:
+    total = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+            total += written
+    return total
+
+
+class Spool:
+    """Durable per-job folders of received instances under ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.root = data_dir / "spool"
+        self.keys_dir = data_dir / "keys"
+        self.database_path = data_dir / "gateway.db"
+
+    def prepare(self) -> None:
+        """Create the folders (owner-only) if missing."""
+        for folder in (self.data_dir, self.root, self.keys_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+
+    def secret(self, name: str, size: int = 32) -> bytes:
+        """Return the secret called *name*, creating it (mode 0600) on first use."""
+        path = self.keys_dir / f"{name}.key"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            data = path.read_bytes()
+            if len(data) != size:
+                raise SpoolError(f"key file {path} is damaged (wrong length)") from None
+            return data
+        data = secrets.token_bytes(size)
+        try:
+            _write_all(fd, [data])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.keys_dir)
+        return data
+
+    def job_dir(self, job_id: str) -> Path:
+        """Return (creating if needed) the folder of job *job_id*."""
+        path = self.root / _check_id(job_id)
+        if not path.is_dir():
+            try:
+                path.mkdir(mode=0o700, exist_ok=True)
+                _fsync_dir(self.root)
+            except OSError as exc:
+                raise SpoolError(f"cannot create a job folder ({errno.errorcode.get(exc.errno or 0, '?')})") from exc
+        return path
+
+    def instance_path(self, job_id: str, file_id: str) -> Path:
+        """Return the path of a stored instance."""
+        return self.root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}"
+
+    def write_instance(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> tuple[str, int]:
+        """Write *parts* as one new instance file of *job_id*; return ``(file_id, size)``.
+
+        Raises
+        ------
+        SpoolError
+            On any I/O error (disk full included); no temporary or partial file remains.
+        """
+        folder = self.job_dir(job_id)
+        file_id = secrets.token_hex(16)
+        tmp = folder / f".{file_id}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot create an instance file ({errno.errorcode.get(exc.errno or 0, '?')})") from exc
+        try:
+            try:
+                size = _write_all(fd, parts)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, folder / f"{file_id}{_SUFFIX}")
+            _fsync_dir(folder)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            (folder / f"{file_id}{_SUFFIX}").unlink(missing_ok=True)
+            raise SpoolError(f"cannot write an instance file ({errno.errorcode.get(exc.errno or 0, '?')})") from exc
+        return file_id, size
+
+    def remove_instance(self, job_id: str, file_id: str) -> None:
+        """Delete one instance file (a duplicate that lost a race)."""
+        self.instance_path(job_id, file_id).unlink(missing_ok=True)
+
+    def job_ids(self) -> Iterator[str]:
+        """Yield the id of every job folder present."""
+        if self.root.is_dir():
+            for entry in os.scandir(self.root):
+                if entry.is_dir() and _ID.match(entry.name):
+                    yield entry.name
+
+    def file_ids(self, job_id: str) -> list[str]:
+        """Return the ids of the instance files present for *job_id*."""
+        folder = self.root / _check_id(job_id)
+        if not folder.is_dir():
+            return []
+        return [p.name[: -len(_SUFFIX)] for p in folder.iterdir()
+                if p.name.endswith(_SUFFIX) and _ID.match(p.name[: -len(_SUFFIX)])]
+
+    def remove_temporaries(self) -> int:
+        """Delete leftovers of writes interrupted by a crash; return how many."""
+        removed = 0
+        for job_id in self.job_ids():
+            for path in (self.root / job_id).glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,84 @@
+"""A receiver process: runs the Storage SCP on connections handed over by the listener."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+import structlog
+
+from gateway._net import AssociationPolicy, FdAssociationServer
+from gateway.assembly import Assembler
+from gateway.config import GatewayConfig
+from gateway.jobs import JobStore
+from gateway.listener import _DRAIN_SECONDS, MSG_CLOSED, MSG_OVER_LIMIT, MSG_QUIT, ignore_interrupts
+from gateway.logs import configure_logging
+from gateway.receive import build_ae, store_handlers
+from gateway.spool import Spool
+
+__all__ = ["run_worker"]
+
+log = structlog.get_logger(__name__)
+
+
+def run_worker(config: GatewayConfig, control: socket.socket, index: int) -> None:
+    """Entry point of receiver process *index*; returns when told to quit or orphaned."""
+    ignore_interrupts()
+    configure_logging(config.logging.level, config.logging.format)
+    structlog.contextvars.bind_contextvars(worker=index)
+    quit_event = threading.Event()
+
+    def _on_term(_signum: int, _frame: FrameType | None) -> None:
+        quit_event.set()
+        control.shutdown(socket.SHUT_RD)
+
+    signal.signal(signal.SIGTERM, _on_term)
+    spool = Spool(config.node.data_dir)
+    jobs = JobStore(spool.database_path)
+    send_lock = threading.Lock()
+
+    def _closed() -> None:
+        with send_lock:
+            try:
+                control.send(MSG_CLOSED)
+            except OSError:
+                pass
+
+    ae = build_ae(config)
+    server = FdAssociationServer(ae, AssociationPolicy(config), store_handlers(Assembler(spool, jobs)), _closed)
+    try:
+        _serve(control, server, quit_event)
+    finally:
+        _drain(ae)
+        server.server_close()
+        jobs.close()
+        control.close()
+
+
+def _serve(control: socket.socket, server: FdAssociationServer, quit_event: threading.Event) -> None:
+    while not quit_event.is_set():
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(control, 16, 4)
+        except OSError:
+            return
+        if not message or message == MSG_QUIT:
+            for fd in fds:
+                socket.socket(fileno=fd).close()
+            return
+        for fd in fds:
+            server.submit(fd, over_limit=message == MSG_OVER_LIMIT)
+
+
+def _drain(ae: object) -> None:
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    while time.monotonic() < deadline:
+        active = ae.active_associations  # type: ignore[attr-defined]
+        if not active:
+            return
+        time.sleep(0.05)
+    for assoc in ae.active_associations:  # type: ignore[attr-defined]
+        log.warning("association_aborted_at_shutdown")
+        assoc.abort()
