@@ -75,7 +75,11 @@ class Assembler:
                 log.debug("instance_duplicate", job_id=job_id)
                 return StoreResult.DUPLICATE
             file_id, size = self._spool.write_instance(job_id, instance.parts)
-            outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
+            try:
+                outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
+            except BaseException:
+                self._spool.remove_instance(job_id, file_id)  # the sender is told it failed
+                raise
             if outcome is RecordOutcome.STORED:
                 log.debug("instance_stored", job_id=job_id, bytes=size)
                 return StoreResult.STORED

@@ -55,6 +55,8 @@ def _check_ae_title(value: str) -> str:
         raise ValueError("must not be only spaces")
     if value != value.strip(" "):
         raise ValueError("must not start or end with a space")
+    if value == "*":
+        raise ValueError("'*' (any AE title) is allowed only in [[peers]]")
     if any(ch == "\\" or not (0x20 <= ord(ch) < 0x7F) for ch in value):
         raise ValueError("may contain only printable ASCII characters and no backslash")
     return value

@@ -15,7 +15,7 @@ from enum import IntEnum
 from typing import Any
 
 import structlog
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
@@ -52,6 +52,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1475.1")
 IMPLEMENTATION_VERSION_NAME = f"CONTOURGW_{__version__}"[:16]
 
@@ -100,6 +101,16 @@ def _valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and UID(value).is_valid
 
 
+def _check_not_truncated(ds: Dataset) -> None:
+    # Raw elements still carry their declared length; pydicom silently shortens a value
+    # that runs past the end of the data.
+    for elem in ds.elements():
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if isinstance(value, bytes) and length not in (None, _UNDEFINED_LENGTH) and len(value) != length:
+            raise UndecodableError("data set truncated inside an element")
+
+
 def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
     """Parse *data* (a data set in *transfer_syntax*) and return its UIDs.
 
@@ -112,7 +123,10 @@ def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
     """
     try:
         ds = read_dataset(io.BytesIO(data), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
+        _check_not_truncated(ds)
         values = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    except UndecodableError:
+        raise
     except Exception as exc:  # pydicom raises many types for bad input; none may escape
         raise UndecodableError(f"data set not decodable ({type(exc).__name__})") from None
     if len(ds) == 0:

@@ -18,6 +18,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification
 
 from gateway.config import Destination, GatewayConfig
@@ -49,6 +50,20 @@ def _set_nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+_NO_CONTEXT = "no presentation context accepted for the SOP class and transfer syntax"
+
+
+def _unread_response(assoc: Association) -> A_ASSOCIATE | None:
+    """The A-ASSOCIATE response pynetdicom received but never read.
+
+    pynetdicom 3.0.4 race: when the peer rejects and closes at once (dcmtk does), the DUL may
+    close the socket before the requestor checks it, which then reports an abort and leaves
+    the A-ASSOCIATE-RJ in the queue.
+    """
+    unread = list(assoc.dul.to_user_queue.queue)
+    return next((p for p in unread if isinstance(p, A_ASSOCIATE)), None)
+
+
 class Sender:
     """Sends datasets as this node's AE title to configured destinations."""
 
@@ -70,18 +85,28 @@ class Sender:
         return ae
 
     def _associate(self, ae: AE, destination: Destination) -> Association:
+        connected: list[bool] = []
+
+        def on_open(event: evt.Event) -> None:
+            connected.append(True)
+            _set_nodelay(event)
+
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
         if assoc.is_established:
             return assoc
         name = destination.name
-        if assoc.is_rejected:
-            rsp = assoc.acceptor.primitive
+        rsp = assoc.acceptor.primitive or _unread_response(assoc)
+        if rsp is not None and rsp.result in _REJECT_RESULTS:
             result, source, diagnostic = rsp.result, rsp.result_source, rsp.diagnostic
             reason = (f"association {_REJECT_RESULTS.get(result, 'rejected')} "
                       f"(source {source}, reason {diagnostic})")
             raise (PermanentSendError if result == 1 else TransientSendError)(name, reason)
-        if assoc.is_aborted:
+        # pynetdicom aborts an accepted association itself when no context was accepted.
+        if rsp is not None and rsp.result == 0x00:
+            raise PermanentSendError(name, _NO_CONTEXT)
+        # pynetdicom marks a failed TCP connect as aborted too: only an opened connection was.
+        if assoc.is_aborted and connected:
             raise TransientSendError(name, "association aborted by the peer during negotiation")
         raise TransientSendError(name, "connection failed (refused, unreachable or timed out)")
 
@@ -97,8 +122,7 @@ class Sender:
         assoc = self._associate(self._ae(destination, dataset.SOPClassUID, transfer_syntax), destination)
         try:
             if not any(cx.abstract_syntax == dataset.SOPClassUID for cx in assoc.accepted_contexts):
-                raise PermanentSendError(destination.name, "no presentation context accepted for the SOP class "
-                                         "and transfer syntax")
+                raise PermanentSendError(destination.name, _NO_CONTEXT)
             response = assoc.send_c_store(dataset)
             status = getattr(response, "Status", None)
             if status is None:

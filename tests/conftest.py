@@ -1,0 +1,253 @@
+"""Shared fixtures: free ports, synthetic CT series with canary PHI, a node run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import structlog
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Canary values: if any of these shows up in a log, path or metric, PHI leaked.
+CANARY_NAME = "CANARY^PATIENT^ZQX"
+CANARY_ID = "CANARYID7731"
+CANARY_BIRTH = "19451231"
+CANARY_ACCESSION = "CANARYACC991"
+CANARY_STUDY_PREFIX = "1.2.826.0.1.3680043.8.498.77"
+
+
+def canaries(series: CTSeries) -> list[str]:
+    """Every PHI-like value of *series* that must never appear in a sink."""
+    return [CANARY_NAME, "CANARY", CANARY_ID, CANARY_BIRTH, CANARY_ACCESSION, series.study_uid,
+            series.series_uid, *series.sop_uids]
+
+
+def free_port() -> int:
+    """Return a TCP port that was free on loopback a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    """Return the path of a Debian test peer; fail (never skip) when `make test` did not install it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"test peer {name!r} is missing: run `make test`, which installs it")
+    return path
+
+
+@dataclass
+class CTSeries:
+    """A synthetic CT series written to disk, one file per slice."""
+
+    folder: Path
+    study_uid: str
+    series_uid: str
+    sop_uids: list[str]
+    files: list[Path]
+
+
+def make_ct_series(folder: Path, count: int = 8, *, size: int = 64, study_uid: str | None = None,
+                   seed: int = 0) -> CTSeries:
+    """Write *count* axial CT slices of *size* x *size* with canary patient data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    rng = np.random.default_rng(seed)
+    sop_uids, files = [], []
+    for index in range(count):
+        ds = _ct_slice(study_uid, series_uid, frame_uid, index, size, rng)
+        path = folder / f"slice{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sop_uids.append(str(ds.SOPInstanceUID))
+        files.append(path)
+    return CTSeries(folder, study_uid, series_uid, sop_uids, files)
+
+
+def _ct_slice(study_uid: str, series_uid: str, frame_uid: str, index: int, size: int,
+              rng: np.random.Generator) -> Dataset:
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = CANARY_NAME, CANARY_ID, CANARY_BIRTH
+    ds.AccessionNumber, ds.Modality, ds.StudyDate = CANARY_ACCESSION, "CT", "20261120"
+    ds.SeriesNumber, ds.InstanceNumber = 1, index + 1
+    ds.ImagePositionPatient = [-100.0, -100.0, index * 3.0]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing, ds.SliceThickness = [0.9, 0.9], 3.0
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024.0, 1.0
+    ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+    return ds
+
+
+@pytest.fixture
+def ct_series(tmp_path: Path) -> Callable[..., CTSeries]:
+    """Factory: ``ct_series(count=8, name="ct", ...)`` writes a series under tmp_path."""
+    def factory(count: int = 8, name: str = "ct", **kwargs: Any) -> CTSeries:
+        return make_ct_series(tmp_path / name, count, **kwargs)
+    return factory
+
+
+def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[str, Any]] | None = None,
+                 destinations: list[dict[str, Any]] | None = None, extra_node: str = "") -> Path:
+    """Write a gateway TOML for tests; peers default to any AE on loopback with a 1 s quiet period."""
+    peers = peers if peers is not None else [{"name": "local", "ae_title": "*", "host": "127.0.0.1",
+                                              "quiet_seconds": 1}]
+    lines = ["[node]", 'ae_title = "CONTOUR_GW"', 'bind = "127.0.0.1"', f"port = {port}",
+             f'data_dir = "{data_dir}"', "max_associations = 8", extra_node, ""]
+    for peer in peers:
+        lines += ["[[peers]]", *(f"{k} = {json.dumps(v)}" for k, v in peer.items()), ""]
+    for dest in destinations or []:
+        lines += ["[[destinations]]", *(f"{k} = {json.dumps(v)}" for k, v in dest.items()), ""]
+    lines += ["[logging]", 'level = "debug"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class NodeProcess:
+    """A gateway node started with ``python -m gateway serve`` in its own process group."""
+
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    port: int = 0
+    data_dir: Path = field(default_factory=Path)
+    log_offset: int = 0
+
+    def log_text(self) -> str:
+        """What this process (not an earlier one on the same log) has written."""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_offset)
+            return log.read().decode(errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON log line written so far."""
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": "<not json>", "line": line})
+        return out
+
+    def wait_for(self, event: str, timeout: float = 20.0, **fields: Any) -> dict[str, Any]:
+        """Wait until a log event named *event* with *fields* appears; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for item in self.events():
+                if item.get("event") == event and all(item.get(k) == v for k, v in fields.items()):
+                    return item
+            if self.process.poll() is not None:
+                raise AssertionError(f"node exited ({self.process.returncode}) before {event!r}:\n"
+                                     + self.log_text()[-4000:])
+            time.sleep(0.1)
+        raise AssertionError(f"no {event!r} event within {timeout} s:\n" + self.log_text()[-4000:])
+
+    def stop(self, timeout: float = 40.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group (the node and its receiver processes)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+
+
+def start_node(config_path: Path, log_path: Path) -> NodeProcess:
+    """Start a node from *config_path* and wait until it accepts associations."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                   start_new_session=True)
+    node = NodeProcess(config_path, log_path, process, log_offset=offset)
+    started = node.wait_for("node_started")
+    node.port = int(started["port"])
+    return node
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Factory starting real node processes; every one is stopped (or killed) at teardown."""
+    started: list[NodeProcess] = []
+
+    def factory(config_path: Path | None = None, **config_kwargs: Any) -> NodeProcess:
+        data_dir = config_kwargs.pop("data_dir", tmp_path / "var")
+        if config_path is None:
+            config_path = write_config(tmp_path / "gateway.toml", data_dir, **config_kwargs)
+        node = start_node(config_path, tmp_path / "node.log")
+        node.data_dir = data_dir
+        started.append(node)
+        return node
+
+    yield factory
+    for node in started:
+        if node.process.poll() is None:
+            try:
+                node.stop(timeout=40)
+            except subprocess.TimeoutExpired:
+                node.kill9()
+
+
+def spooled_files(data_dir: Path) -> list[Path]:
+    """Every instance file in the spool (temporaries excluded)."""
+    return sorted((data_dir / "spool").glob("*/*.dcm"))
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file, after its File Meta Information."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM", path
+    group_length = int.from_bytes(raw[140:144], "little")
+    return raw[144 + group_length:]
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for dcmtk tools: TCP_NODELAY, as measured on this machine type."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _reset_global_state() -> Iterator[None]:
+    """structlog, contextvars and pydicom settings back to defaults after each test."""
+    reading, writing = pydicom.config.settings.reading_validation_mode, pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    yield
+    pydicom.config.settings.reading_validation_mode = reading
+    pydicom.config.settings.writing_validation_mode = writing
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()

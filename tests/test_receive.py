@@ -1,0 +1,246 @@
+"""Storage SCP against real dcmtk senders: durable byte-identical spooling, policy, duplicates, failures."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+
+from tests.conftest import (
+    CTSeries,
+    NodeProcess,
+    canaries,
+    dataset_bytes,
+    dcmtk_env,
+    require_tool,
+    spooled_files,
+)
+
+
+def storescu(port: int, files: list[Path], *, calling: str = "PACS", called: str = "CONTOUR_GW",
+             extra: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Send *files* in this order over one association with dcmtk's storescu."""
+    cmd = [require_tool("storescu"), "-v", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port),
+           *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+
+
+def jobs_table(data_dir: Path) -> list[tuple[str, str, int]]:
+    with sqlite3.connect(data_dir / "gateway.db") as db:
+        return db.execute("SELECT job_id, state, instance_count FROM jobs ORDER BY created_at").fetchall()
+
+
+def spooled_by_sop(data_dir: Path) -> dict[str, Path]:
+    out = {}
+    for path in spooled_files(data_dir):
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert uid not in out, "an instance was stored twice"
+        out[uid] = path
+    return out
+
+
+class TestStoreAndAssemble:
+    def test_series_is_spooled_byte_identical_and_completes_after_quiet_period(
+            self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries]) -> None:
+        node = node_factory()
+        series = ct_series(12)
+        result = storescu(node.port, series.files)
+        assert result.returncode == 0, result.stderr
+        stored = spooled_by_sop(node.data_dir)
+        assert sorted(stored) == sorted(series.sop_uids)
+        for source in series.files:
+            uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+            assert dataset_bytes(stored[uid]) == dataset_bytes(source)
+            meta = pydicom.dcmread(stored[uid]).file_meta
+            assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert meta.SourceApplicationEntityTitle == "PACS"
+        completed = node.wait_for("job_complete", timeout=15)
+        assert completed["instances"] == 12
+        assert completed["trigger"] == "quiet_period"
+        assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("complete", 12)]
+        assert not list((node.data_dir / "spool").glob("*/.*.tmp"))
+
+    def test_three_associations_out_of_order_with_duplicates_make_one_job(
+            self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries]) -> None:
+        node = node_factory(peers=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                    "quiet_seconds": 3}])
+        series = ct_series(30)
+        files = list(series.files)
+        random.Random(7).shuffle(files)
+        duplicates = files[:3]
+        batches = [files[0:10] + duplicates[:1], files[10:20] + duplicates[1:2], files[20:30] + duplicates[2:]]
+        for batch in batches:
+            result = storescu(node.port, batch)
+            assert result.returncode == 0, result.stderr
+        stored = spooled_by_sop(node.data_dir)
+        assert sorted(stored) == sorted(series.sop_uids)
+        node.wait_for("job_complete", timeout=15)
+        assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("complete", 30)]
+
+    def test_more_instances_after_completion_start_a_new_job(
+            self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries]) -> None:
+        node = node_factory()
+        series = ct_series(4)
+        assert storescu(node.port, series.files[:2]).returncode == 0
+        first = node.wait_for("job_complete", timeout=15)
+        assert storescu(node.port, series.files[2:]).returncode == 0
+        reopened = node.wait_for("study_received_after_completion", timeout=15)
+        assert reopened["previous_job_id"] == first["job_id"]
+        assert reopened["job_id"] != first["job_id"]
+        node.wait_for("job_complete", timeout=15, job_id=reopened["job_id"])
+        assert [count for _, _, count in jobs_table(node.data_dir)] == [2, 2]
+
+
+class TestAssociationPolicy:
+    @pytest.fixture
+    def node(self, node_factory: Callable[..., NodeProcess]) -> NodeProcess:
+        return node_factory(peers=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1"}])
+
+    def test_unknown_calling_ae_is_rejected(self, node: NodeProcess, ct_series: Callable[..., CTSeries]) -> None:
+        result = storescu(node.port, ct_series(2).files, calling="STRANGER")
+        assert result.returncode != 0
+        assert "Called AE Title Not Recognized" not in result.stderr
+        assert "Calling AE Title Not Recognized" in result.stderr
+        assert spooled_files(node.data_dir) == []
+        assert node.wait_for("association_rejected")["reason"] == "calling_ae_not_recognised"
+
+    def test_wrong_called_ae_is_rejected(self, node: NodeProcess, ct_series: Callable[..., CTSeries]) -> None:
+        result = storescu(node.port, ct_series(2).files, called="NOT_US")
+        assert result.returncode != 0
+        assert "Called AE Title Not Recognized" in result.stderr
+        assert spooled_files(node.data_dir) == []
+        assert node.wait_for("association_rejected")["reason"] == "called_ae_not_recognised"
+
+    def test_wrong_source_address_is_dropped_before_any_pdu(
+            self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries]) -> None:
+        node = node_factory(peers=[{"name": "far", "ae_title": "*", "host": "10.99.0.0/16"}])
+        result = storescu(node.port, ct_series(2).files)
+        assert result.returncode != 0
+        assert spooled_files(node.data_dir) == []
+        refused = node.wait_for("connection_refused")
+        assert refused["reason"] == "address_not_allowed"
+        assert not any(e.get("event") == "association_rejected" for e in node.events())
+
+    def test_verification_is_answered_for_a_known_peer(self, node: NodeProcess) -> None:
+        result = subprocess.run([require_tool("echoscu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
+                                 str(node.port)], capture_output=True, text=True, env=dcmtk_env(), timeout=30)
+        assert result.returncode == 0, result.stderr
+
+
+class TestFailureStatuses:
+    def _send(self, port: int, dataset: Dataset | Path) -> int:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CONTOUR_GW")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(dataset)
+            return int(status.Status)
+        finally:
+            assoc.release()
+
+    def _dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.Modality = "CT"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
+
+    def test_missing_study_uid_is_refused(self, node_factory: Callable[..., NodeProcess],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+        monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
+        node = node_factory()
+        ds = self._dataset()
+        del ds.StudyInstanceUID
+        assert self._send(node.port, ds) == 0xC220
+        ds = self._dataset()
+        ds.StudyInstanceUID = "1.2.not-a-uid"
+        assert self._send(node.port, ds) == 0xC220
+        assert spooled_files(node.data_dir) == []
+
+    def test_undecodable_data_set_is_refused(self, node_factory: Callable[..., NodeProcess],
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+        node = node_factory()
+        # A valid File Meta group followed by bytes that are not a data set; pynetdicom sends
+        # a file's data set bytes as they are.
+        good = tmp_path / "good.dcm"
+        ds = self._dataset()
+        ds.save_as(good, enforce_file_format=True)
+        raw = good.read_bytes()
+        header_end = len(raw) - len(dataset_bytes(good))
+        bad = tmp_path / "bad.dcm"
+        bad.write_bytes(raw[:header_end] + b"\x08\x00\x18\x00UI\xff\xff" + b"garbage" * 3)
+        assert self._send(node.port, bad) == 0xC210
+        assert spooled_files(node.data_dir) == []
+        assert node.wait_for("store_refused", reason="undecodable")
+
+    def test_duplicate_is_success_and_stored_once(self, node_factory: Callable[..., NodeProcess]) -> None:
+        node = node_factory()
+        ds = self._dataset()
+        assert self._send(node.port, ds) == 0x0000
+        assert self._send(node.port, ds) == 0x0000
+        assert len(spooled_files(node.data_dir)) == 1
+
+
+class TestNoPatientDataOutside:
+    def test_logs_paths_and_database_hold_no_canary(
+            self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries],
+            tmp_path: Path) -> None:
+        node = node_factory()  # debug logging: the most verbose sink
+        series = ct_series(5)
+        assert storescu(node.port, series.files).returncode == 0
+        node.wait_for("job_complete", timeout=15)
+        assert node.stop() == 0
+        sinks = {"log": node.log_path.read_text(errors="replace"),
+                 "paths": "\n".join(str(p) for p in node.data_dir.rglob("*"))}
+        for db_file in node.data_dir.glob("gateway.db*"):
+            sinks[db_file.name] = db_file.read_bytes().decode("latin-1")
+        for canary in canaries(series):
+            for sink, text in sinks.items():
+                assert canary not in text, f"{canary!r} leaked into {sink}"
+        modes = {p.stat().st_mode & 0o777 for p in spooled_files(node.data_dir)}
+        assert modes == {0o600}
+        assert (node.data_dir / "spool").stat().st_mode & 0o777 == 0o700
+
+
+def test_sigterm_finishes_the_transfer_in_flight(node_factory: Callable[..., NodeProcess],
+                                                  ct_series: Callable[..., CTSeries]) -> None:
+    node = node_factory()
+    series = ct_series(60, size=256)
+    cmd = [require_tool("storescu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1", str(node.port),
+           *map(str, series.files)]
+    sender = subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    node.wait_for("job_created")
+    assert node.stop() == 0
+    assert sender.wait(timeout=60) == 0
+    assert sorted(spooled_by_sop(node.data_dir)) == sorted(series.sop_uids)
+    events = [e["event"] for e in node.events()]
+    assert events.index("node_stopping") < events.index("node_stopped")
+
+
+def test_completion_timer_survives_a_restart(node_factory: Callable[..., NodeProcess],
+                                             ct_series: Callable[..., CTSeries]) -> None:
+    node = node_factory(peers=[{"name": "pacs", "ae_title": "*", "host": "127.0.0.1", "quiet_seconds": 2}])
+    assert storescu(node.port, ct_series(3).files).returncode == 0
+    assert node.stop() == 0
+    assert [state for _, state, _ in jobs_table(node.data_dir)] == ["receiving"]
+    time.sleep(2.5)
+    again = node_factory(config_path=node.config_path)
+    again.wait_for("job_complete", timeout=10)
+    assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("complete", 3)]

@@ -1,0 +1,436 @@
+"""Tests for gateway.send: the C-STORE SCU against real peers on loopback (dcmtk and pynetdicom)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from conftest import dcmtk_env, free_port, make_ct_series, require_tool
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from gateway.config import Destination, GatewayConfig, parse_config
+from gateway.errors import PermanentSendError, SendError, TransientSendError
+from gateway.jobs import JobState, JobStore
+from gateway.send import Sender, classify_status, deliver_for_job
+
+
+def _config(port: int, *, attempts: int = 1, backoff: float = 0.5,
+            dimse_timeout: float = 10.0) -> GatewayConfig:
+    """A validated configuration with one destination ``tps`` (AE ``TPS``) on loopback."""
+    return parse_config({
+        "node": {"ae_title": "CONTOUR_GW"},
+        "destinations": [{
+            "name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": port,
+            "connect_timeout_seconds": 2, "acse_timeout_seconds": 5,
+            "dimse_timeout_seconds": dimse_timeout,
+            "retry": {"max_attempts": attempts, "initial_backoff_seconds": backoff},
+        }],
+    })
+
+
+def _sender(config: GatewayConfig) -> tuple[Sender, Destination, list[float]]:
+    """A sender whose backoff sleeps are recorded instead of slept."""
+    sleeps: list[float] = []
+    return Sender(config, sleep=sleeps.append), config.destination("tps"), sleeps
+
+
+def _eventually(predicate: Callable[[], bool], timeout: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _assert_closed(ae: AE) -> None:
+    """The SCP side saw the association released or aborted within a second."""
+    assert _eventually(lambda: not ae.active_associations), ae.active_associations
+
+
+def _count_attempts(monkeypatch: pytest.MonkeyPatch, sender: Sender) -> list[int]:
+    """Wrap ``sender.send_once`` so every attempt ``deliver`` makes is counted."""
+    attempts: list[int] = []
+    original = sender.send_once
+
+    def counting(dataset: Dataset, destination: Destination) -> int:
+        attempts.append(1)
+        return original(dataset, destination)
+
+    monkeypatch.setattr(sender, "send_once", counting)
+    return attempts
+
+
+@pytest.fixture
+def ct_dataset(tmp_path: Path) -> Dataset:
+    """One synthetic CT slice, read back from its Part 10 file."""
+    series = make_ct_series(tmp_path / "ct", 1)
+    return pydicom.dcmread(series.files[0])
+
+
+def _wait_for_acceptor(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Wait until *port* answers an A-ASSOCIATE-RQ (accept or reject; a bare TCP probe upsets
+    ``storescp --refuse``)."""
+    probe = AE(ae_title="PROBE")
+    probe.add_requested_context(Verification)
+    probe.connection_timeout = probe.acse_timeout = 2
+    deadline = time.monotonic() + 10
+    while True:
+        assert process.poll() is None, f"storescp exited with {process.returncode}"
+        assoc = probe.associate("127.0.0.1", port, ae_title="TPS")
+        if assoc.is_established:
+            assoc.release()
+            return
+        if assoc.is_rejected:
+            return
+        assert time.monotonic() < deadline, "storescp did not start answering"
+        time.sleep(0.05)
+
+
+@dataclass
+class StoreSCP:
+    """A running dcmtk ``storescp`` process."""
+
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    """Factory: ``storescp(*extra_args)`` starts storescp as AE ``TPS``; stopped at teardown."""
+    binary = require_tool("storescp")
+    started: list[StoreSCP] = []
+
+    def factory(*extra: str) -> StoreSCP:
+        port, folder = free_port(), tmp_path / f"storescp{len(started)}"
+        folder.mkdir()
+        command = [binary, "-od", str(folder), "-aet", "TPS", "+xa", *extra, str(port)]
+        process = subprocess.Popen(command, env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        started.append(StoreSCP(port, folder, process))
+        _wait_for_acceptor(port, process)
+        return started[-1]
+
+    yield factory
+    for scp in started:
+        scp.process.terminate()
+        try:
+            scp.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            scp.process.kill()
+            scp.process.wait(timeout=5)
+
+
+@dataclass
+class PynetdicomSCP:
+    """A running pynetdicom acceptor and the statuses its C-STORE handler gave."""
+
+    ae: AE
+    port: int
+    calls: list[int] = field(default_factory=list)
+
+
+@pytest.fixture
+def scp() -> Iterator[Callable[..., PynetdicomSCP]]:
+    """Factory: pynetdicom acceptors giving C-STORE a fixed status; shut down at teardown."""
+    started: list[AE] = []
+
+    def factory(*, status: int = 0x0000, contexts: tuple[str, ...] = (CTImageStorage, Verification),
+                before_reply: Callable[[], Any] | None = None, **attributes: Any) -> PynetdicomSCP:
+        ae = AE(ae_title="TPS")
+        for context in contexts:
+            ae.add_supported_context(context)
+        for name, value in attributes.items():
+            setattr(ae, name, value)
+        port = free_port()
+        result = PynetdicomSCP(ae, port)
+
+        def on_store(event: evt.Event) -> int:
+            result.calls.append(status)
+            if before_reply is not None:
+                before_reply()
+            return status
+
+        ae.start_server(("127.0.0.1", port), block=False,
+                        evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        started.append(ae)
+        return result
+
+    yield factory
+    for ae in started:
+        ae.shutdown()
+
+
+class TestClassifyStatus:
+    @pytest.mark.parametrize(("status", "kind"), [
+        (0x0000, "success"),
+        (0xB000, "warning"), (0xB006, "warning"), (0xB007, "warning"), (0x0001, "warning"),
+        (0xA700, "transient"), (0xA7FF, "transient"), (0xA750, "transient"),
+        (0xA900, "permanent"), (0xC000, "permanent"), (0xCFFF, "permanent"), (0x0122, "permanent"),
+        (0x0110, "permanent"), (0xA6FF, "permanent"), (0xA800, "permanent"),
+    ])
+    def test_table(self, status: int, kind: str) -> None:
+        """Warnings count as delivered; only 0xA7xx is worth retrying; anything else is final."""
+        assert classify_status(status) == kind
+
+
+class TestDcmtkStoreSCP:
+    def test_deliver_stores_the_instance_unchanged(self, storescp: Callable[..., StoreSCP],
+                                                   ct_dataset: Dataset) -> None:
+        """storescp receives the same instance, pixel for pixel, on the first attempt."""
+        peer = storescp()
+        sender, destination, sleeps = _sender(_config(peer.port, attempts=3))
+
+        assert sender.deliver(ct_dataset, destination) == 1
+
+        assert sleeps == []
+        assert _eventually(lambda: len(list(peer.folder.iterdir())) == 1, timeout=5)
+        [stored] = list(peer.folder.iterdir())
+        received = pydicom.dcmread(stored)
+        assert received.SOPInstanceUID == ct_dataset.SOPInstanceUID
+        assert received.SOPClassUID == CTImageStorage
+        assert received.PixelData == ct_dataset.PixelData
+        assert len(received.PixelData) == 64 * 64 * 2
+
+    def test_echo(self, storescp: Callable[..., StoreSCP]) -> None:
+        """C-ECHO against storescp succeeds and stores nothing."""
+        peer = storescp()
+        sender, destination, _ = _sender(_config(peer.port))
+        assert sender.echo(destination) is None
+        assert list(peer.folder.iterdir()) == []
+
+    def test_deliver_for_job_marks_the_job_sent(self, storescp: Callable[..., StoreSCP],
+                                                ct_dataset: Dataset, tmp_path: Path) -> None:
+        """A confirmed delivery moves the job to ``sent``."""
+        peer = storescp()
+        sender, destination, _ = _sender(_config(peer.port))
+        jobs = JobStore(tmp_path / "jobs.db")
+        try:
+            job_id = jobs.reserve("a" * 64, "local", 1.0, time.time()).job_id
+            assert deliver_for_job(sender, jobs, job_id, ct_dataset, destination) is True
+            job = jobs.get(job_id)
+            assert job.state is JobState.SENT
+            assert job.reason is None
+        finally:
+            jobs.close()
+        assert len(list(peer.folder.iterdir())) == 1
+
+    def test_refused_association_is_permanent(self, storescp: Callable[..., StoreSCP],
+                                              ct_dataset: Dataset) -> None:
+        """``storescp --refuse`` sends A-ASSOCIATE-RJ permanent (service user): no retry."""
+        peer = storescp("--refuse")
+        sender, destination, sleeps = _sender(_config(peer.port, attempts=3))
+
+        with pytest.raises(PermanentSendError) as info:
+            sender.deliver(ct_dataset, destination)
+
+        assert info.value.reason == "association rejected-permanent (source 1, reason 1)"
+        assert info.value.destination == "tps"
+        assert info.value.status is None
+        assert sleeps == []
+        with pytest.raises(PermanentSendError, match="rejected-permanent"):
+            sender.echo(destination)
+        assert list(peer.folder.iterdir()) == []
+
+
+class TestUnreachable:
+    def test_closed_port_is_retried_with_exponential_backoff(self, monkeypatch: pytest.MonkeyPatch,
+                                                             ct_dataset: Dataset) -> None:
+        """Nothing listening: three attempts, sleeping 0.5 s then 1 s, then the last failure."""
+        sender, destination, sleeps = _sender(_config(free_port(), attempts=3, backoff=0.5))
+        attempts = _count_attempts(monkeypatch, sender)
+
+        with pytest.raises(TransientSendError) as info:
+            sender.deliver(ct_dataset, destination)
+
+        assert len(attempts) == 3
+        assert sleeps == [0.5, 1.0]
+        assert "connection failed" in info.value.reason
+        assert info.value.status is None
+
+    def test_backoff_is_capped(self, ct_dataset: Dataset) -> None:
+        """``max_backoff_seconds`` bounds every delay."""
+        config = parse_config({"destinations": [{
+            "name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": free_port(),
+            "retry": {"max_attempts": 5, "initial_backoff_seconds": 1, "max_backoff_seconds": 3,
+                      "multiplier": 2},
+        }]})
+        sender, destination, sleeps = _sender(config)
+        with pytest.raises(TransientSendError):
+            sender.deliver(ct_dataset, destination)
+        assert sleeps == [1.0, 2.0, 3.0, 3.0]
+
+    def test_echo_to_closed_port(self) -> None:
+        sender, destination, _ = _sender(_config(free_port()))
+        with pytest.raises(TransientSendError, match="connection failed"):
+            sender.echo(destination)
+
+    def test_deliver_for_job_dead_letters_with_the_reason(self, ct_dataset: Dataset,
+                                                          tmp_path: Path) -> None:
+        """After the last transient failure the job is dead-lettered with destination and cause."""
+        sender, destination, sleeps = _sender(_config(free_port(), attempts=3, backoff=0.5))
+        jobs = JobStore(tmp_path / "jobs.db")
+        try:
+            job_id = jobs.reserve("b" * 64, "local", 1.0, time.time()).job_id
+            assert deliver_for_job(sender, jobs, job_id, ct_dataset, destination) is False
+            job = jobs.get(job_id)
+        finally:
+            jobs.close()
+        assert job.state is JobState.DEAD_LETTER
+        assert job.reason is not None
+        assert job.reason.startswith("tps: ")
+        assert "connection failed" in job.reason
+        assert sleeps == [0.5, 1.0]
+
+
+class TestAssociationRejected:
+    def test_calling_ae_not_allowed_is_permanent(self, scp: Callable[..., PynetdicomSCP],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 ct_dataset: Dataset) -> None:
+        """A-ASSOCIATE-RJ permanent (calling AE not recognised): one attempt, no sleep."""
+        peer = scp(require_calling_aet=["SOMEONE_ELSE"])
+        sender, destination, sleeps = _sender(_config(peer.port, attempts=3))
+        attempts = _count_attempts(monkeypatch, sender)
+
+        with pytest.raises(PermanentSendError) as info:
+            sender.deliver(ct_dataset, destination)
+
+        assert "rejected-permanent" in info.value.reason
+        assert info.value.reason.endswith("(source 1, reason 3)")
+        assert len(attempts) == 1
+        assert sleeps == []
+        assert peer.calls == []
+        _assert_closed(peer.ae)
+
+    def test_local_limit_reject_is_transient(self, scp: Callable[..., PynetdicomSCP],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             ct_dataset: Dataset) -> None:
+        """A-ASSOCIATE-RJ transient (peer's association limit reached) is retried."""
+        peer = scp(maximum_associations=1)
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(Verification)
+        held = holder.associate("127.0.0.1", peer.port, ae_title="TPS")
+        assert held.is_established
+        try:
+            sender, destination, sleeps = _sender(_config(peer.port, attempts=2, backoff=0.25))
+            attempts = _count_attempts(monkeypatch, sender)
+            with pytest.raises(TransientSendError) as info:
+                sender.deliver(ct_dataset, destination)
+        finally:
+            held.release()
+        assert info.value.reason == "association rejected-transient (source 3, reason 2)"
+        assert len(attempts) == 2
+        assert sleeps == [0.25]
+        assert peer.calls == []
+        _assert_closed(peer.ae)
+
+
+class TestStatuses:
+    def test_success(self, scp: Callable[..., PynetdicomSCP], ct_dataset: Dataset) -> None:
+        peer = scp(status=0x0000)
+        sender, destination, _ = _sender(_config(peer.port))
+        assert sender.send_once(ct_dataset, destination) == 0x0000
+        assert peer.calls == [0x0000]
+        _assert_closed(peer.ae)
+
+    def test_out_of_resources_is_retried(self, scp: Callable[..., PynetdicomSCP],
+                                         ct_dataset: Dataset) -> None:
+        """0xA700: every attempt reaches the peer's handler, then the transient error is raised."""
+        peer = scp(status=0xA700)
+        sender, destination, sleeps = _sender(_config(peer.port, attempts=3, backoff=0.5))
+
+        with pytest.raises(TransientSendError) as info:
+            sender.deliver(ct_dataset, destination)
+
+        assert info.value.status == 0xA700
+        assert info.value.reason == "C-STORE status 0xA700"
+        assert peer.calls == [0xA700] * 3
+        assert sleeps == [0.5, 1.0]
+        _assert_closed(peer.ae)
+
+    def test_processing_failure_is_permanent(self, scp: Callable[..., PynetdicomSCP],
+                                             ct_dataset: Dataset) -> None:
+        """0xC000: exactly one C-STORE reaches the peer."""
+        peer = scp(status=0xC000)
+        sender, destination, sleeps = _sender(_config(peer.port, attempts=3))
+
+        with pytest.raises(PermanentSendError) as info:
+            sender.deliver(ct_dataset, destination)
+
+        assert info.value.status == 0xC000
+        assert "0xC000" in info.value.reason
+        assert peer.calls == [0xC000]
+        assert sleeps == []
+        _assert_closed(peer.ae)
+
+    def test_warning_counts_as_delivered(self, scp: Callable[..., PynetdicomSCP],
+                                         ct_dataset: Dataset) -> None:
+        """0xB000 (coercion of data elements) is a delivery, not a failure."""
+        peer = scp(status=0xB000)
+        sender, destination, sleeps = _sender(_config(peer.port, attempts=3))
+
+        assert sender.deliver(ct_dataset, destination) == 1
+        assert sender.send_once(ct_dataset, destination) == 0xB000
+
+        assert peer.calls == [0xB000, 0xB000]
+        assert sleeps == []
+        _assert_closed(peer.ae)
+
+
+class TestNegotiation:
+    def test_no_storage_context_is_permanent(self, scp: Callable[..., PynetdicomSCP],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             ct_dataset: Dataset) -> None:
+        """The peer accepts the association but not CT Image Storage: no retry will help."""
+        peer = scp(contexts=(Verification,))
+        sender, destination, sleeps = _sender(_config(peer.port, attempts=3))
+        attempts = _count_attempts(monkeypatch, sender)
+
+        with pytest.raises(PermanentSendError) as info:
+            sender.deliver(ct_dataset, destination)
+
+        assert "presentation context" in info.value.reason
+        assert len(attempts) == 1
+        assert sleeps == []
+        assert peer.calls == []
+        _assert_closed(peer.ae)
+        sender.echo(destination)  # the same peer is otherwise reachable
+        _assert_closed(peer.ae)
+
+
+class TestTimeout:
+    def test_no_response_is_transient(self, scp: Callable[..., PynetdicomSCP],
+                                      ct_dataset: Dataset) -> None:
+        """No answer within dimse_timeout_seconds: aborted, never counted as sent."""
+        gate = threading.Event()
+        peer = scp(before_reply=lambda: gate.wait(10))
+        sender, destination, _ = _sender(_config(peer.port, dimse_timeout=1.0))
+        try:
+            started = time.monotonic()
+            with pytest.raises(TransientSendError) as info:
+                sender.deliver(ct_dataset, destination)
+            elapsed = time.monotonic() - started
+        finally:
+            gate.set()
+
+        assert info.value.reason == "no C-STORE response (timeout or abort)"
+        assert info.value.status is None
+        assert 0.9 <= elapsed < 5
+        assert peer.calls == [0x0000]
+        _assert_closed(peer.ae)
+
+
+def test_errors_share_the_send_error_base() -> None:
+    """Callers may catch either kind through :class:`SendError`."""
+    assert issubclass(TransientSendError, SendError)
+    assert issubclass(PermanentSendError, SendError)
