@@ -18,7 +18,7 @@ import queue
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pynetdicom import evt
@@ -88,9 +88,10 @@ class _PolicyACSE(ACSE):
     def _negotiate_as_acceptor(self) -> None:
         assoc: _GatewayAssociation = self.assoc  # type: ignore[assignment]
         rq = self.requestor.primitive
-        calling = str(rq.calling_ae_title).strip()
-        called = str(rq.called_ae_title).strip()
-        address = str(self.requestor.address_info.address)
+        info = self.requestor.address_info
+        calling = str(getattr(rq, "calling_ae_title", "")).strip()
+        called = str(getattr(rq, "called_ae_title", "")).strip()
+        address = str(info.address) if info is not None else ""
         peer, reason = assoc.policy.decide(calling, called, address)
         if peer is not None and assoc.over_limit:
             peer, reason = None, "local_limit_exceeded"
@@ -140,7 +141,7 @@ class _GatewayAssociation(Association):
             except queue.Empty:
                 msg = None
             if msg:
-                self._serve_request(msg, context_id)
+                self._serve_request(msg, cast(int, context_id))
                 continue
             if self._peer_finished():
                 return
@@ -190,9 +191,9 @@ class _RequestHandler(RequestHandler):
         assoc.requestor.address_info = self.remote
         for event, handlers in self.server._handlers.items():
             if event.is_intervention and handlers:
-                assoc.bind(event, *handlers)
+                assoc.bind(event, *cast(tuple[Any, Any], handlers))
             elif isinstance(event, evt.NotificationEvent):
-                for handler, args in handlers:
+                for handler, args in cast(list[tuple[Any, Any]], handlers):
                     assoc.bind(event, handler, args)
         return assoc
 

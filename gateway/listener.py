@@ -10,6 +10,7 @@ association count: past ``max_associations`` the receiver answers A-ASSOCIATE-RJ
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import selectors
 import signal
@@ -166,10 +167,8 @@ class Listener:
             self._socket.close()
         for worker in self._workers:
             if worker.alive:
-                try:
+                with contextlib.suppress(OSError):
                     worker.control.send(MSG_QUIT)
-                except OSError:
-                    pass
         deadline = time.monotonic() + _DRAIN_SECONDS + 5
         for worker in self._workers:
             worker.process.join(timeout=max(0.1, deadline - time.monotonic()))

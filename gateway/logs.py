@@ -59,17 +59,6 @@ def _render_exception(
     return event
 
 
-def _drop_foreign_message_args(
-    _logger: Any, _name: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    # Stdlib records from third-party loggers may interpolate dataset values; keep the
-    # static format string only.
-    record = event.get("_record")
-    if record is not None and record.args:
-        event["event"] = str(record.msg)
-    return event
-
-
 def _showwarning(
     message: Warning | str,
     category: type[Warning],
@@ -107,7 +96,9 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[_drop_foreign_message_args, *shared],
+        foreign_pre_chain=shared,
+        # Third-party records may interpolate dataset values: keep the static template only.
+        use_get_message=False,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream)

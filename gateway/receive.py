@@ -12,7 +12,7 @@ import io
 import sqlite3
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -20,23 +20,24 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    JPEG2000,
     UID,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.dimse_primitives import C_STORE
 
 from gateway import __version__
 from gateway.assembly import Assembler, IncomingInstance
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, Peer
 from gateway.errors import SpoolError
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+#: PS3.4 A.4: the Verification SOP Class (C-ECHO).
+VERIFICATION = UID("1.2.840.10008.1.1")
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1475.1")
 IMPLEMENTATION_VERSION_NAME = f"CONTOURGW_{__version__}"[:16]
 
@@ -138,8 +141,8 @@ def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
 
 def _file_preamble_and_meta(identity: Identity, transfer_syntax: UID, source_ae: str) -> bytes:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = identity.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = identity.sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(identity.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(identity.sop_instance_uid)
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
@@ -153,7 +156,11 @@ def _file_preamble_and_meta(identity: Identity, transfer_syntax: UID, source_ae:
 
 def handle_store(event: evt.Event, assembler: Assembler) -> int:
     """EVT_C_STORE handler: identify, spool durably, answer with an explicit status."""
-    request = event.request
+    request = cast(C_STORE, event.request)
+    peer: Peer | None = getattr(event.assoc, "peer", None)  # set by the association policy
+    if request.DataSet is None or peer is None:
+        log.error("store_refused", status="0xC000", reason="no_data_set_or_peer")
+        return StoreStatus.CANNOT_UNDERSTAND
     transfer_syntax = UID(event.context.transfer_syntax)
     data = request.DataSet.getbuffer()
     try:
@@ -169,7 +176,6 @@ def handle_store(event: evt.Event, assembler: Assembler) -> int:
                 or identity.sop_class_uid != str(request.AffectedSOPClassUID)):
             log.warning("store_refused", status="0xA900", reason="dataset_does_not_match_request")
             return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-        peer = event.assoc.peer  # set by the association policy before any C-STORE
         head = _file_preamble_and_meta(identity, transfer_syntax, str(event.assoc.requestor.ae_title))
         instance = IncomingInstance(identity.study_uid, identity.sop_instance_uid, (head, data))
         assembler.accept(instance, peer)
@@ -196,7 +202,7 @@ def build_ae(config: GatewayConfig) -> AE:
     ae.dimse_timeout = node.dimse_timeout_seconds
     ae.network_timeout = node.network_timeout_seconds
     ae.require_called_aet = True
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae

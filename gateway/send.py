@@ -19,11 +19,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification
 
 from gateway.config import Destination, GatewayConfig
 from gateway.errors import PermanentSendError, SendError, TransientSendError
 from gateway.jobs import JobState, JobStore
+from gateway.receive import VERIFICATION
 
 __all__ = ["Sender", "classify_status", "deliver_for_job"]
 
@@ -79,7 +79,7 @@ class Sender:
         ae.network_timeout = destination.dimse_timeout_seconds
         ae.maximum_pdu_size = self._config.node.max_pdu_size
         if sop_class is None:
-            ae.add_requested_context(Verification)
+            ae.add_requested_context(VERIFICATION)
         else:
             ae.add_requested_context(sop_class, [transfer_syntax] if transfer_syntax else None)
         return ae

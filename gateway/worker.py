@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
@@ -41,11 +42,8 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int) -> Non
     send_lock = threading.Lock()
 
     def _closed() -> None:
-        with send_lock:
-            try:
-                control.send(MSG_CLOSED)
-            except OSError:
-                pass
+        with send_lock, contextlib.suppress(OSError):
+            control.send(MSG_CLOSED)
 
     ae = build_ae(config)
     server = FdAssociationServer(ae, AssociationPolicy(config), store_handlers(Assembler(spool, jobs)), _closed)

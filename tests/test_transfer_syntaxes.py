@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pynetdicom import AE
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     JPEG2000Lossless,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
-    UID,
 )
+from pynetdicom import AE
 
 from tests.conftest import CTSeries, NodeProcess, dataset_bytes, dcmtk_env, require_tool, spooled_files
 

@@ -1,0 +1,140 @@
+"""Study assembly with an injected clock: quiet periods, duplicates, reopening, reconciliation, CLI."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.assembly import Assembler, IncomingInstance, StoreResult
+from gateway.config import Peer
+from gateway.errors import JobNotFoundError
+from gateway.jobs import JobState, JobStore
+from gateway.spool import Spool
+from tests.conftest import REPO, make_ct_series, write_config
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[Spool, JobStore, Clock, Assembler]:
+    spool = Spool(tmp_path / "var")
+    spool.prepare()
+    jobs = JobStore(spool.database_path)
+    clock = Clock()
+    yield spool, jobs, clock, Assembler(spool, jobs, clock=clock)
+    jobs.close()
+
+
+PEER = Peer(name="pacs", ae_title="PACS", host="127.0.0.1", quiet_seconds=30)
+
+
+def _instance(study: str, sop: str) -> IncomingInstance:
+    return IncomingInstance(study, sop, (b"DICM-ish ", sop.encode()))
+
+
+def test_quiet_period_is_measured_from_the_last_instance(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    _, jobs, clock, assembler = parts
+    assert assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER) is StoreResult.STORED
+    clock.now += 25
+    assert assembler.accept(_instance("1.2.3", "1.2.3.2"), PEER) is StoreResult.STORED
+    clock.now += 29.9
+    assert assembler.complete_due() == []
+    clock.now += 0.1
+    [done] = assembler.complete_due()
+    assert done.instance_count == 2
+    assert jobs.get(done.job_id).state is JobState.COMPLETE
+
+
+def test_duplicates_are_stored_once(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    spool, jobs, _, assembler = parts
+    assert assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER) is StoreResult.STORED
+    assert assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER) is StoreResult.DUPLICATE
+    [job] = jobs.jobs()
+    assert job.instance_count == 1
+    assert len(spool.file_ids(job.job_id)) == 1
+
+
+def test_two_studies_make_two_jobs_and_hold_no_uid(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    spool, jobs, _, assembler = parts
+    assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER)
+    assembler.accept(_instance("1.2.4", "1.2.4.1"), PEER)
+    assert len(jobs.jobs()) == 2
+    raw = spool.database_path.read_bytes() + Path(f"{spool.database_path}-wal").read_bytes()
+    assert b"1.2.3" not in raw and b"1.2.4" not in raw
+
+
+def test_instances_after_completion_open_a_new_job(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    _, jobs, clock, assembler = parts
+    assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER)
+    clock.now += 31
+    [first] = assembler.complete_due()
+    with capture_logs() as logs:
+        assembler.accept(_instance("1.2.3", "1.2.3.2"), PEER)
+    reopened = [e for e in logs if e["event"] == "study_received_after_completion"]
+    assert reopened and reopened[0]["previous_job_id"] == first.job_id
+    assert [j.state for j in jobs.jobs()] == [JobState.COMPLETE, JobState.RECEIVING]
+
+
+def test_force_complete(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    _, jobs, _, assembler = parts
+    assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER)
+    [job] = jobs.jobs()
+    assert assembler.force_complete(job.job_id).state is JobState.COMPLETE
+    with pytest.raises(JobNotFoundError):
+        assembler.force_complete("ffffffffffffffff")
+
+
+def test_reconcile_registers_orphans_and_forgets_missing_files(
+        parts: tuple[Spool, JobStore, Clock, Assembler], tmp_path: Path) -> None:
+    spool, jobs, _, assembler = parts
+    series = make_ct_series(tmp_path / "ct", 3, size=16)
+    for path, uid in zip(series.files, series.sop_uids, strict=True):
+        assembler.accept(IncomingInstance(series.study_uid, uid, (path.read_bytes(),)), PEER)
+    [job] = jobs.jobs()
+    files = spool.file_ids(job.job_id)
+    # A crash after the rename but before the row was written: the file exists, the row does not.
+    with sqlite3.connect(spool.database_path) as db:
+        db.execute("DELETE FROM instances WHERE file_id = ?", (files[0],))
+    # And a row whose file vanished.
+    spool.instance_path(job.job_id, files[1]).unlink()
+    (spool.root / job.job_id / ".0123456789abcdef0123456789abcdef.tmp").write_bytes(b"partial")
+    assembler.reconcile()
+    assert set(jobs.instance_files(job.job_id)) == {files[0], files[2]}
+    assert sorted(spool.file_ids(job.job_id)) == sorted([files[0], files[2]])
+    assert not list((spool.root / job.job_id).glob(".*.tmp"))
+
+
+def test_status_and_complete_commands(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var")
+    spool = Spool(tmp_path / "var")
+    spool.prepare()
+    jobs = JobStore(spool.database_path)
+    Assembler(spool, jobs).accept(_instance("1.2.840.99", "1.2.840.99.1"), PEER)
+    [job] = jobs.jobs()
+    jobs.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", str(config)],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+
+    status = cli("status")
+    assert status.returncode == 0, status.stderr
+    assert job.job_id in status.stdout and "receiving" in status.stdout
+    assert "1.2.840.99" not in status.stdout
+    done = cli("complete", job.job_id)
+    assert done.returncode == 0, done.stderr
+    assert "complete" in cli("status").stdout
+    missing = cli("complete", "ffffffffffffffff")
+    assert missing.returncode == 1
+    assert "no job with id 'ffffffffffffffff'" in missing.stderr
