@@ -36,6 +36,8 @@ peers:
 	fi
 
 test: dev peers
+	$(PY) -m ruff check gateway tests scripts
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: dev

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from gateway.config import Peer
 from gateway.errors import JobNotFoundError
 from gateway.jobs import JobState, JobStore
 from gateway.spool import Spool
-from tests.conftest import REPO, make_ct_series, write_config
+from tests.conftest import make_ct_series
 
 
 class Clock:
@@ -113,28 +111,3 @@ def test_reconcile_registers_orphans_and_forgets_missing_files(
     assert set(jobs.instance_files(job.job_id)) == {files[0], files[2]}
     assert sorted(spool.file_ids(job.job_id)) == sorted([files[0], files[2]])
     assert not list((spool.root / job.job_id).glob(".*.tmp"))
-
-
-def test_status_and_complete_commands(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "gateway.toml", tmp_path / "var")
-    spool = Spool(tmp_path / "var")
-    spool.prepare()
-    jobs = JobStore(spool.database_path)
-    Assembler(spool, jobs).accept(_instance("1.2.840.99", "1.2.840.99.1"), PEER)
-    [job] = jobs.jobs()
-    jobs.close()
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", str(config)],
-                              capture_output=True, text=True, cwd=REPO, timeout=60)
-
-    status = cli("status")
-    assert status.returncode == 0, status.stderr
-    assert job.job_id in status.stdout and "receiving" in status.stdout
-    assert "1.2.840.99" not in status.stdout
-    done = cli("complete", job.job_id)
-    assert done.returncode == 0, done.stderr
-    assert "complete" in cli("status").stdout
-    missing = cli("complete", "ffffffffffffffff")
-    assert missing.returncode == 1
-    assert "no job with id 'ffffffffffffffff'" in missing.stderr

@@ -1,0 +1,89 @@
+"""The command line an admin uses: status, complete, echo (exit codes and output without patient data)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.assembly import Assembler, IncomingInstance
+from gateway.config import Peer
+from gateway.jobs import JobStore
+from gateway.spool import Spool
+from tests.conftest import REPO, dcmtk_env, free_port, require_tool, write_config
+
+STUDY_UID = "1.2.840.99.12345"
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", str(config)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+@pytest.fixture
+def storescp_port(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    process = subprocess.Popen([require_tool("storescp"), "-aet", "TPS", "-od", str(out), str(port)],
+                               env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            probe = subprocess.run([require_tool("echoscu"), "-aec", "TPS", "127.0.0.1", str(port)],
+                                   capture_output=True, env=dcmtk_env(), timeout=10)
+            if probe.returncode == 0:
+                break
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_status_and_complete(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var")
+    spool = Spool(tmp_path / "var")
+    spool.prepare()
+    jobs = JobStore(spool.database_path)
+    peer = Peer(name="pacs", ae_title="PACS", host="127.0.0.1")
+    Assembler(spool, jobs).accept(IncomingInstance(STUDY_UID, STUDY_UID + ".1", (b"x",)), peer)
+    [job] = jobs.jobs()
+    jobs.close()
+
+    status = cli(config, "status")
+    assert status.returncode == 0, status.stderr
+    assert job.job_id in status.stdout and "receiving" in status.stdout
+    assert STUDY_UID not in status.stdout
+    done = cli(config, "complete", job.job_id)
+    assert done.returncode == 0, done.stderr
+    assert f"{job.job_id} complete" in done.stdout
+    assert "complete" in cli(config, "status").stdout
+    missing = cli(config, "complete", "ffffffffffffffff")
+    assert missing.returncode == 1
+    assert "no job with id 'ffffffffffffffff'" in missing.stderr
+
+
+def test_status_before_first_start(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var")
+    result = cli(config, "status")
+    assert result.returncode == 0
+    assert "no jobs" in result.stdout
+
+
+def test_echo_a_destination(tmp_path: Path, storescp_port: int) -> None:
+    closed = free_port()
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var", destinations=[
+        {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": storescp_port},
+        {"name": "down", "ae_title": "TPS", "host": "127.0.0.1", "port": closed, "connect_timeout_seconds": 2},
+    ])
+    ok = cli(config, "echo", "tps")
+    assert ok.returncode == 0, ok.stderr
+    assert "echo tps: success" in ok.stdout
+    down = cli(config, "echo", "down")
+    assert down.returncode == 1
+    assert "connection failed" in down.stderr
+    unknown = cli(config, "echo", "nowhere")
+    assert unknown.returncode == 2
+    assert "known: tps, down" in unknown.stderr
