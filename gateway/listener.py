@@ -32,7 +32,7 @@ MSG_ACCEPT = b"A"  # parent -> worker: serve this socket
 MSG_OVER_LIMIT = b"R"  # parent -> worker: reject this association (local limit)
 MSG_QUIT = b"Q"  # parent -> worker: finish what is in flight, then exit
 MSG_CLOSED = b"C"  # worker -> parent: one connection ended
-_DRAIN_SECONDS = 30.0
+DRAIN_SECONDS = 30.0
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Listener:
             if worker.alive:
                 with contextlib.suppress(OSError):
                     worker.control.send(MSG_QUIT)
-        deadline = time.monotonic() + _DRAIN_SECONDS + 5
+        deadline = time.monotonic() + DRAIN_SECONDS + 5
         for worker in self._workers:
             worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
             if worker.process.is_alive():

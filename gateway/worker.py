@@ -15,7 +15,7 @@ from gateway._net import AssociationPolicy, FdAssociationServer
 from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
 from gateway.jobs import JobStore
-from gateway.listener import _DRAIN_SECONDS, MSG_CLOSED, MSG_OVER_LIMIT, MSG_QUIT, ignore_interrupts
+from gateway.listener import DRAIN_SECONDS, MSG_CLOSED, MSG_OVER_LIMIT, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
 from gateway.receive import build_ae, store_handlers
 from gateway.spool import Spool
@@ -71,7 +71,7 @@ def _serve(control: socket.socket, server: FdAssociationServer, quit_event: thre
 
 
 def _drain(ae: object) -> None:
-    deadline = time.monotonic() + _DRAIN_SECONDS
+    deadline = time.monotonic() + DRAIN_SECONDS
     while time.monotonic() < deadline:
         active = ae.active_associations  # type: ignore[attr-defined]
         if not active:

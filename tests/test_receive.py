@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import sqlite3
 import subprocess
 import time
@@ -244,3 +246,19 @@ def test_completion_timer_survives_a_restart(node_factory: Callable[..., NodePro
     again = node_factory(config_path=node.config_path)
     again.wait_for("job_complete", timeout=10)
     assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("complete", 3)]
+
+
+def test_a_dead_receiver_process_is_replaced(node_factory: Callable[..., NodeProcess],
+                                             ct_series: Callable[..., CTSeries]) -> None:
+    node = node_factory(extra_node="receive_workers = 2")
+    children = [int(pid) for task in Path(f"/proc/{node.process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    receivers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(receivers) == 2
+    os.kill(receivers[0], signal.SIGKILL)
+    died = node.wait_for("receiver_process_died")
+    assert died["exitcode"] == -signal.SIGKILL
+    series = ct_series(4)
+    for _ in range(3):  # every receiver, the replacement included, gets work
+        assert storescu(node.port, series.files).returncode == 0
+    assert sorted(spooled_by_sop(node.data_dir)) == sorted(series.sop_uids)
