@@ -9,16 +9,16 @@ Association policy lives in :mod:`gateway._net`; nothing slow runs on this threa
 from __future__ import annotations
 
 import io
+import re
 import sqlite3
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, cast
 
 import structlog
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -47,6 +47,7 @@ __all__ = [
     "StoreStatus",
     "UndecodableError",
     "build_ae",
+    "file_meta_bytes",
     "handle_store",
     "identify",
 ]
@@ -100,8 +101,18 @@ class Identity:
     series_uid: str
 
 
-def _valid_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID(value).is_valid
+_UID_SYNTAX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_IDENTITY_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
+
+
+def _uid_value(ds: Dataset, tag: int) -> str | None:
+    # Read the raw value: pydicom's conversion and validation cost more than the whole write.
+    if tag not in ds:
+        return None
+    value = ds.get_item(tag).value
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+    text = text.rstrip("\0 ")
+    return text if 0 < len(text) <= 64 and _UID_SYNTAX.match(text) else None
 
 
 def _check_not_truncated(ds: Dataset) -> None:
@@ -127,31 +138,43 @@ def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
     try:
         ds = read_dataset(io.BytesIO(data), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
         _check_not_truncated(ds)
-        values = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+        values = [_uid_value(ds, tag) for tag in _IDENTITY_TAGS]
     except UndecodableError:
         raise
     except Exception as exc:  # pydicom raises many types for bad input; none may escape
         raise UndecodableError(f"data set not decodable ({type(exc).__name__})") from None
     if len(ds) == 0:
         raise UndecodableError("empty data set")
-    if not all(_valid_uid(v) for v in values):
+    if None in values:
         return None
-    return Identity(*(str(v) for v in values))
+    return Identity(*cast(list[str], values))
 
 
-def _file_preamble_and_meta(identity: Identity, transfer_syntax: UID, source_ae: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(identity.sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(identity.sop_instance_uid)
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = source_ae
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return b"\x00" * 128 + b"DICM" + buffer.getvalue()
+def _element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    # Explicit VR Little Endian, PS3.5 7.1.2; OB uses the 4-byte length form.
+    tag = struct.pack("<HH", group_element >> 16, group_element & 0xFFFF)
+    if vr == b"OB":
+        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_bytes(identity: Identity, transfer_syntax: UID, source_ae: str) -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) for a received instance."""
+    body = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _padded(identity.sop_class_uid, b"\0")),
+        _element(0x00020003, b"UI", _padded(identity.sop_instance_uid, b"\0")),
+        _element(0x00020010, b"UI", _padded(str(transfer_syntax), b"\0")),
+        _element(0x00020012, b"UI", _padded(str(IMPLEMENTATION_CLASS_UID), b"\0")),
+        _element(0x00020013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+        _element(0x00020016, b"AE", _padded(source_ae.strip(), b" ")),
+    ))
+    return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
 
 
 def handle_store(event: evt.Event, assembler: Assembler) -> int:
@@ -176,7 +199,7 @@ def handle_store(event: evt.Event, assembler: Assembler) -> int:
                 or identity.sop_class_uid != str(request.AffectedSOPClassUID)):
             log.warning("store_refused", status="0xA900", reason="dataset_does_not_match_request")
             return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-        head = _file_preamble_and_meta(identity, transfer_syntax, str(event.assoc.requestor.ae_title))
+        head = file_meta_bytes(identity, transfer_syntax, str(event.assoc.requestor.ae_title))
         instance = IncomingInstance(identity.study_uid, identity.sop_instance_uid, (head, data))
         assembler.accept(instance, peer)
         return StoreStatus.SUCCESS

@@ -14,6 +14,8 @@ Method
 * Every measured run sends a freshly generated series (new Study and SOP Instance UIDs) of
   512x512 int16 CT slices, since both receivers skip duplicates. Generation, and an
   ``os.sync()`` flushing what it wrote, happen before the clock starts.
+* Before each run the script waits until neither receiver uses CPU (Orthanc keeps working
+  for a while after it answered the last C-STORE; that must not be charged to the next run).
 * Runs alternate between the two receivers, and the order flips on every repetition, to
   spread machine noise; the median instances/s per receiver and configuration is reported
   with the ratio gateway / Orthanc. A small unmeasured warm-up store goes to each first.
@@ -164,22 +166,51 @@ def wait_until(check: Callable[[], Any], process: subprocess.Popen[bytes], what:
                      + log_path.read_text(errors="replace")[-3000:])
 
 
-def group_hwm_kib(pgid: int) -> dict[int, int]:
-    """``VmHWM`` (KiB) of every live process in process group *pgid*, by pid."""
-    out = {}
+def _group_members(pgid: int) -> Iterator[tuple[Path, list[str]]]:
+    """``(/proc/PID, fields of its stat after the command name)`` for each process of group *pgid*."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                yield entry, fields
+        except (OSError, IndexError, ValueError):
+            continue
+
+
+def group_hwm_kib(pgid: int) -> dict[int, int]:
+    """``VmHWM`` (KiB) of every live process in process group *pgid*, by pid."""
+    out = {}
+    for entry, _fields in _group_members(pgid):
+        try:
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     out[int(entry.name)] = int(line.split()[1])
-        except (OSError, IndexError, ValueError):
+        except (OSError, ValueError):
             continue
     return out
+
+
+def group_cpu_ticks(pgid: int) -> int:
+    """User + system clock ticks used so far by process group *pgid*."""
+    return sum(int(fields[11]) + int(fields[12]) for _entry, fields in _group_members(pgid))
+
+
+def quiesce(receivers: list[Receiver], *, idle_ticks: int = 2, window: float = 0.5, limit: float = 15.0) -> None:
+    """Wait until no receiver burns CPU (Orthanc, for one, keeps working after it answered).
+
+    Otherwise one receiver's background work after its run is charged to the next run of
+    the other.
+    """
+    deadline = time.monotonic() + limit
+    before = sum(group_cpu_ticks(r.process.pid) for r in receivers)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = sum(group_cpu_ticks(r.process.pid) for r in receivers)
+        if now - before <= idle_ticks:
+            return
+        before = now
 
 
 # --------------------------------------------------------------------------- receivers
@@ -319,12 +350,13 @@ class Plan:
     warmup: int
 
 
-def run_one(storescu: str, receiver: Receiver, work: Path, plan: Plan, parts: int,
-            seed: int) -> float:
-    """Generate a fresh series, flush it to disk, send it measured, remove it; return seconds."""
+def run_one(storescu: str, receivers: list[Receiver], receiver: Receiver, work: Path, plan: Plan,
+            parts: int, seed: int) -> float:
+    """Generate a fresh series, flush it, let the machine settle, send it measured; return seconds."""
     folder = work / f"series-{seed}"
     write_series(folder, plan.instances, parts, plan.size, seed)
     os.sync()
+    quiesce(receivers)
     try:
         return measured_store(storescu, receiver, folder, plan.instances)
     finally:
@@ -354,7 +386,7 @@ def measure(storescu: str, receivers: list[Receiver], work: Path, plan: Plan) ->
         for config, parts in (("single", 1), ("parallel", plan.parallel)):
             for receiver in order:
                 seed += 1
-                seconds = run_one(storescu, receiver, work, plan, parts, seed)
+                seconds = run_one(storescu, receivers, receiver, work, plan, parts, seed)
                 times[config][receiver.name].append(seconds)
                 print(f"  run {rep + 1}/{plan.repeat} {config:<8} {receiver.name:<8} "
                       f"{seconds:7.2f} s  {plan.instances / seconds:7.1f} inst/s", flush=True)

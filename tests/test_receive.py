@@ -262,3 +262,26 @@ def test_a_dead_receiver_process_is_replaced(node_factory: Callable[..., NodePro
     for _ in range(3):  # every receiver, the replacement included, gets work
         assert storescu(node.port, series.files).returncode == 0
     assert sorted(spooled_by_sop(node.data_dir)) == sorted(series.sop_uids)
+
+
+class TestFileMeta:
+    @pytest.mark.parametrize("source_ae", ["PACS", "ODD_AE", "A"])
+    def test_hand_encoded_meta_equals_pydicom(self, source_ae: str) -> None:
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_file_meta_info
+        from pydicom.uid import JPEGLSLossless
+
+        from gateway.receive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Identity, file_meta_bytes
+
+        identity = Identity(CTImageStorage, "1.2.3.45", "1.2.3", "1.2.3.4")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = "1.2.3.45"
+        meta.TransferSyntaxUID = JPEGLSLossless
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        meta.SourceApplicationEntityTitle = source_ae
+        expected = DicomBytesIO()
+        expected.is_little_endian, expected.is_implicit_VR = True, False
+        write_file_meta_info(expected, meta, enforce_standard=True)
+        assert file_meta_bytes(identity, JPEGLSLossless, source_ae) == b"\0" * 128 + b"DICM" + expected.getvalue()
