@@ -116,12 +116,13 @@ def ct_series(tmp_path: Path) -> Callable[..., CTSeries]:
 
 
 def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[str, Any]] | None = None,
-                 destinations: list[dict[str, Any]] | None = None, extra_node: str = "") -> Path:
+                 destinations: list[dict[str, Any]] | None = None, extra_node: str = "",
+                 max_associations: int = 8) -> Path:
     """Write a gateway TOML for tests; peers default to any AE on loopback with a 1 s quiet period."""
     peers = peers if peers is not None else [{"name": "local", "ae_title": "*", "host": "127.0.0.1",
                                               "quiet_seconds": 1}]
     lines = ["[node]", 'ae_title = "CONTOUR_GW"', 'bind = "127.0.0.1"', f"port = {port}",
-             f'data_dir = "{data_dir}"', "max_associations = 8", extra_node, ""]
+             f'data_dir = "{data_dir}"', f"max_associations = {max_associations}", extra_node, ""]
     for peer in peers:
         lines += ["[[peers]]", *(f"{k} = {json.dumps(v)}" for k, v in peer.items()), ""]
     for dest in destinations or []:

@@ -133,6 +133,31 @@ class TestAssociationPolicy:
         assert refused["reason"] == "address_not_allowed"
         assert not any(e.get("event") == "association_rejected" for e in node.events())
 
+    def test_node_wide_association_limit_rejects_transiently(
+            self, node_factory: Callable[..., NodeProcess]) -> None:
+        node = node_factory(max_associations=2)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        held = [ae.associate("127.0.0.1", node.port, ae_title="CONTOUR_GW") for _ in range(2)]
+        try:
+            assert all(a.is_established for a in held)
+            extra = ae.associate("127.0.0.1", node.port, ae_title="CONTOUR_GW")
+            assert extra.is_rejected
+            rsp = extra.acceptor.primitive
+            assert (rsp.result, rsp.result_source, rsp.diagnostic) == (2, 3, 2)  # transient, local limit
+            assert node.wait_for("association_rejected")["reason"] == "local_limit_exceeded"
+        finally:
+            for assoc in held:
+                assoc.release()
+        deadline = time.monotonic() + 10
+        while True:  # the count drops as associations end, so a new one is accepted again
+            again = ae.associate("127.0.0.1", node.port, ae_title="CONTOUR_GW")
+            if again.is_established:
+                again.release()
+                break
+            assert time.monotonic() < deadline, "the association count never dropped"
+            time.sleep(0.2)
+
     def test_verification_is_answered_for_a_known_peer(self, node: NodeProcess) -> None:
         result = subprocess.run([require_tool("echoscu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
                                  str(node.port)], capture_output=True, text=True, env=dcmtk_env(), timeout=30)
