@@ -4,6 +4,7 @@
 
     GatewayError
     ├── ConfigError (ValueError)          invalid configuration, lists every problem
+    ├── StartupError (OSError)            the node cannot start (port taken, data_dir unusable)
     ├── SpoolError (OSError)              an instance could not be stored durably
     ├── JobNotFoundError (LookupError)    no job with that id
     └── SendError                         a C-STORE to a destination did not succeed
@@ -24,6 +25,7 @@ __all__ = [
     "PermanentSendError",
     "SendError",
     "SpoolError",
+    "StartupError",
     "TransientSendError",
 ]
 
@@ -40,6 +42,10 @@ class ConfigError(GatewayError, ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration {source}: {len(self.problems)} problem(s)\n{lines}")
+
+
+class StartupError(GatewayError, OSError):
+    """The node cannot start: its port is taken, or ``data_dir`` cannot be used."""
 
 
 class SpoolError(GatewayError, OSError):

@@ -33,6 +33,7 @@ MSG_OVER_LIMIT = b"R"  # parent -> worker: reject this association (local limit)
 MSG_QUIT = b"Q"  # parent -> worker: finish what is in flight, then exit
 MSG_CLOSED = b"C"  # worker -> parent: one connection ended
 DRAIN_SECONDS = 30.0
+_HANDOVER_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Listener:
         from gateway.worker import run_worker  # imported here: the child re-imports it by name
 
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent_end.settimeout(_HANDOVER_TIMEOUT_S)  # a stuck receiver must not stall accepting
         process = self._context.Process(
             target=run_worker, args=(self._config, child_end, index), name=f"receiver-{index}", daemon=False
         )
@@ -96,11 +98,14 @@ class Listener:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            for key, _ in self._selector.select(timeout=0.5):
-                if key.data is None:
-                    self._accept()
-                else:
-                    self._on_worker_message(key.data)
+            try:
+                for key, _ in self._selector.select(timeout=0.5):
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._on_worker_message(key.data)
+            except Exception as exc:  # the node must keep accepting whatever one connection did
+                log.error("listener_error", exc_info=exc)
 
     def _accept(self) -> None:
         assert self._socket is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 from types import FrameType
 
@@ -11,6 +12,7 @@ import structlog
 from gateway import __version__
 from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
+from gateway.errors import StartupError
 from gateway.jobs import JobStore
 from gateway.listener import Listener
 from gateway.spool import Spool
@@ -32,18 +34,30 @@ class Node:
         self._timer: threading.Thread | None = None
 
     def start(self) -> None:
-        """Recover state, then accept associations and run the completion timer."""
-        self.spool.prepare()
-        self._jobs = JobStore(self.spool.database_path)
+        """Recover state, then accept associations and run the completion timer.
+
+        Raises
+        ------
+        StartupError
+            When ``data_dir`` cannot be used or the port cannot be bound.
+        """
+        node = self.config.node
+        try:
+            self.spool.prepare()
+            self._jobs = JobStore(self.spool.database_path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot use data_dir {node.data_dir} ({exc})") from exc
         assembler = Assembler(self.spool, self._jobs)
         assembler.reconcile()
         assembler.complete_due()  # quiet periods that ended while the node was down
-        self._listener.start()
+        try:
+            self._listener.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {node.bind}:{node.port} ({exc.strerror})") from exc
         self._timer = threading.Thread(target=self._complete_loop, args=(assembler,), name="completion",
                                        daemon=True)
         self._timer.start()
         host, port = self._listener.address
-        node = self.config.node
         log.info("node_started", version=__version__, ae_title=node.ae_title, bind=host, port=port,
                  receive_workers=node.receive_workers, max_associations=node.max_associations,
                  peers=len(self.config.peers), destinations=len(self.config.destinations))

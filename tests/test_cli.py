@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,3 +88,23 @@ def test_echo_a_destination(tmp_path: Path, storescp_port: int) -> None:
     unknown = cli(config, "echo", "nowhere")
     assert unknown.returncode == 2
     assert "known: tps, down" in unknown.stderr
+
+
+def test_serve_reports_a_port_in_use_and_an_unusable_data_dir(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "gateway.toml", tmp_path / "var", port=port)
+        result = cli(config, "serve")
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("")
+    config = write_config(tmp_path / "gateway2.toml", blocker / "var")
+    result = cli(config, "serve")
+    assert result.returncode == 1
+    assert "cannot use data_dir" in result.stderr
+    assert "Traceback" not in result.stderr
