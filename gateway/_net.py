@@ -7,6 +7,7 @@ Subclasses only (no fork of pynetdicom 3.0.4):
 * ``_GatewayAssociation`` waits on the DIMSE queue instead of sleeping 1 ms per loop.
   pynetdicom's polling costs up to a millisecond of latency per message in each thread,
   which is most of the difference between it and dcmtk on loopback.
+* ``_GatewayDIMSE`` encodes plain C-STORE responses directly instead of through pydicom.
 * ``_PolicyACSE`` decides acceptance from the :class:`AssociationPolicy` (calling AE and
   source address must match one peer entry; the node-wide association limit).
 * ``FdAssociationServer`` is a pynetdicom server that never listens itself: the parent
@@ -21,6 +22,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,6 +31,9 @@ import structlog
 from pynetdicom import evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from gateway.config import GatewayConfig, Peer
@@ -43,6 +48,10 @@ _REACTOR_TICK_S = 0.01
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+_C_STORE_RSP = 0x8001  # CommandField, PS3.7 E.1
+_NO_DATA_SET = 0x0101  # CommandDataSetType: no data set follows
+_LAST_COMMAND_FRAGMENT = b"\x03"  # PDV message control header, PS3.8 E.2
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,50 @@ class _FastSocket(AssociationSocket):
         return buffer
 
 
+def _implicit_element(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _uid_value(uid: object) -> bytes:
+    raw = str(uid).encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def encode_c_store_response(response: C_STORE) -> bytes:
+    """The C-STORE-RSP command set (PS3.7 9.3.1.2), Implicit VR Little Endian as PS3.7 6.3.1 requires."""
+    body = b"".join((
+        _implicit_element(0x00000002, _uid_value(response.AffectedSOPClassUID)),
+        _implicit_element(0x00000100, struct.pack("<H", _C_STORE_RSP)),
+        _implicit_element(0x00000120, struct.pack("<H", response.MessageIDBeingRespondedTo)),
+        _implicit_element(0x00000800, struct.pack("<H", _NO_DATA_SET)),
+        _implicit_element(0x00000900, struct.pack("<H", response.Status)),
+        _implicit_element(0x00001000, _uid_value(response.AffectedSOPInstanceUID)),
+    ))
+    return _implicit_element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+class _GatewayDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that encodes plain C-STORE responses itself.
+
+    pynetdicom builds every response through pydicom (the command set encoded twice, to
+    compute its group length): 0.4 ms per instance, a tenth of the whole C-STORE round trip
+    on loopback. A response that carries only a status is encoded directly; anything else
+    (error comments, offending elements) goes the usual way. EVT_DIMSE_SENT is not
+    triggered for the direct ones; nothing in the gateway binds it.
+    """
+
+    def send_msg(self, primitive: DimsePrimitiveType, context_id: int) -> None:
+        if (isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None
+                and primitive.ErrorComment is None and primitive.OffendingElement is None):
+            pdata = P_DATA()
+            # pynetdicom wants [ID, PDV] lists here, although its annotation says tuples.
+            item: Any = [context_id, _LAST_COMMAND_FRAGMENT + encode_c_store_response(primitive)]
+            pdata.presentation_data_value_list = [item]
+            self.dul.send_pdu(pdata)
+            return
+        super().send_msg(primitive, context_id)
+
+
 class _PolicyACSE(ACSE):
     """ACSE that applies the gateway's association policy before pynetdicom's own checks."""
 
@@ -164,6 +217,7 @@ class _GatewayAssociation(Association):
         self._on_finished = on_finished
         self.peer: Peer | None = None
         self.acse = _PolicyACSE(self)
+        self.dimse = _GatewayDIMSE(self)
         self.wakeup_read, self._wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_read, False)
         os.set_blocking(self._wakeup_write, False)

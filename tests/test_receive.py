@@ -310,3 +310,25 @@ class TestFileMeta:
         expected.is_little_endian, expected.is_implicit_VR = True, False
         write_file_meta_info(expected, meta, enforce_standard=True)
         assert file_meta_bytes(identity, JPEGLSLossless, source_ae) == b"\0" * 128 + b"DICM" + expected.getvalue()
+
+
+class TestResponseEncoding:
+    @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC210, 0xB000])
+    @pytest.mark.parametrize("instance_uid", ["1.2.3.4", "1.2.3.45"])  # even and odd lengths
+    def test_direct_c_store_response_equals_pynetdicom(self, status: int, instance_uid: str) -> None:
+        from pynetdicom.dimse_messages import C_STORE_RSP
+        from pynetdicom.dimse_primitives import C_STORE
+
+        from gateway._net import encode_c_store_response
+
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = 7
+        response.AffectedSOPClassUID = CTImageStorage
+        response.AffectedSOPInstanceUID = instance_uid
+        response.Status = status
+        message = C_STORE_RSP()
+        message.primitive_to_message(response)
+        [pdata] = list(message.encode_msg(1, 16_384))
+        [(context_id, value)] = pdata.presentation_data_value_list
+        assert context_id == 1
+        assert value == b"\x03" + encode_c_store_response(response)
