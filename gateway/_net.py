@@ -102,6 +102,10 @@ class _FastSocket(AssociationSocket):
     def __init__(self, assoc: Any, client_socket: socket.socket, wakeup_fd: int) -> None:
         super().__init__(assoc, client_socket=client_socket)
         self._wakeup_fd = wakeup_fd
+        self._socket_fd = client_socket.fileno()
+        self._poll = select.poll()  # poll, not select: no FD_SETSIZE limit
+        self._poll.register(self._socket_fd, select.POLLIN)
+        self._poll.register(wakeup_fd, select.POLLIN)
 
     @property
     def ready(self) -> bool:
@@ -111,14 +115,18 @@ class _FastSocket(AssociationSocket):
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         try:
-            readable, _, _ = select.select([sock.fileno(), self._wakeup_fd], [], [], _REACTOR_TICK_S)
-        except (OSError, ValueError):
-            self.event_queue.put("Evt17")
-            return False
-        if self._wakeup_fd in readable:
+            events = dict(self._poll.poll(_REACTOR_TICK_S * 1000))
+        except OSError:
+            events = {self._socket_fd: select.POLLNVAL}
+        if self._wakeup_fd in events:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.read(self._wakeup_fd, 4096)
-        return sock.fileno() in readable
+        socket_events = events.get(self._socket_fd, 0)
+        if socket_events & select.POLLNVAL:
+            self.event_queue.put("Evt17")  # as pynetdicom does when select fails
+            return False
+        # POLLHUP/POLLERR: let recv() read what is left and see the end of the connection.
+        return bool(socket_events)
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock: socket.socket = self.socket  # type: ignore[assignment]
