@@ -8,8 +8,8 @@ Subclasses only (no fork of pynetdicom 3.0.4):
   pynetdicom's polling costs up to a millisecond of latency per message in each thread,
   which is most of the difference between it and dcmtk on loopback.
 * ``_GatewayDIMSE`` encodes plain C-STORE responses directly instead of through pydicom.
-* ``_PolicyACSE`` decides acceptance from the :class:`AssociationPolicy` (calling AE and
-  source address must match one peer entry; the node-wide association limit).
+* ``_PolicyACSE`` applies :class:`gateway.policy.AssociationPolicy` before pynetdicom's
+  own negotiation, and the node-wide association limit.
 * ``FdAssociationServer`` is a pynetdicom server that never listens itself: the parent
   process accepts and hands it connected sockets (see :mod:`gateway.listener`).
 """
@@ -24,7 +24,6 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
@@ -36,7 +35,8 @@ from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from gateway.config import GatewayConfig, Peer
+from gateway.config import Peer
+from gateway.policy import REJECTIONS, AssociationPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -44,37 +44,9 @@ log = structlog.get_logger(__name__)
 #: timers (ARTIM, idle) and kill flags; any event (PDU, outgoing primitive, DIMSE message) wakes them at once.
 _REACTOR_TICK_S = 0.01
 
-# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-
 _C_STORE_RSP = 0x8001  # CommandField, PS3.7 E.1
 _NO_DATA_SET = 0x0101  # CommandDataSetType: no data set follows
 _LAST_COMMAND_FRAGMENT = b"\x03"  # PDV message control header, PS3.8 E.2
-
-
-@dataclass(frozen=True)
-class AssociationPolicy:
-    """Who may associate: ``config`` peers plus the node's own AE title."""
-
-    config: GatewayConfig
-
-    def decide(self, calling_ae: str, called_ae: str, address: str) -> tuple[Peer | None, str | None]:
-        """Return ``(peer, None)`` to accept, or ``(None, reason)`` to reject."""
-        peer = self.config.peer_for(calling_ae, address)
-        if peer is None:
-            return None, "calling_ae_not_recognised"
-        if called_ae.strip() != self.config.node.ae_title:
-            return None, "called_ae_not_recognised"
-        return peer, None
-
-
-_REJECTIONS = {
-    "calling_ae_not_recognised": REJECT_CALLING_AE,
-    "called_ae_not_recognised": REJECT_CALLED_AE,
-    "local_limit_exceeded": REJECT_LOCAL_LIMIT,
-}
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -205,7 +177,7 @@ class _PolicyACSE(ACSE):
             log.warning("association_rejected", reason=reason, calling_ae=calling, called_ae=called,
                         address=address)
             self.requestor.ae_title = calling
-            self.send_reject(*_REJECTIONS[reason])
+            self.send_reject(*REJECTIONS[reason])
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return

@@ -3,7 +3,7 @@
 The handler decodes just enough to identify the instance (structure and UIDs), writes
 the received bytes unchanged behind a new File Meta Information group, and answers
 with an explicit status (PS3.4 B.2.3). Success is sent only once the file is durable.
-Association policy lives in :mod:`gateway._net`; nothing slow runs on this thread.
+Association policy lives in :mod:`gateway.policy`; nothing slow runs on this thread.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ log = structlog.get_logger(__name__)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 #: PS3.4 A.4: the Verification SOP Class (C-ECHO).
 VERIFICATION = UID("1.2.840.10008.1.1")
-IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1475.1")
+#: Our own root: a UUID-derived UID (PS3.5 B.2), fixed for this implementation.
+IMPLEMENTATION_CLASS_UID = UID("2.25.58709146470483910377836882171605898852")
 IMPLEMENTATION_VERSION_NAME = f"CONTOURGW_{__version__}"[:16]
 
 #: Storage SOP classes accepted; Enhanced CT waits for a volume stage that reads it.

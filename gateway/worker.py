@@ -11,12 +11,13 @@ from types import FrameType
 
 import structlog
 
-from gateway._net import AssociationPolicy, FdAssociationServer
+from gateway._net import FdAssociationServer
 from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
 from gateway.jobs import JobStore
 from gateway.listener import DRAIN_SECONDS, MSG_CLOSED, MSG_OVER_LIMIT, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
+from gateway.policy import AssociationPolicy
 from gateway.receive import build_ae, store_handlers
 from gateway.spool import Spool
 
