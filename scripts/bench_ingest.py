@@ -48,10 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.synthetic import ct_slice  # noqa: E402 - the same CT the tests use
+
 SCU_AET = "BENCHSCU"
 TARGETS = {"single": 1.5, "parallel": 1.0}  # minimum ratio gateway / Orthanc
 
@@ -63,39 +65,16 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------- data
 
 
-def _template(size: int) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "BENCH^INGEST", "BENCH0001", "19700101"
-    ds.AccessionNumber, ds.Modality, ds.StudyDate = "BENCHACC", "CT", "20260101"
-    ds.SeriesNumber = 1
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing, ds.SliceThickness = [0.9, 0.9], 3.0
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = -1024.0, 1.0
-    return ds
-
-
 def write_series(folder: Path, count: int, parts: int, size: int, seed: int) -> int:
     """Write *count* CT slices of a fresh study into *parts* sub-folders; return total bytes."""
-    ds, rng = _template(size), np.random.default_rng(seed)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
+    rng = np.random.default_rng(seed)
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     total = 0
     for index in range(count):
         sub = folder / f"part{index % parts}"
         sub.mkdir(parents=True, exist_ok=True)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber, ds.ImagePositionPatient = index + 1, [-100.0, -100.0, index * 3.0]
-        ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
         path = sub / f"slice{index:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        ct_slice(study_uid, series_uid, frame_uid, index, size, rng).save_as(path, enforce_file_format=True)
         total += path.stat().st_size
     return total
 
