@@ -56,7 +56,7 @@ def _status(config: GatewayConfig) -> int:
 
 
 def _complete(config: GatewayConfig, job_id: str) -> int:
-    from gateway.assembly import Assembler
+    from gateway.assembly import force_complete
     from gateway.jobs import JobStore
     from gateway.spool import Spool
 
@@ -64,7 +64,7 @@ def _complete(config: GatewayConfig, job_id: str) -> int:
     spool.prepare()
     jobs = JobStore(spool.database_path)
     try:
-        job = Assembler(spool, jobs).force_complete(job_id)
+        job = force_complete(jobs, job_id, time.time())
     finally:
         jobs.close()
     print(f"{job.job_id} {job.state.value} ({job.instance_count} instances)")

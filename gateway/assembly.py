@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ import structlog
 from pydicom.errors import InvalidDicomError
 
 from gateway.config import Peer
+from gateway.crypt import MasterKey, Sealer
+from gateway.errors import CryptoError
 from gateway.jobs import Job, JobState, JobStore, RecordOutcome
 from gateway.spool import Spool
 
-__all__ = ["Assembler", "IncomingInstance", "StoreResult"]
+__all__ = ["Assembler", "IncomingInstance", "StoreResult", "complete_due", "force_complete"]
 
 log = structlog.get_logger(__name__)
 
@@ -49,11 +52,13 @@ class IncomingInstance:
 class Assembler:
     """Puts received instances into study jobs and closes jobs after their quiet period."""
 
-    def __init__(self, spool: Spool, jobs: JobStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, spool: Spool, jobs: JobStore, master: MasterKey, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self._spool = spool
         self._jobs = jobs
         self._clock = clock
-        self._secret = spool.secret("identifier")
+        self._secret = master.derive("keyed UID hashes")
+        self.sealer = Sealer(master, jobs)
 
     def key(self, uid: str) -> str:
         """Keyed hash of a UID: stable within this node, meaningless elsewhere."""
@@ -74,7 +79,8 @@ class Assembler:
             if self._jobs.has_instance(job_id, sop_key):
                 log.debug("instance_duplicate", job_id=job_id)
                 return StoreResult.DUPLICATE
-            file_id, size = self._spool.write_instance(job_id, instance.parts)
+            sealed = self.sealer.seal(job_id, instance.parts)
+            file_id, size = self._spool.write_instance(job_id, [sealed])
             try:
                 outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
             except BaseException:
@@ -100,21 +106,6 @@ class Assembler:
                          study=study_key[:16], previous_job_id=reservation.previous_job_id)
         return reservation.job_id
 
-    def complete_due(self) -> list[Job]:
-        """Close every job whose quiet period has passed; return them."""
-        done = self._jobs.complete_due(self._clock())
-        for job in done:
-            log.info("job_complete", job_id=job.job_id, study=job.study, instances=job.instance_count,
-                     trigger="quiet_period", receiving_seconds=round(job.last_received_at - job.created_at, 3))
-        return done
-
-    def force_complete(self, job_id: str) -> Job:
-        """Close *job_id* now (``python -m gateway complete``)."""
-        job = self._jobs.force_complete(job_id, self._clock())
-        log.info("job_complete", job_id=job.job_id, study=job.study, instances=job.instance_count,
-                 trigger="forced", state=job.state)
-        return job
-
     def reconcile(self) -> None:
         """Make the database and the spool agree after a crash or power loss."""
         removed = self._spool.remove_temporaries()
@@ -134,11 +125,10 @@ class Assembler:
             self._jobs.forget_instance(job.job_id, file_id)
             log.warning("instance_row_without_file", job_id=job.job_id)
         for file_id in present - set(registered):
-            path = self._spool.instance_path(job.job_id, file_id)
-            sop_uid = _read_sop_instance_uid(path)
+            sop_uid = self._read_sop_instance_uid(job.job_id, file_id)
             outcome = RecordOutcome.JOB_CLOSED
             if sop_uid is not None and job.state is JobState.RECEIVING:
-                size = path.stat().st_size
+                size = self._spool.instance_path(job.job_id, file_id).stat().st_size
                 outcome = self._jobs.record_instance(job.job_id, self.key(sop_uid), file_id, size, self._clock())
             if outcome is not RecordOutcome.STORED:
                 # Never acknowledged to the sender (it was not registered), so it will be re-sent.
@@ -146,9 +136,27 @@ class Assembler:
             log.warning("unregistered_instance_file", job_id=job.job_id, outcome=outcome)
 
 
-def _read_sop_instance_uid(path: object) -> str | None:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])  # type: ignore[arg-type]
-        return str(ds.SOPInstanceUID)
-    except (InvalidDicomError, AttributeError, OSError, ValueError):
-        return None
+    def _read_sop_instance_uid(self, job_id: str, file_id: str) -> str | None:
+        try:
+            plaintext = self.sealer.open(job_id, self._spool.read_instance(job_id, file_id))
+            ds = pydicom.dcmread(io.BytesIO(plaintext), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            return str(ds.SOPInstanceUID)
+        except (CryptoError, InvalidDicomError, AttributeError, OSError, ValueError):
+            return None
+
+
+def complete_due(jobs: JobStore, now: float) -> list[Job]:
+    """Close every receiving job whose quiet period has passed at *now*; return them."""
+    done = jobs.complete_due(now)
+    for job in done:
+        log.info("job_complete", job_id=job.job_id, study=job.study, instances=job.instance_count,
+                 trigger="quiet_period", receiving_seconds=round(job.last_received_at - job.created_at, 3))
+    return done
+
+
+def force_complete(jobs: JobStore, job_id: str, now: float) -> Job:
+    """Close *job_id* now, whatever its quiet period (``python -m gateway complete``)."""
+    job = jobs.force_complete(job_id, now)
+    log.info("job_complete", job_id=job.job_id, study=job.study, instances=job.instance_count,
+             trigger="forced", state=job.state)
+    return job

@@ -31,6 +31,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "MAX_AGE_CEILING_SECONDS",
     "Destination",
+    "Encryption",
     "GatewayConfig",
     "Logging",
     "Node",
@@ -211,6 +212,15 @@ class Retention(_Model):
         return self
 
 
+class Encryption(_Model):
+    """Where the master key comes from: the environment variable if set, else the key file."""
+
+    #: Key file (32 raw bytes, mode 0600, created on first start). Default: ``<data_dir>/keys/master.key``;
+    #: keep it on another volume, or use the environment variable, so a copy of data_dir alone is unreadable.
+    master_key_file: Path | None = None
+    master_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] = "CONTOUR_GW_MASTER_KEY"
+
+
 class Logging(_Model):
     """Log output: JSON lines on stdout (``console`` is for a person at a terminal)."""
 
@@ -226,6 +236,7 @@ class GatewayConfig(_Model):
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     retention: Retention = Retention()
+    encryption: Encryption = Encryption()
     logging: Logging = Logging()
 
     @model_validator(mode="after")
@@ -243,6 +254,11 @@ class GatewayConfig(_Model):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def master_key_path(self) -> Path:
+        """The master key file, defaulting to ``<data_dir>/keys/master.key``."""
+        return self.encryption.master_key_file or self.node.data_dir / "keys" / "master.key"
 
     def destination(self, name: str) -> Destination:
         """Return the destination called *name*."""
@@ -297,9 +313,15 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", base_dir: Pa
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(source, _problems(exc)) from None
-    if base_dir is not None and not config.node.data_dir.is_absolute():
+    if base_dir is None:
+        return config
+    if not config.node.data_dir.is_absolute():
         node = config.node.model_copy(update={"data_dir": (base_dir / config.node.data_dir).resolve()})
         config = config.model_copy(update={"node": node})
+    key_file = config.encryption.master_key_file
+    if key_file is not None and not key_file.is_absolute():
+        encryption = config.encryption.model_copy(update={"master_key_file": (base_dir / key_file).resolve()})
+        config = config.model_copy(update={"encryption": encryption})
     return config
 
 

@@ -6,6 +6,7 @@
     ├── ConfigError (ValueError)          invalid configuration, lists every problem
     ├── StartupError (OSError)            the node cannot start (port taken, data_dir unusable)
     ├── SpoolError (OSError)              an instance could not be stored durably
+    ├── CryptoError                       a sealed file or wrapped key does not open (wrong key, tampered, shredded)
     ├── JobNotFoundError (LookupError)    no job with that id
     └── SendError                         a C-STORE to a destination did not succeed
         ├── TransientSendError            worth retrying (refused, timeout, 0xA7xx)
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "ConfigError",
+    "CryptoError",
     "GatewayError",
     "JobNotFoundError",
     "PermanentSendError",
@@ -50,6 +52,10 @@ class StartupError(GatewayError, OSError):
 
 class SpoolError(GatewayError, OSError):
     """An instance could not be written durably; nothing partial is left behind."""
+
+
+class CryptoError(GatewayError):
+    """A sealed file or a wrapped key does not open: wrong master key, tampering, or shredded."""
 
 
 class JobNotFoundError(GatewayError, LookupError):

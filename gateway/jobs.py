@@ -1,7 +1,8 @@
 """The SQLite job table: one job per received study, its state, and its instances.
 
 The database holds no patient data: studies and instances are known only by keyed
-hashes of their UIDs (see :mod:`gateway.assembly`), jobs by random ids. It is shared by
+hashes of their UIDs (see :mod:`gateway.assembly`), jobs by random ids, and each job's
+data key only wrapped by the master key (see :mod:`gateway.crypt`). It is shared by
 the node's processes (WAL mode). Job creation is committed with ``synchronous=FULL``;
 per-instance rows use ``NORMAL`` because every instance file is itself fsynced and
 :func:`gateway.assembly.Assembler.reconcile` re-registers files after a power loss.
@@ -22,7 +23,7 @@ from gateway.errors import JobNotFoundError
 
 __all__ = ["Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -47,6 +48,10 @@ CREATE TABLE IF NOT EXISTS instances (
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
     PRIMARY KEY (job_id, sop_key)
+);
+CREATE TABLE IF NOT EXISTS data_keys (
+    job_id TEXT PRIMARY KEY,
+    wrapped BLOB NOT NULL
 );
 """
 
@@ -240,6 +245,19 @@ class JobStore:
             rows = self._db.execute("SELECT file_id, sop_key FROM instances WHERE job_id = ?",
                                     (job_id,)).fetchall()
         return {row["file_id"]: row["sop_key"] for row in rows}
+
+    def load_data_key(self, job_id: str) -> bytes | None:
+        """The wrapped data key of *job_id*, or ``None`` (never created, or shredded)."""
+        with self._lock:
+            row = self._db.execute("SELECT wrapped FROM data_keys WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else bytes(row["wrapped"])
+
+    def store_data_key(self, job_id: str, wrapped: bytes) -> bytes:
+        """Store *wrapped* durably unless the job has a key already; return the stored key."""
+        with self._write(durable=True) as db:
+            db.execute("INSERT OR IGNORE INTO data_keys (job_id, wrapped) VALUES (?, ?)", (job_id, wrapped))
+            row = db.execute("SELECT wrapped FROM data_keys WHERE job_id = ?", (job_id,)).fetchone()
+        return bytes(row["wrapped"])
 
     def forget_instance(self, job_id: str, file_id: str) -> None:
         """Drop the row of an instance whose file is gone (start-up reconciliation)."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 import signal
 import sqlite3
 import threading
+import time
 from types import FrameType
 
 import structlog
 
 from gateway import __version__
-from gateway.assembly import Assembler
+from gateway.assembly import Assembler, complete_due
 from gateway.config import GatewayConfig
+from gateway.crypt import MasterKey
 from gateway.errors import StartupError
 from gateway.jobs import JobStore
 from gateway.listener import Listener
@@ -47,14 +49,14 @@ class Node:
             self._jobs = JobStore(self.spool.database_path)
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"cannot use data_dir {node.data_dir} ({exc})") from exc
-        assembler = Assembler(self.spool, self._jobs)
-        assembler.reconcile()
-        assembler.complete_due()  # quiet periods that ended while the node was down
+        master = MasterKey.load(self.config, create=True)
+        Assembler(self.spool, self._jobs, master).reconcile()
+        complete_due(self._jobs, time.time())  # quiet periods that ended while the node was down
         try:
             self._listener.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {node.bind}:{node.port} ({exc.strerror})") from exc
-        self._timer = threading.Thread(target=self._complete_loop, args=(assembler,), name="completion",
+        self._timer = threading.Thread(target=self._complete_loop, args=(self._jobs,), name="completion",
                                        daemon=True)
         self._timer.start()
         host, port = self._listener.address
@@ -62,11 +64,11 @@ class Node:
                  receive_workers=node.receive_workers, max_associations=node.max_associations,
                  peers=len(self.config.peers), destinations=len(self.config.destinations))
 
-    def _complete_loop(self, assembler: Assembler) -> None:
+    def _complete_loop(self, jobs: JobStore) -> None:
         interval = self.config.node.completion_check_seconds
         while not self._stop.wait(interval):
             try:
-                assembler.complete_due()
+                complete_due(jobs, time.time())
             except Exception as exc:  # keep the timer alive; the next tick retries
                 log.error("completion_check_failed", exc_info=exc)
 

@@ -4,7 +4,7 @@ Layout (every name is a server-generated random hex id, never a UID or patient d
 
     data_dir/
         gateway.db                 job table (gateway.jobs)
-        keys/identifier.key        secret for keyed UID hashes (mode 0600)
+        keys/master.key            the master key, unless configured elsewhere (gateway.crypt)
         spool/<job_id>/<file_id>.dcm
         spool/<job_id>/.<file_id>.tmp   while being written; removed at start-up
 
@@ -60,33 +60,13 @@ class Spool:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "spool"
-        self.keys_dir = data_dir / "keys"
         self.database_path = data_dir / "gateway.db"
 
     def prepare(self) -> None:
         """Create the folders (owner-only) if missing."""
-        for folder in (self.data_dir, self.root, self.keys_dir):
+        for folder in (self.data_dir, self.root):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(folder, 0o700)
-
-    def secret(self, name: str, size: int = 32) -> bytes:
-        """Return the secret called *name*, creating it (mode 0600) on first use."""
-        path = self.keys_dir / f"{name}.key"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            data = path.read_bytes()
-            if len(data) != size:
-                raise SpoolError(f"key file {path} is damaged (wrong length)") from None
-            return data
-        data = secrets.token_bytes(size)
-        try:
-            _write_all(fd, [data])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(self.keys_dir)
-        return data
 
     def job_dir(self, job_id: str) -> Path:
         """Return (creating if needed) the folder of job *job_id*."""
@@ -131,6 +111,10 @@ class Spool:
             (folder / f"{file_id}{_SUFFIX}").unlink(missing_ok=True)
             raise SpoolError(f"cannot write an instance file ({errno.errorcode.get(exc.errno or 0, '?')})") from exc
         return file_id, size
+
+    def read_instance(self, job_id: str, file_id: str) -> bytes:
+        """The stored (sealed) bytes of an instance."""
+        return self.instance_path(job_id, file_id).read_bytes()
 
     def remove_instance(self, job_id: str, file_id: str) -> None:
         """Delete one instance file (a duplicate that lost a race)."""

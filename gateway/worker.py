@@ -14,6 +14,7 @@ import structlog
 from gateway._net import FdAssociationServer
 from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
+from gateway.crypt import MasterKey
 from gateway.jobs import JobStore
 from gateway.listener import DRAIN_SECONDS, MSG_CLOSED, MSG_OVER_LIMIT, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
@@ -47,7 +48,8 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int) -> Non
             control.send(MSG_CLOSED)
 
     ae = build_ae(config)
-    server = FdAssociationServer(ae, AssociationPolicy(config), store_handlers(Assembler(spool, jobs)), _closed)
+    assembler = Assembler(spool, jobs, MasterKey.load(config))
+    server = FdAssociationServer(ae, AssociationPolicy(config), store_handlers(assembler), _closed)
     try:
         _serve(control, server, quit_event)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,9 @@ import pydicom
 import pytest
 import structlog
 
+from gateway.config import parse_config
+from gateway.crypt import MasterKey, Sealer
+from gateway.jobs import JobStore
 from tests.synthetic import (
     CANARY_ACCESSION,
     CANARY_BIRTH,
@@ -176,10 +180,31 @@ def spooled_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "spool").glob("*/*.dcm"))
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The encoded data set of a Part 10 file, after its File Meta Information."""
-    raw = path.read_bytes()
-    assert raw[128:132] == b"DICM", path
+def spooled_plaintext(data_dir: Path) -> dict[Path, bytes]:
+    """Every spooled instance, decrypted as the gateway does (master key file in data_dir)."""
+    master = MasterKey.load(parse_config({"node": {"data_dir": str(data_dir)}}))
+    jobs = JobStore(data_dir / "gateway.db")
+    try:
+        sealer = Sealer(master, jobs)
+        return {path: sealer.open(path.parent.name, path.read_bytes()) for path in spooled_files(data_dir)}
+    finally:
+        jobs.close()
+
+
+def spooled_by_sop(data_dir: Path) -> dict[str, bytes]:
+    """Decrypted spooled instances by SOP Instance UID; fails if one is stored twice."""
+    out: dict[str, bytes] = {}
+    for raw in spooled_plaintext(data_dir).values():
+        uid = str(pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).SOPInstanceUID)
+        assert uid not in out, "an instance was stored twice"
+        out[uid] = raw
+    return out
+
+
+def dataset_bytes(source: Path | bytes) -> bytes:
+    """The encoded data set of a Part 10 file (path or bytes), after its File Meta Information."""
+    raw = source.read_bytes() if isinstance(source, Path) else source
+    assert raw[128:132] == b"DICM", "not a Part 10 file"
     group_length = int.from_bytes(raw[140:144], "little")
     return raw[144 + group_length:]
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.assembly import Assembler, IncomingInstance, StoreResult
+from gateway.assembly import Assembler, IncomingInstance, StoreResult, complete_due, force_complete
 from gateway.config import Peer
+from gateway.crypt import MasterKey
 from gateway.errors import JobNotFoundError
 from gateway.jobs import JobState, JobStore
 from gateway.spool import Spool
@@ -30,10 +31,11 @@ def parts(tmp_path: Path) -> tuple[Spool, JobStore, Clock, Assembler]:
     spool.prepare()
     jobs = JobStore(spool.database_path)
     clock = Clock()
-    yield spool, jobs, clock, Assembler(spool, jobs, clock=clock)
+    yield spool, jobs, clock, Assembler(spool, jobs, MASTER, clock=clock)
     jobs.close()
 
 
+MASTER = MasterKey(bytes(range(32)))
 PEER = Peer(name="pacs", ae_title="PACS", host="127.0.0.1", quiet_seconds=30)
 
 
@@ -47,9 +49,9 @@ def test_quiet_period_is_measured_from_the_last_instance(parts: tuple[Spool, Job
     clock.now += 25
     assert assembler.accept(_instance("1.2.3", "1.2.3.2"), PEER) is StoreResult.STORED
     clock.now += 29.9
-    assert assembler.complete_due() == []
+    assert complete_due(jobs, clock()) == []
     clock.now += 0.1
-    [done] = assembler.complete_due()
+    [done] = complete_due(jobs, clock())
     assert done.instance_count == 2
     assert jobs.get(done.job_id).state is JobState.COMPLETE
 
@@ -76,7 +78,7 @@ def test_instances_after_completion_open_a_new_job(parts: tuple[Spool, JobStore,
     _, jobs, clock, assembler = parts
     assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER)
     clock.now += 31
-    [first] = assembler.complete_due()
+    [first] = complete_due(jobs, clock())
     with capture_logs() as logs:
         assembler.accept(_instance("1.2.3", "1.2.3.2"), PEER)
     reopened = [e for e in logs if e["event"] == "study_received_after_completion"]
@@ -85,12 +87,12 @@ def test_instances_after_completion_open_a_new_job(parts: tuple[Spool, JobStore,
 
 
 def test_force_complete(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
-    _, jobs, _, assembler = parts
+    _, jobs, clock, assembler = parts
     assembler.accept(_instance("1.2.3", "1.2.3.1"), PEER)
     [job] = jobs.jobs()
-    assert assembler.force_complete(job.job_id).state is JobState.COMPLETE
+    assert force_complete(jobs, job.job_id, clock()).state is JobState.COMPLETE
     with pytest.raises(JobNotFoundError):
-        assembler.force_complete("ffffffffffffffff")
+        force_complete(jobs, "ffffffffffffffff", clock())
 
 
 def test_reconcile_registers_orphans_and_forgets_missing_files(

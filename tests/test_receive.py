@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ from tests.conftest import (
     dataset_bytes,
     dcmtk_env,
     require_tool,
+    spooled_by_sop,
     spooled_files,
 )
 
@@ -42,15 +44,6 @@ def jobs_table(data_dir: Path) -> list[tuple[str, str, int]]:
         return db.execute("SELECT job_id, state, instance_count FROM jobs ORDER BY created_at").fetchall()
 
 
-def spooled_by_sop(data_dir: Path) -> dict[str, Path]:
-    out = {}
-    for path in spooled_files(data_dir):
-        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        assert uid not in out, "an instance was stored twice"
-        out[uid] = path
-    return out
-
-
 class TestStoreAndAssemble:
     def test_series_is_spooled_byte_identical_and_completes_after_quiet_period(
             self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries]) -> None:
@@ -63,7 +56,7 @@ class TestStoreAndAssemble:
         for source in series.files:
             uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
             assert dataset_bytes(stored[uid]) == dataset_bytes(source)
-            meta = pydicom.dcmread(stored[uid]).file_meta
+            meta = pydicom.dcmread(io.BytesIO(stored[uid])).file_meta
             assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
             assert meta.SourceApplicationEntityTitle == "PACS"
         completed = node.wait_for("job_complete", timeout=15)
@@ -226,7 +219,7 @@ class TestFailureStatuses:
 
 
 class TestNoPatientDataOutside:
-    def test_logs_paths_and_database_hold_no_canary(
+    def test_no_canary_in_logs_paths_or_any_file_under_data_dir(
             self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries],
             tmp_path: Path) -> None:
         node = node_factory()  # debug logging: the most verbose sink
@@ -236,8 +229,10 @@ class TestNoPatientDataOutside:
         assert node.stop() == 0
         sinks = {"log": node.log_path.read_text(errors="replace"),
                  "paths": "\n".join(str(p) for p in node.data_dir.rglob("*"))}
-        for db_file in node.data_dir.glob("gateway.db*"):
-            sinks[db_file.name] = db_file.read_bytes().decode("latin-1")
+        files = [p for p in node.data_dir.rglob("*") if p.is_file()]
+        assert len(spooled_files(node.data_dir)) == 5
+        for path in files:  # spooled instances, database, WAL, keys: raw bytes, as a thief would read them
+            sinks[str(path.relative_to(node.data_dir))] = path.read_bytes().decode("latin-1")
         for canary in canaries(series):
             for sink, text in sinks.items():
                 assert canary not in text, f"{canary!r} leaked into {sink}"

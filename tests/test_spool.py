@@ -21,14 +21,10 @@ from tests.conftest import (
     dataset_bytes,
     dcmtk_env,
     require_tool,
-    spooled_files,
+    spooled_by_sop,
 )
 
 _SUCCESS = re.compile(r"Received Store Response \(Success\)")
-
-
-def _sop_uid(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def _registered_count(data_dir: Path) -> int:
@@ -60,7 +56,7 @@ def test_kill9_mid_transfer_keeps_every_acknowledged_instance(
     assert 25 <= acknowledged < len(series.files)
 
     restarted = node_factory(config_path=node.config_path)
-    present = {_sop_uid(p) for p in spooled_files(node.data_dir)}
+    present = set(spooled_by_sop(node.data_dir))
     assert set(series.sop_uids[:acknowledged]) <= present
     assert not list((node.data_dir / "spool").glob("*/.*.tmp"))
     assert _registered_count(node.data_dir) == len(present)
@@ -68,8 +64,7 @@ def test_kill9_mid_transfer_keeps_every_acknowledged_instance(
     # The sender retries everything: each instance ends up stored exactly once, in one job.
     again = _storescu(restarted.port, series.files, tmp_path / "retry.log")
     assert again.wait(timeout=120) == 0
-    uids = [_sop_uid(p) for p in spooled_files(node.data_dir)]
-    assert sorted(uids) == sorted(series.sop_uids)
+    assert sorted(spooled_by_sop(node.data_dir)) == sorted(series.sop_uids)
     assert _registered_count(node.data_dir) == len(series.sop_uids)
 
 
@@ -103,10 +98,10 @@ def test_full_disk_answers_out_of_resources_and_leaves_no_partial_file(
 
     assert not list(data_dir.glob("spool/*/.*.tmp"))
     by_uid = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in series.files}
-    stored = spooled_files(data_dir)
+    stored = spooled_by_sop(data_dir)
     assert 0 < len(stored) < len(series.files)
-    for path in stored:
-        assert dataset_bytes(path) == dataset_bytes(by_uid[_sop_uid(path)])
+    for uid, raw in stored.items():
+        assert dataset_bytes(raw) == dataset_bytes(by_uid[uid])
     assert _registered_count(data_dir) == len(stored)
 
     echo = subprocess.run([require_tool("echoscu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from tests.conftest import CTSeries, NodeProcess, dataset_bytes, dcmtk_env, require_tool, spooled_files
+from tests.conftest import CTSeries, NodeProcess, dataset_bytes, dcmtk_env, require_tool, spooled_plaintext
 
 
 def _dcmtk_encode(tool: str, *options: str) -> Callable[[Path, Path], None]:
@@ -83,11 +84,11 @@ def test_compressed_series_is_stored_as_sent_and_decodes_losslessly(
     node = node_factory()
     _send(node.port, compressed, syntax, ENCODERS[syntax][1])
 
-    stored = spooled_files(node.data_dir)
+    stored = spooled_plaintext(node.data_dir)
     assert len(stored) == len(compressed)
-    for path in stored:
-        ds = pydicom.dcmread(path)
+    for raw in stored.values():
+        ds = pydicom.dcmread(io.BytesIO(raw))
         assert ds.file_meta.TransferSyntaxUID == syntax
         uid = str(ds.SOPInstanceUID)
-        assert dataset_bytes(path) == dataset_bytes(by_uid[uid])
+        assert dataset_bytes(raw) == dataset_bytes(by_uid[uid])
         np.testing.assert_array_equal(ds.pixel_array, originals[uid])
