@@ -35,6 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from gateway._encoding import implicit_element, padded
 from gateway.config import Peer
 from gateway.policy import REJECTIONS, AssociationPolicy
 
@@ -115,26 +116,17 @@ class _FastSocket(AssociationSocket):
         return buffer
 
 
-def _implicit_element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _uid_value(uid: object) -> bytes:
-    raw = str(uid).encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
 def encode_c_store_response(response: C_STORE) -> bytes:
     """The C-STORE-RSP command set (PS3.7 9.3.1.2), Implicit VR Little Endian as PS3.7 6.3.1 requires."""
     body = b"".join((
-        _implicit_element(0x00000002, _uid_value(response.AffectedSOPClassUID)),
-        _implicit_element(0x00000100, struct.pack("<H", _C_STORE_RSP)),
-        _implicit_element(0x00000120, struct.pack("<H", response.MessageIDBeingRespondedTo)),
-        _implicit_element(0x00000800, struct.pack("<H", _NO_DATA_SET)),
-        _implicit_element(0x00000900, struct.pack("<H", response.Status)),
-        _implicit_element(0x00001000, _uid_value(response.AffectedSOPInstanceUID)),
+        implicit_element(0x00000002, padded(str(response.AffectedSOPClassUID), b"\0")),
+        implicit_element(0x00000100, struct.pack("<H", _C_STORE_RSP)),
+        implicit_element(0x00000120, struct.pack("<H", response.MessageIDBeingRespondedTo)),
+        implicit_element(0x00000800, struct.pack("<H", _NO_DATA_SET)),
+        implicit_element(0x00000900, struct.pack("<H", response.Status)),
+        implicit_element(0x00001000, padded(str(response.AffectedSOPInstanceUID), b"\0")),
     ))
-    return _implicit_element(0x00000000, struct.pack("<I", len(body))) + body
+    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
 
 
 class _GatewayDIMSE(DIMSEServiceProvider):

@@ -23,7 +23,7 @@ import structlog
 from pydicom.errors import InvalidDicomError
 
 from gateway.config import Peer
-from gateway.crypt import MasterKey, Sealer
+from gateway.crypt import MasterKey, Purpose, Sealer
 from gateway.errors import CryptoError
 from gateway.jobs import Job, JobState, JobStore, RecordOutcome
 from gateway.spool import Spool
@@ -79,7 +79,7 @@ class Assembler:
             if self._jobs.has_instance(job_id, sop_key):
                 log.debug("instance_duplicate", job_id=job_id)
                 return StoreResult.DUPLICATE
-            sealed = self.sealer.seal(job_id, instance.parts)
+            sealed = self.sealer.seal(job_id, Purpose.RECEIVED, instance.parts)
             file_id, size = self._spool.write_instance(job_id, [sealed])
             try:
                 outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
@@ -138,7 +138,7 @@ class Assembler:
 
     def _read_sop_instance_uid(self, job_id: str, file_id: str) -> str | None:
         try:
-            plaintext = self.sealer.open(job_id, self._spool.read_instance(job_id, file_id))
+            plaintext = self.sealer.open(job_id, Purpose.RECEIVED, self._spool.read_instance(job_id, file_id))
             ds = pydicom.dcmread(io.BytesIO(plaintext), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
             return str(ds.SOPInstanceUID)
         except (CryptoError, InvalidDicomError, AttributeError, OSError, ValueError):

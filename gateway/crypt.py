@@ -7,8 +7,8 @@
   (AES-GCM under the master key, bound to the job id) in the job table. Deleting that row
   makes every file of the job unreadable: crypto-shredding.
 * A sealed file is ``MAGIC | nonce (12) | ciphertext | tag (16)``, with the job id as
-  associated data, so a file moved to another job does not open. Plaintext exists only
-  in memory.
+  associated data, so a file moved to another job does not open; each kind of file
+  (:class:`Purpose`) has its own key derived from the job's. Plaintext exists only in memory.
 * Other secrets (the key for keyed UID hashes) are derived from the master key with HKDF,
   so no further key file lies on disk.
 """
@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gateway.config import GatewayConfig
 from gateway.errors import CryptoError, StartupError
 
-__all__ = ["MAGIC", "MasterKey", "Sealer"]
+__all__ = ["MAGIC", "MasterKey", "Purpose", "Sealer"]
 
 MAGIC = b"CGW\x01"
 _NONCE_BYTES = 12
@@ -130,55 +131,70 @@ class DataKeyStore(Protocol):
         """Store *wrapped* unless a key exists; return the stored one."""
 
 
+class Purpose(StrEnum):
+    """What a sealed file holds; each purpose has its own key derived from the job's data key."""
+
+    RECEIVED = "received instance"
+    PSEUDONYMISED = "pseudonymised instance"
+    RESULT = "result"
+    VAULT = "re-identification vault"
+
+
 class Sealer:
     """Seals and opens the files of jobs with their data keys (cached in memory, per process).
 
-    A job's key is created on first use; when two processes race, the first stored wins.
+    A job's data key is created on first use (when two processes race, the first stored
+    wins). Each :class:`Purpose` seals under its own key, derived from the data key with
+    HKDF, so a vault entry and a pseudonymised instance of the same job do not share a key;
+    deleting the data key shreds all of them.
     """
 
     def __init__(self, master: MasterKey, keys: DataKeyStore) -> None:
         self._master = master
         self._keys = keys
-        self._cache: dict[str, AESGCM] = {}
+        self._cache: dict[tuple[str, Purpose], AESGCM] = {}
         self._lock = threading.Lock()
 
-    def _aead(self, job_id: str) -> AESGCM:
+    def _aead(self, job_id: str, purpose: Purpose) -> AESGCM:
         with self._lock:
-            cached = self._cache.get(job_id)
+            cached = self._cache.get((job_id, purpose))
         if cached is not None:
             return cached
         wrapped = self._keys.load_data_key(job_id)
         if wrapped is None:
             fresh = self._master.wrap(AESGCM.generate_key(bit_length=256), job_id)
             wrapped = self._keys.store_data_key(job_id, fresh)
-        aead = AESGCM(self._master.unwrap(wrapped, job_id))
+        data_key = self._master.unwrap(wrapped, job_id)
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=purpose.value.encode())
+        aead = AESGCM(hkdf.derive(data_key))
         with self._lock:
-            if len(self._cache) > 256:
+            if len(self._cache) > 1024:
                 self._cache.clear()
-            self._cache[job_id] = aead
+            self._cache[(job_id, purpose)] = aead
         return aead
 
     def forget(self, job_id: str) -> None:
-        """Drop a cached key (after crypto-shredding)."""
+        """Drop the cached keys of *job_id* (after crypto-shredding)."""
         with self._lock:
-            self._cache.pop(job_id, None)
+            for key in [k for k in self._cache if k[0] == job_id]:
+                del self._cache[key]
 
-    def seal(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> bytes:
-        """Encrypt the concatenation of *parts* for *job_id*."""
+    def seal(self, job_id: str, purpose: Purpose, parts: Iterable[bytes | bytearray | memoryview]) -> bytes:
+        """Encrypt the concatenation of *parts* for *job_id* and *purpose*."""
         nonce = _nonce()
         plaintext = b"".join(parts)
-        return MAGIC + nonce + self._aead(job_id).encrypt(nonce, plaintext, job_id.encode())
+        return MAGIC + nonce + self._aead(job_id, purpose).encrypt(nonce, plaintext, job_id.encode())
 
-    def open(self, job_id: str, sealed: bytes) -> bytes:
+    def open(self, job_id: str, purpose: Purpose, sealed: bytes) -> bytes:
         """Decrypt a sealed file of *job_id*; raise :class:`CryptoError` if it is not authentic."""
         if sealed[: len(MAGIC)] != MAGIC:
             raise CryptoError("not a sealed gateway file")
         body = sealed[len(MAGIC):]
-        wrapped = self._keys.load_data_key(job_id)
-        if wrapped is None:
+        if self._keys.load_data_key(job_id) is None:
+            self.forget(job_id)
             raise CryptoError(f"job {job_id} has no data key (shredded)")
         try:
-            return self._aead(job_id).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], job_id.encode())
+            return self._aead(job_id, purpose).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], job_id.encode())
         except InvalidTag:
             raise CryptoError(f"a file of job {job_id} failed authentication") from None
 

@@ -7,6 +7,7 @@
     ├── StartupError (OSError)            the node cannot start (port taken, data_dir unusable)
     ├── SpoolError (OSError)              an instance could not be stored durably
     ├── CryptoError                       a sealed file or wrapped key does not open (wrong key, tampered, shredded)
+    ├── ReidentificationError             a result could not be mapped back completely
     ├── JobNotFoundError (LookupError)    no job with that id
     └── SendError                         a C-STORE to a destination did not succeed
         ├── TransientSendError            worth retrying (refused, timeout, 0xA7xx)
@@ -25,6 +26,7 @@ __all__ = [
     "GatewayError",
     "JobNotFoundError",
     "PermanentSendError",
+    "ReidentificationError",
     "SendError",
     "SpoolError",
     "StartupError",
@@ -56,6 +58,10 @@ class SpoolError(GatewayError, OSError):
 
 class CryptoError(GatewayError):
     """A sealed file or a wrapped key does not open: wrong master key, tampering, or shredded."""
+
+
+class ReidentificationError(GatewayError):
+    """A result could not be mapped back to the original identity; it must not be sent."""
 
 
 class JobNotFoundError(GatewayError, LookupError):

@@ -23,7 +23,7 @@ from gateway.errors import JobNotFoundError
 
 __all__ = ["Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     PRIMARY KEY (job_id, sop_key)
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    file_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_at REAL NOT NULL,
+    PRIMARY KEY (job_id, file_id)
+);
 CREATE TABLE IF NOT EXISTS data_keys (
     job_id TEXT PRIMARY KEY,
     wrapped BLOB NOT NULL
@@ -61,6 +68,7 @@ class JobState(StrEnum):
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
+    PSEUDONYMISED = "pseudonymised"
     FAILED = "failed"
     DEAD_LETTER = "dead_letter"
     SENT = "sent"
@@ -245,6 +253,18 @@ class JobStore:
             rows = self._db.execute("SELECT file_id, sop_key FROM instances WHERE job_id = ?",
                                     (job_id,)).fetchall()
         return {row["file_id"]: row["sop_key"] for row in rows}
+
+    def quarantine(self, job_id: str, file_id: str, reason: str, now: float) -> None:
+        """Record that an instance must not be processed, and why (a reason code)."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO quarantine (job_id, file_id, reason, quarantined_at) "
+                       "VALUES (?, ?, ?, ?)", (job_id, file_id, reason, now))
+
+    def quarantined(self, job_id: str) -> dict[str, str]:
+        """``{file_id: reason}`` of the job's quarantined instances."""
+        with self._lock:
+            rows = self._db.execute("SELECT file_id, reason FROM quarantine WHERE job_id = ?", (job_id,)).fetchall()
+        return {row["file_id"]: row["reason"] for row in rows}
 
     def load_data_key(self, job_id: str) -> bytes | None:
         """The wrapped data key of *job_id*, or ``None`` (never created, or shredded)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import re
 import sqlite3
-import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, cast
@@ -35,7 +34,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 
-from gateway import __version__
+from gateway import _encoding
 from gateway.assembly import Assembler, IncomingInstance
 from gateway.config import GatewayConfig, Peer
 from gateway.errors import SpoolError
@@ -57,9 +56,8 @@ log = structlog.get_logger(__name__)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 #: PS3.4 A.4: the Verification SOP Class (C-ECHO).
 VERIFICATION = UID("1.2.840.10008.1.1")
-#: Our own root: a UUID-derived UID (PS3.5 B.2), fixed for this implementation.
-IMPLEMENTATION_CLASS_UID = UID("2.25.58709146470483910377836882171605898852")
-IMPLEMENTATION_VERSION_NAME = f"CONTOURGW_{__version__}"[:16]
+IMPLEMENTATION_CLASS_UID = UID(_encoding.IMPLEMENTATION_CLASS_UID)
+IMPLEMENTATION_VERSION_NAME = _encoding.IMPLEMENTATION_VERSION_NAME
 
 #: Storage SOP classes accepted; Enhanced CT waits for a volume stage that reads it.
 STORAGE_SOP_CLASSES = (CTImageStorage,)
@@ -151,31 +149,10 @@ def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
     return Identity(*cast(list[str], values))
 
 
-def _element(group_element: int, vr: bytes, value: bytes) -> bytes:
-    # Explicit VR Little Endian, PS3.5 7.1.2; OB uses the 4-byte length form.
-    tag = struct.pack("<HH", group_element >> 16, group_element & 0xFFFF)
-    if vr == b"OB":
-        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
-    return tag + vr + struct.pack("<H", len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
 def file_meta_bytes(identity: Identity, transfer_syntax: UID, source_ae: str) -> bytes:
     """Preamble, prefix and File Meta Information (PS3.10 7.1) for a received instance."""
-    body = b"".join((
-        _element(0x00020001, b"OB", b"\x00\x01"),
-        _element(0x00020002, b"UI", _padded(identity.sop_class_uid, b"\0")),
-        _element(0x00020003, b"UI", _padded(identity.sop_instance_uid, b"\0")),
-        _element(0x00020010, b"UI", _padded(str(transfer_syntax), b"\0")),
-        _element(0x00020012, b"UI", _padded(str(IMPLEMENTATION_CLASS_UID), b"\0")),
-        _element(0x00020013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
-        _element(0x00020016, b"AE", _padded(source_ae.strip(), b" ")),
-    ))
-    return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
+    return _encoding.file_meta_bytes(identity.sop_class_uid, identity.sop_instance_uid, str(transfer_syntax),
+                                     source_ae)
 
 
 def handle_store(event: evt.Event, assembler: Assembler) -> int:

@@ -5,11 +5,13 @@ Layout (every name is a server-generated random hex id, never a UID or patient d
     data_dir/
         gateway.db                 job table (gateway.jobs)
         keys/master.key            the master key, unless configured elsewhere (gateway.crypt)
-        spool/<job_id>/<file_id>.dcm
-        spool/<job_id>/.<file_id>.tmp   while being written; removed at start-up
+        spool/<job_id>/<file_id>.dcm   received instances (sealed)
+        work/<job_id>/<file_id>.dcm    pseudonymised instances (sealed)
+        vault/<job_id>.vault           re-identification entry (sealed; gateway.vault only)
+        <folder>/.<random>.tmp         while being written; removed at start-up
 
-An instance is durable when :meth:`Spool.write_instance` returns: written to a temporary
-file in the same folder, fsynced, renamed, and the folder fsynced.
+A file is durable when its write returns: written to a temporary file in the same
+folder, fsynced, renamed, and the folder fsynced.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _error_code(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
 def _check_id(value: str) -> str:
     if not _ID.match(value):
         raise ValueError(f"not a spool id: {value!r}")
@@ -54,12 +60,54 @@ def _write_all(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> int:
     return total
 
 
+def _make_dir(path: Path, parent: Path) -> Path:
+    if not path.is_dir():
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _fsync_dir(parent)
+        except OSError as exc:
+            raise SpoolError(f"cannot create a folder ({_error_code(exc)})") from exc
+    return path
+
+
+def _durable_write(folder: Path, name: str, parts: Iterable[bytes | bytearray | memoryview]) -> int:
+    # Temporary file in the same folder, fsync, rename, fsync the folder; nothing partial remains.
+    tmp = folder / f".{secrets.token_hex(16)}.tmp"
+    final = folder / name
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SpoolError(f"cannot create a file ({_error_code(exc)})") from exc
+    try:
+        try:
+            size = _write_all(fd, parts)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+        raise SpoolError(f"cannot write a file ({_error_code(exc)})") from exc
+    return size
+
+
+def _file_ids(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [p.name[: -len(_SUFFIX)] for p in folder.iterdir()
+            if p.name.endswith(_SUFFIX) and _ID.match(p.name[: -len(_SUFFIX)])]
+
+
 class Spool:
     """Durable per-job folders of received instances under ``data_dir``."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "spool"
+        self.work_root = data_dir / "work"
+        self.vault_root = data_dir / "vault"
         self.database_path = data_dir / "gateway.db"
 
     def prepare(self) -> None:
@@ -70,47 +118,51 @@ class Spool:
 
     def job_dir(self, job_id: str) -> Path:
         """Return (creating if needed) the folder of job *job_id*."""
-        path = self.root / _check_id(job_id)
-        if not path.is_dir():
-            try:
-                path.mkdir(mode=0o700, exist_ok=True)
-                _fsync_dir(self.root)
-            except OSError as exc:
-                raise SpoolError(f"cannot create a job folder ({errno.errorcode.get(exc.errno or 0, '?')})") from exc
-        return path
+        return _make_dir(self.root / _check_id(job_id), self.root)
 
     def instance_path(self, job_id: str, file_id: str) -> Path:
         """Return the path of a stored instance."""
         return self.root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}"
 
     def write_instance(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> tuple[str, int]:
-        """Write *parts* as one new instance file of *job_id*; return ``(file_id, size)``.
+        """Write *parts* as one new received instance of *job_id*; return ``(file_id, size)``.
 
         Raises
         ------
         SpoolError
             On any I/O error (disk full included); no temporary or partial file remains.
         """
-        folder = self.job_dir(job_id)
         file_id = secrets.token_hex(16)
-        tmp = folder / f".{file_id}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise SpoolError(f"cannot create an instance file ({errno.errorcode.get(exc.errno or 0, '?')})") from exc
-        try:
-            try:
-                size = _write_all(fd, parts)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, folder / f"{file_id}{_SUFFIX}")
-            _fsync_dir(folder)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            (folder / f"{file_id}{_SUFFIX}").unlink(missing_ok=True)
-            raise SpoolError(f"cannot write an instance file ({errno.errorcode.get(exc.errno or 0, '?')})") from exc
+        size = _durable_write(self.job_dir(job_id), f"{file_id}{_SUFFIX}", parts)
         return file_id, size
+
+    def write_work(self, job_id: str, data: bytes) -> str:
+        """Write a pseudonymised file of *job_id* (``work/<job_id>/``); return its file id."""
+        folder = _make_dir(self.work_root / _check_id(job_id), self.work_root)
+        file_id = secrets.token_hex(16)
+        _durable_write(folder, f"{file_id}{_SUFFIX}", [data])
+        return file_id
+
+    def remove_work(self, job_id: str) -> None:
+        """Delete the pseudonymised files of *job_id* (before a stage is redone)."""
+        for file_id in self.work_file_ids(job_id):
+            (self.work_root / job_id / f"{file_id}{_SUFFIX}").unlink(missing_ok=True)
+
+    def work_file_ids(self, job_id: str) -> list[str]:
+        """The pseudonymised files of *job_id*."""
+        return _file_ids(self.work_root / _check_id(job_id))
+
+    def read_work(self, job_id: str, file_id: str) -> bytes:
+        """A pseudonymised file of *job_id* (sealed)."""
+        return (self.work_root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}").read_bytes()
+
+    def write_vault(self, job_id: str, data: bytes) -> None:
+        """Write the (sealed) re-identification entry of *job_id*, replacing an older one."""
+        _durable_write(_make_dir(self.vault_root, self.data_dir), f"{_check_id(job_id)}.vault", [data])
+
+    def read_vault(self, job_id: str) -> bytes:
+        """The (sealed) re-identification entry of *job_id*."""
+        return (self.vault_root / f"{_check_id(job_id)}.vault").read_bytes()
 
     def read_instance(self, job_id: str, file_id: str) -> bytes:
         """The stored (sealed) bytes of an instance."""
@@ -129,17 +181,13 @@ class Spool:
 
     def file_ids(self, job_id: str) -> list[str]:
         """Return the ids of the instance files present for *job_id*."""
-        folder = self.root / _check_id(job_id)
-        if not folder.is_dir():
-            return []
-        return [p.name[: -len(_SUFFIX)] for p in folder.iterdir()
-                if p.name.endswith(_SUFFIX) and _ID.match(p.name[: -len(_SUFFIX)])]
+        return _file_ids(self.root / _check_id(job_id))
 
     def remove_temporaries(self) -> int:
         """Delete leftovers of writes interrupted by a crash; return how many."""
         removed = 0
-        for job_id in self.job_ids():
-            for path in (self.root / job_id).glob(".*.tmp"):
+        for pattern in ("spool/*/.*.tmp", "work/*/.*.tmp", "vault/.*.tmp"):
+            for path in self.data_dir.glob(pattern):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed

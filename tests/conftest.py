@@ -22,7 +22,7 @@ import pytest
 import structlog
 
 from gateway.config import parse_config
-from gateway.crypt import MasterKey, Sealer
+from gateway.crypt import MasterKey, Purpose, Sealer
 from gateway.jobs import JobStore
 from tests.synthetic import (
     CANARY_ACCESSION,
@@ -186,7 +186,8 @@ def spooled_plaintext(data_dir: Path) -> dict[Path, bytes]:
     jobs = JobStore(data_dir / "gateway.db")
     try:
         sealer = Sealer(master, jobs)
-        return {path: sealer.open(path.parent.name, path.read_bytes()) for path in spooled_files(data_dir)}
+        return {path: sealer.open(path.parent.name, Purpose.RECEIVED, path.read_bytes())
+                for path in spooled_files(data_dir)}
     finally:
         jobs.close()
 

@@ -70,3 +70,89 @@ def ct_slice(study_uid: str, series_uid: str, frame_uid: str, index: int, size: 
     ds.RescaleIntercept, ds.RescaleSlope = -1024.0, 1.0
     ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
     return ds
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CONFIDENTIALITY_TABLE = SHARED / "dicom-standard" / "confidentiality_profile_attributes.json"
+#: UIDs the receiver needs consistent across a series; the canary study sets them itself.
+SERIES_UIDS = {0x0020000D, 0x0020000E, 0x00080018, 0x00200052}
+
+
+def confidentiality_rows() -> list[dict[str, str]]:
+    """PS3.15 Table E.1-1, one row per attribute (the machine-readable copy in ../shared)."""
+    import json
+
+    return list(json.loads(CONFIDENTIALITY_TABLE.read_text()))
+
+
+def concrete_tag(row: dict[str, str]) -> int | None:
+    """The row's tag as an int, or ``None`` for repeating groups and "private attributes"."""
+    try:
+        return int(row["id"], 16)
+    except ValueError:
+        return None
+
+
+def _canary_value(vr: str, n: int) -> object:
+    text = {
+        "PN": f"CANARY^PN{n:04d}", "LO": f"CANARYLO{n:04d}", "SH": f"CANARYSH{n:04d}", "ST": f"CANARYST{n:04d}",
+        "LT": f"CANARYLT{n:04d}", "UT": f"CANARYUT{n:04d}", "UC": f"CANARYUC{n:04d}", "CS": f"CNRY_CS{n:04d}",
+        "AE": f"CNRYAE{n:04d}", "UR": f"http://canary.example/UR{n:04d}",
+        "DA": f"19{n % 100:02d}{n % 12 + 1:02d}{n % 28 + 1:02d}", "TM": f"{n % 24:02d}{n % 60:02d}11.{n:06d}",
+        "DT": f"19{n % 100:02d}{n % 12 + 1:02d}{n % 28 + 1:02d}{n % 24:02d}1122.{n:06d}",
+        "UI": f"1.2.826.0.1.3680043.8.498.99.{n}", "DS": f"9{n:04d}.25", "IS": f"77{n:04d}",
+        "AS": f"{n % 100:03d}Y",
+    }
+    if vr in text:
+        return text[vr]
+    if vr in ("OB", "UN", "OW"):
+        return f"CANARYOB{n:04d}".encode()
+    if vr in ("US", "SS", "UL", "SL"):
+        return 7000 + n
+    if vr in ("FL", "FD"):
+        return 7000.5 + n
+    raise ValueError(f"no canary for VR {vr}")
+
+
+def canary_text(vr: str, n: int) -> str | None:
+    """The searchable text of the canary for *vr* (``None`` for binary numbers)."""
+    value = _canary_value(vr, n)
+    if isinstance(value, bytes):
+        return value.decode()
+    return value if isinstance(value, str) else None
+
+
+def add_confidentiality_canaries(ds: Dataset) -> list[str]:
+    """Set every concrete Table E.1-1 attribute of *ds* (but the series UIDs) to a unique canary.
+
+    Sequences get one item carrying a canary; private blocks with PN/LO values and a private
+    sequence are added too. Returns the canary texts to search for.
+    """
+    from pydicom.datadict import dictionary_VR
+
+    texts: list[str] = []
+    for n, row in enumerate(confidentiality_rows()):
+        tag = concrete_tag(row)
+        if tag is None or tag in SERIES_UIDS or tag >> 16 in (0x0000, 0x0002):
+            continue  # command and file meta elements cannot be in a data set
+        vr = dictionary_VR(tag).split(" ")[0]
+        if vr == "SQ":
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator = "CNRY", "99CNRY"
+            item.CodeMeaning = f"CANARYSQ{n:04d}"
+            item.add_new(0x00081155, "UI", f"1.2.826.0.1.3680043.8.498.98.{n}")  # a nested UID
+            ds.add_new(tag, vr, [item])
+            texts += [item.CodeMeaning, f"1.2.826.0.1.3680043.8.498.98.{n}"]
+            continue
+        ds.add_new(tag, vr, _canary_value(vr, n))
+        text = canary_text(vr, n)
+        if text is not None:
+            texts.append(text)
+    block = ds.private_block(0x0099, "CANARY PRIVATE", create=True)
+    block.add_new(0x01, "PN", "CANARY^PRIVATE^PN")
+    block.add_new(0x02, "LO", "CANARYPRIVATELO")
+    private_item = Dataset()
+    private_item.add_new(0x00100010, "PN", "CANARY^IN^PRIVATE^SQ")
+    block.add_new(0x03, "SQ", [private_item])
+    texts += ["CANARY PRIVATE", "CANARY^PRIVATE^PN", "CANARYPRIVATELO", "CANARY^IN^PRIVATE^SQ"]
+    return texts

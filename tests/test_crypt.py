@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewayConfig, parse_config
-from gateway.crypt import MAGIC, MasterKey, Sealer
+from gateway.crypt import MAGIC, MasterKey, Purpose, Sealer
 from gateway.errors import CryptoError, StartupError
 from gateway.jobs import JobStore
 
@@ -78,56 +78,63 @@ class TestMasterKey:
 class TestSealer:
     def test_round_trip_and_no_plaintext(self, jobs: JobStore) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = sealer.seal(JOB, [b"CANARY^PATIENT", b" and more"])
+        sealed = sealer.seal(JOB, Purpose.RECEIVED, [b"CANARY^PATIENT", b" and more"])
         assert sealed.startswith(MAGIC)
         assert b"CANARY" not in sealed
-        assert sealer.open(JOB, sealed) == b"CANARY^PATIENT and more"
+        assert sealer.open(JOB, Purpose.RECEIVED, sealed) == b"CANARY^PATIENT and more"
 
     def test_each_job_has_its_own_key_stored_only_wrapped(self, jobs: JobStore, tmp_path: Path) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealer.seal(JOB, [b"x"])
-        sealer.seal(OTHER_JOB, [b"x"])
+        sealer.seal(JOB, Purpose.RECEIVED, [b"x"])
+        sealer.seal(OTHER_JOB, Purpose.RECEIVED, [b"x"])
         wrapped = {jobs.load_data_key(JOB), jobs.load_data_key(OTHER_JOB)}
         assert len(wrapped) == 2 and None not in wrapped
 
     def test_tampered_file_does_not_open(self, jobs: JobStore) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = bytearray(sealer.seal(JOB, [b"pixel data"]))
+        sealed = bytearray(sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"]))
         sealed[-20] ^= 0x01
         with pytest.raises(CryptoError, match="failed authentication"):
-            sealer.open(JOB, bytes(sealed))
+            sealer.open(JOB, Purpose.RECEIVED, bytes(sealed))
 
     def test_file_moved_to_another_job_does_not_open(self, jobs: JobStore) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = sealer.seal(JOB, [b"pixel data"])
-        sealer.seal(OTHER_JOB, [b"other"])
+        sealed = sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"])
+        sealer.seal(OTHER_JOB, Purpose.RECEIVED, [b"other"])
         with pytest.raises(CryptoError):
-            sealer.open(OTHER_JOB, sealed)
+            sealer.open(OTHER_JOB, Purpose.RECEIVED, sealed)
 
     def test_wrong_master_key_does_not_open(self, jobs: JobStore) -> None:
-        sealed = Sealer(MasterKey(bytes(32)), jobs).seal(JOB, [b"pixel data"])
+        sealed = Sealer(MasterKey(bytes(32)), jobs).seal(JOB, Purpose.RECEIVED, [b"pixel data"])
         with pytest.raises(CryptoError, match="does not open with this master key"):
-            Sealer(MasterKey(b"\x01" * 32), jobs).open(JOB, sealed)
+            Sealer(MasterKey(b"\x01" * 32), jobs).open(JOB, Purpose.RECEIVED, sealed)
 
     def test_deleting_the_data_key_shreds_the_job(self, jobs: JobStore, tmp_path: Path) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = sealer.seal(JOB, [b"pixel data"])
+        sealed = sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"])
         with sqlite3.connect(tmp_path / "var" / "gateway.db") as db:
             db.execute("DELETE FROM data_keys WHERE job_id = ?", (JOB,))
         fresh = Sealer(MasterKey(bytes(32)), jobs)  # no cached key, as after a restart
         with pytest.raises(CryptoError, match="has no data key"):
-            fresh.open(JOB, sealed)
+            fresh.open(JOB, Purpose.RECEIVED, sealed)
         with pytest.raises(CryptoError, match="has no data key"):
-            sealer.open(JOB, sealed)  # a cached key is not enough either
+            sealer.open(JOB, Purpose.RECEIVED, sealed)  # a cached key is not enough either
+
+    def test_purposes_have_separate_keys(self, jobs: JobStore) -> None:
+        sealer = Sealer(MasterKey(bytes(32)), jobs)
+        vault_entry = sealer.seal(JOB, Purpose.VAULT, [b"original identity"])
+        with pytest.raises(CryptoError, match="failed authentication"):
+            sealer.open(JOB, Purpose.PSEUDONYMISED, vault_entry)
+        assert sealer.open(JOB, Purpose.VAULT, vault_entry) == b"original identity"
 
     def test_two_processes_agree_on_one_key(self, tmp_path: Path) -> None:
         (tmp_path / "var").mkdir()
         first, second = JobStore(tmp_path / "var" / "gateway.db"), JobStore(tmp_path / "var" / "gateway.db")
         try:
             a, b = Sealer(MasterKey(bytes(32)), first), Sealer(MasterKey(bytes(32)), second)
-            sealed_by_a = a.seal(JOB, [b"from a"])
-            assert b.open(JOB, sealed_by_a) == b"from a"
-            assert a.open(JOB, b.seal(JOB, [b"from b"])) == b"from b"
+            sealed_by_a = a.seal(JOB, Purpose.RECEIVED, [b"from a"])
+            assert b.open(JOB, Purpose.RECEIVED, sealed_by_a) == b"from a"
+            assert a.open(JOB, Purpose.RECEIVED, b.seal(JOB, Purpose.RECEIVED, [b"from b"])) == b"from b"
         finally:
             first.close()
             second.close()

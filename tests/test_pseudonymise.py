@@ -1,0 +1,293 @@
+"""Pseudonymisation against PS3.15 Table E.1-1: canary sweep, random UIDs, quarantine, round trip."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
+from structlog.testing import capture_logs
+
+from gateway.config import parse_config
+from gateway.crypt import MasterKey, Purpose, Sealer
+from gateway.jobs import JobState, JobStore
+from gateway.pipeline import StageContext, pseudonymise_job
+from gateway.pseudonymise import UIDMap, new_pseudonym, pseudonymise, quarantine_reason
+from gateway.reidentify import reidentify
+from gateway.spool import Spool
+from gateway.vault import Vault
+from tests.conftest import NodeProcess, dcmtk_env, require_tool
+from tests.synthetic import add_confidentiality_canaries, concrete_tag, confidentiality_rows, ct_slice
+
+CANARY_ROOT = "1.2.826.0.1.3680043.8.498.97"
+
+
+@dataclass
+class CanaryStudy:
+    files: list[Path]
+    texts: list[str]  # every canary, searchable as text
+    originals: dict[str, Dataset]  # SOP Instance UID -> source dataset (processable slices)
+    quarantined: dict[str, str]  # SOP Instance UID -> expected reason
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def canary_study(tmp_path: Path) -> CanaryStudy:
+    """4 processable slices with every Table E.1-1 attribute set, plus 2 that must be quarantined."""
+    folder = tmp_path / "canary"
+    folder.mkdir()
+    study, series, frame = f"{CANARY_ROOT}.1", f"{CANARY_ROOT}.2", f"{CANARY_ROOT}.3"
+    rng = np.random.default_rng(5)
+    files, originals, quarantined, texts = [], {}, {}, [study, series, frame]
+    for index in range(6):
+        ds = ct_slice(study, series, frame, index, 32, rng)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{CANARY_ROOT}.10{index}"
+        texts += [*add_confidentiality_canaries(ds), str(ds.SOPInstanceUID)]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.BurnedInAnnotation = "NO"
+        if index == 4:
+            ds.BurnedInAnnotation = "YES"
+            quarantined[str(ds.SOPInstanceUID)] = "burned_in_annotation"
+        elif index == 5:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+            quarantined[str(ds.SOPInstanceUID)] = "image_type_localizer"
+        else:
+            originals[str(ds.SOPInstanceUID)] = ds
+        files.append(_write(ds, folder / f"slice{index}.dcm"))
+    return CanaryStudy(files, sorted(set(texts)), originals, quarantined)
+
+
+@dataclass
+class Pseudonymised:
+    data_dir: Path
+    ctx: StageContext
+    job_id: str
+    datasets: list[Dataset]
+    logs: list[dict[str, object]]
+    node_log: str
+
+
+@pytest.fixture
+def pseudonymised(node_factory: Callable[..., NodeProcess], canary_study: CanaryStudy) -> Iterator[Pseudonymised]:
+    """The canary study received by a real node, then pseudonymised."""
+    node = node_factory()
+    result = subprocess.run([require_tool("storescu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
+                             str(node.port), *map(str, canary_study.files)], capture_output=True, text=True,
+                            env=dcmtk_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    job_id = node.wait_for("job_created")["job_id"]
+    assert node.stop() == 0
+    spool = Spool(node.data_dir)
+    jobs = JobStore(spool.database_path)
+    ctx = StageContext(spool, jobs, Sealer(MasterKey.load(parse_config({"node": {"data_dir": str(node.data_dir)}})),
+                                          jobs))
+    with capture_logs() as logs:
+        pseudonymise_job(ctx, job_id)
+    datasets = [pydicom.dcmread(io.BytesIO(ctx.sealer.open(job_id, Purpose.PSEUDONYMISED,
+                                                           spool.read_work(job_id, file_id))))
+                for file_id in spool.work_file_ids(job_id)]
+    yield Pseudonymised(node.data_dir, ctx, job_id, datasets, logs, node.log_text())
+    jobs.close()
+
+
+def _ui_values(ds: Dataset) -> list[str]:
+    values = []
+    for element in ds.iterall():
+        if element.VR == "UI" and element.value:
+            values += [str(v) for v in (element.value if isinstance(element.value, list | pydicom.multival.MultiValue)
+                                        else [element.value])]
+    return values
+
+
+class TestCanarySweep:
+    def test_no_canary_in_pseudonymised_data_files_or_logs(self, pseudonymised: Pseudonymised,
+                                                           canary_study: CanaryStudy) -> None:
+        assert len(pseudonymised.datasets) == 4
+        sinks = {"logs": json.dumps(pseudonymised.logs, default=str), "node log": pseudonymised.node_log}
+        for index, ds in enumerate(pseudonymised.datasets):
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            sinks[f"pseudonymised dataset {index}"] = buffer.getvalue().decode("latin-1")
+        for path in pseudonymised.data_dir.rglob("*"):
+            if path.is_file():  # spool, work, vault, database, keys: raw bytes
+                sinks[str(path.relative_to(pseudonymised.data_dir))] = path.read_bytes().decode("latin-1")
+        assert any(name.startswith("vault/") for name in sinks)
+        leaks = [(canary, sink) for canary in canary_study.texts for sink, text in sinks.items() if canary in text]
+        assert leaks == []
+
+    def test_every_table_attribute_is_absent_but_new_uids_and_the_pseudonym(
+            self, pseudonymised: Pseudonymised) -> None:
+        table = {concrete_tag(row): row for row in confidentiality_rows() if concrete_tag(row) is not None}
+        for ds in pseudonymised.datasets:
+            present = {int(elem.tag) for elem in ds.iterall() if int(elem.tag) in table}
+            assert present <= {0x0020000D, 0x0020000E, 0x00080018, 0x00200052, 0x00100010, 0x00100020}
+            assert not any(elem.tag.is_private for elem in ds.iterall())
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+                uid = str(ds[keyword].value)
+                assert uid.startswith("2.25.") and len(uid) <= 64 and UID(uid).is_valid
+                assert not uid.startswith(CANARY_ROOT)
+            assert str(ds.PatientName) == str(ds.PatientID)
+            assert str(ds.PatientID).startswith("PSEUDO-")
+            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+            assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+        assert len({str(ds.StudyInstanceUID) for ds in pseudonymised.datasets}) == 1
+        assert len({str(ds.FrameOfReferenceUID) for ds in pseudonymised.datasets}) == 1
+        assert len({str(ds.SOPInstanceUID) for ds in pseudonymised.datasets}) == 4
+
+    def test_pixel_data_and_geometry_unchanged(self, pseudonymised: Pseudonymised, canary_study: CanaryStudy) -> None:
+        sources = sorted(canary_study.originals.values(), key=lambda d: float(d.ImagePositionPatient[2]))
+        results = sorted(pseudonymised.datasets, key=lambda d: float(d.ImagePositionPatient[2]))
+        for source, result in zip(sources, results, strict=True):
+            assert result.PixelData == source.PixelData
+            np.testing.assert_array_equal(result.pixel_array, source.pixel_array)
+            for keyword in ("ImageOrientationPatient", "PixelSpacing", "RescaleIntercept", "RescaleSlope", "Rows"):
+                assert result[keyword].value == source[keyword].value
+
+    def test_quarantined_instances_are_recorded_and_not_processed(
+            self, pseudonymised: Pseudonymised, canary_study: CanaryStudy) -> None:
+        reasons = sorted(pseudonymised.ctx.jobs.quarantined(pseudonymised.job_id).values())
+        assert reasons == sorted(canary_study.quarantined.values())
+        assert pseudonymised.ctx.jobs.get(pseudonymised.job_id).state is JobState.PSEUDONYMISED
+        warned = [e["reason"] for e in pseudonymised.logs if e["event"] == "instance_quarantined"]
+        assert sorted(warned) == reasons
+
+
+class TestRoundTrip:
+    def test_derived_result_is_reidentified_completely(self, pseudonymised: Pseudonymised,
+                                                       canary_study: CanaryStudy) -> None:
+        record = Vault(pseudonymised.ctx.spool, pseudonymised.ctx.sealer).load(pseudonymised.job_id)
+        derived = _derived_result(pseudonymised.datasets)
+        pseudo = set(record.uids)
+        assert pseudo & set(_ui_values(derived))
+        reidentify(derived, record)
+        values = _ui_values(derived)
+        assert not pseudo & set(values)
+        source = next(iter(canary_study.originals.values()))
+        refs = derived.ReferencedFrameOfReferenceSequence[0]
+        assert refs.FrameOfReferenceUID == source.FrameOfReferenceUID
+        study_ref = refs.RTReferencedStudySequence[0]
+        assert study_ref.ReferencedSOPInstanceUID == source.StudyInstanceUID
+        images = study_ref.RTReferencedSeriesSequence[0].ContourImageSequence
+        assert {str(i.ReferencedSOPInstanceUID) for i in images} == set(canary_study.originals)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                        "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription"):
+            assert _raw(derived, keyword) == _raw(source, keyword), keyword
+        assert "PatientIdentityRemoved" not in derived
+        assert "DeidentificationMethodCodeSequence" not in derived
+
+
+def _derived_result(datasets: list[Dataset]) -> Dataset:
+    """An RTSTRUCT-like result built only from pseudonymised data, references nested 4 deep."""
+    first = datasets[0]
+    result = Dataset()
+    result.SOPInstanceUID, result.StudyInstanceUID = generate_uid(), first.StudyInstanceUID
+    result.PatientName, result.PatientID, result.PatientIdentityRemoved = first.PatientName, first.PatientID, "YES"
+    result.DeidentificationMethodCodeSequence = first.DeidentificationMethodCodeSequence
+    images = []
+    for ds in datasets:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        images.append(item)
+    series = Dataset()
+    series.SeriesInstanceUID, series.ContourImageSequence = first.SeriesInstanceUID, images
+    study = Dataset()
+    study.ReferencedSOPClassUID, study.ReferencedSOPInstanceUID = "1.2.840.10008.3.1.2.3.1", first.StudyInstanceUID
+    study.RTReferencedSeriesSequence = [series]
+    frame = Dataset()
+    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = first.FrameOfReferenceUID, [study]
+    result.ReferencedFrameOfReferenceSequence = [frame]
+    return result
+
+
+def _raw(ds: Dataset, keyword: str) -> bytes:
+    out = Dataset()
+    out[keyword] = ds[keyword]
+    buffer = pydicom.filebase.DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(buffer, out)
+    return buffer.getvalue()
+
+
+class TestRandomUIDs:
+    def test_pseudo_uids_are_not_recomputable_hashes(self) -> None:
+        originals = [f"1.2.840.113619.2.55.3.{n}" for n in range(200)]
+        uids = UIDMap()
+        pseudo = {uids.pseudo(o) for o in originals}
+        recomputed = {str(generate_uid(entropy_srcs=[o])) for o in originals}
+        recomputed |= {str(generate_uid(prefix="2.25.", entropy_srcs=[o])) for o in originals}
+        assert not pseudo & recomputed
+        assert [uids.pseudo(o) for o in originals] == [uids.pseudo(o) for o in originals]  # 1:1, stable
+
+    def test_no_collision_over_a_hundred_thousand(self) -> None:
+        uids = UIDMap()
+        pseudo = [uids.pseudo(f"1.2.3.{n}") for n in range(100_000)]
+        assert len(set(pseudo)) == 100_000
+        assert max(len(u) for u in pseudo) <= 64
+
+    def test_pseudonyms_are_random(self) -> None:
+        assert len({new_pseudonym() for _ in range(1000)}) == 1000
+
+
+class TestQuarantineRules:
+    @pytest.mark.parametrize(("changes", "reason"), [
+        ({"BurnedInAnnotation": "YES"}, "burned_in_annotation"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL"]}, "image_type_secondary"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "image_type_localizer"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "image_type_screen_save"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "burned_in_annotation_unknown"),
+        ({}, None),
+    ])
+    def test_reasons(self, changes: dict[str, object], reason: str | None) -> None:
+        ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.5", 0, 8, np.random.default_rng(0))
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        assert quarantine_reason(ds) == reason
+
+    def test_a_route_may_want_secondary_images(self) -> None:
+        ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.5", 0, 8, np.random.default_rng(0))
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        assert quarantine_reason(ds, unwanted_image_types={"LOCALIZER"}) is None
+
+
+def test_pseudonymise_keeps_the_transfer_syntax(tmp_path: Path) -> None:
+    ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.5", 0, 64, np.random.default_rng(0))
+    ds.compress(pydicom.uid.RLELossless, generate_instance_uid=False)
+    out = pseudonymise(ds, UIDMap(), "PSEUDO-X")
+    assert out.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    np.testing.assert_array_equal(out.pixel_array, ds.pixel_array)
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian,
+                                    pydicom.uid.RLELossless])
+def test_encode_equals_pydicom(syntax: UID) -> None:
+    from gateway.pseudonymise import encode
+
+    ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.5", 0, 16, np.random.default_rng(0))
+    if syntax.is_compressed:
+        ds.compress(syntax, generate_instance_uid=False)
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+    source = io.BytesIO()
+    ds.save_as(source, enforce_file_format=True)
+    out = pseudonymise(pydicom.dcmread(io.BytesIO(source.getvalue())), UIDMap(), "PSEUDO-X")
+    expected = io.BytesIO()
+    out.save_as(expected, enforce_file_format=True)
+    ours = encode(out)
+    assert pydicom.dcmread(io.BytesIO(ours)).file_meta.TransferSyntaxUID == syntax
+    group_length = int.from_bytes(ours[140:144], "little")
+    expected_length = int.from_bytes(expected.getvalue()[140:144], "little")
+    assert ours[144 + group_length:] == expected.getvalue()[144 + expected_length:]
