@@ -46,6 +46,7 @@ lint: dev
 
 bench: dev peers
 	$(PY) scripts/bench_ingest.py
+	$(PY) scripts/bench_deidentify.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

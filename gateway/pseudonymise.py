@@ -59,6 +59,14 @@ IDENTITY_KEYWORDS = (
     "OtherPatientIDsSequence", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
     "StudyDescription", "PositionReferenceIndicator",
 )
+#: Radiation dose structured reports (PS3.4 Annex B): received and kept apart, never processed.
+DOSE_REPORT_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.88.68",  # Radiopharmaceutical Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.88.73",  # Patient Radiation Dose SR
+})
+#: Image classes besides CT that may arrive with a study (screenshots of dose pages, for one).
+IMAGE_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7"})  # Secondary Capture Image
 #: ImageType values of images no route should contour unless it asks for them.
 DEFAULT_UNWANTED_IMAGE_TYPES = frozenset({"LOCALIZER", "SCREEN SAVE", "SECONDARY", "DOSE_INFO", "DOSE REPORT"})
 
@@ -110,13 +118,19 @@ class ReidentificationRecord:
 def quarantine_reason(ds: Dataset, unwanted_image_types: Iterable[str] = DEFAULT_UNWANTED_IMAGE_TYPES) -> str | None:
     """Why *ds* must not be processed, as a reason code, or ``None``.
 
-    Burned-in annotation (PS3.15 E.1: such pixel data can carry identity), or an ImageType
-    that marks localizers, screen saves, secondary captures or dose reports.
+    Dose reports and other classes we do not contour; burned-in annotation (PS3.15 E.1: such
+    pixel data can carry identity), stated or (outside CT Image) not stated; an ImageType that
+    marks localizers, screen saves, secondary captures or dose pages.
     """
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in DOSE_REPORT_SOP_CLASSES:
+        return "dose_report"
+    if sop_class != CTImageStorage and sop_class not in IMAGE_SOP_CLASSES:
+        return "sop_class_not_processed"
     burned_in = str(ds.get("BurnedInAnnotation", "")).strip().upper()
     if burned_in == "YES":
         return "burned_in_annotation"
-    if not burned_in and ds.get("SOPClassUID") != CTImageStorage:
+    if not burned_in and sop_class != CTImageStorage:
         return "burned_in_annotation_unknown"
     image_type = {str(value).strip().upper() for value in ds.get("ImageType", [])}
     unwanted = image_type & {value.upper() for value in unwanted_image_types}

@@ -32,12 +32,14 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_STORE
 
 from gateway import _encoding
 from gateway.assembly import Assembler, IncomingInstance
 from gateway.config import GatewayConfig, Peer
 from gateway.errors import SpoolError
+from gateway.pseudonymise import DOSE_REPORT_SOP_CLASSES, IMAGE_SOP_CLASSES
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -59,8 +61,10 @@ VERIFICATION = UID("1.2.840.10008.1.1")
 IMPLEMENTATION_CLASS_UID = UID(_encoding.IMPLEMENTATION_CLASS_UID)
 IMPLEMENTATION_VERSION_NAME = _encoding.IMPLEMENTATION_VERSION_NAME
 
-#: Storage SOP classes accepted; Enhanced CT waits for a volume stage that reads it.
-STORAGE_SOP_CLASSES = (CTImageStorage,)
+#: Storage SOP classes accepted. CT is contoured; secondary captures and dose reports often
+#: travel with a planning CT and are accepted so the sender sees success, then quarantined
+#: (gateway.pseudonymise). Enhanced CT waits for a volume stage that reads it.
+STORAGE_SOP_CLASSES = (CTImageStorage, *sorted(IMAGE_SOP_CLASSES), *sorted(DOSE_REPORT_SOP_CLASSES))
 #: Offered transfer syntaxes; Deflate is deliberately absent (unbounded inflation).
 TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,
@@ -193,6 +197,9 @@ def handle_store(event: evt.Event, assembler: Assembler) -> int:
 
 def build_ae(config: GatewayConfig) -> AE:
     """Return the Storage SCP application entity described by *config*."""
+    # pynetdicom's chunked receive writes each data set to a plaintext temporary file (left
+    # behind when a handler raises); data sets stay in memory until sealed (gateway.crypt).
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
     node = config.node
     ae = AE(ae_title=node.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID

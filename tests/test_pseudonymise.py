@@ -45,7 +45,8 @@ def _write(ds: Dataset, path: Path) -> Path:
 
 @pytest.fixture
 def canary_study(tmp_path: Path) -> CanaryStudy:
-    """4 processable slices with every Table E.1-1 attribute set, plus 2 that must be quarantined."""
+    """4 processable slices with every Table E.1-1 attribute set, plus 4 instances to quarantine:
+    burned-in annotation, a localizer, a secondary capture that does not say, a dose report."""
     folder = tmp_path / "canary"
     folder.mkdir()
     study, series, frame = f"{CANARY_ROOT}.1", f"{CANARY_ROOT}.2", f"{CANARY_ROOT}.3"
@@ -66,7 +67,26 @@ def canary_study(tmp_path: Path) -> CanaryStudy:
         else:
             originals[str(ds.SOPInstanceUID)] = ds
         files.append(_write(ds, folder / f"slice{index}.dcm"))
+    capture = ct_slice(study, series, frame, 6, 32, rng)
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    capture.SOPInstanceUID = capture.file_meta.MediaStorageSOPInstanceUID = f"{CANARY_ROOT}.106"
+    quarantined[str(capture.SOPInstanceUID)] = "burned_in_annotation_unknown"
+    files.append(_write(capture, folder / "capture.dcm"))
+    files.append(_write(_dose_report(study, f"{CANARY_ROOT}.107"), folder / "dose.dcm"))
+    quarantined[f"{CANARY_ROOT}.107"] = "dose_report"
+    texts.append("CANARY^DOSE^REPORT")
     return CanaryStudy(files, sorted(set(texts)), originals, quarantined)
+
+
+def _dose_report(study: str, instance: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = instance
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{CANARY_ROOT}.4"
+    ds.Modality, ds.ValueType, ds.PatientName = "SR", "CONTAINER", "CANARY^DOSE^REPORT"
+    return ds
 
 
 @dataclass
@@ -248,6 +268,10 @@ class TestQuarantineRules:
         ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "image_type_localizer"),
         ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "image_type_screen_save"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "burned_in_annotation_unknown"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "BurnedInAnnotation": "NO"}, None),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.67"}, "dose_report"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.4"}, "sop_class_not_processed"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "DOSE_INFO"]}, "image_type_dose_info"),
         ({}, None),
     ])
     def test_reasons(self, changes: dict[str, object], reason: str | None) -> None:

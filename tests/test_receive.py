@@ -327,3 +327,12 @@ class TestResponseEncoding:
         [(context_id, value)] = pdata.presentation_data_value_list
         assert context_id == 1
         assert value == b"\x03" + encode_c_store_response(response)
+
+
+def test_received_data_sets_never_go_to_plaintext_temporary_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import parse_config
+    from gateway.receive import build_ae
+
+    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", True)
+    build_ae(parse_config({}))
+    assert pynetdicom_config.STORE_RECV_CHUNKED_DATASET is False
