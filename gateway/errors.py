@@ -8,6 +8,7 @@
     ├── SpoolError (OSError)              an instance could not be stored durably
     ├── CryptoError                       a sealed file or wrapped key does not open (wrong key, tampered, shredded)
     ├── ReidentificationError             a result could not be mapped back completely
+    ├── VolumeError (ValueError)           a series cannot become a volume (reason code)
     ├── JobNotFoundError (LookupError)    no job with that id
     └── SendError                         a C-STORE to a destination did not succeed
         ├── TransientSendError            worth retrying (refused, timeout, 0xA7xx)
@@ -31,6 +32,7 @@ __all__ = [
     "SpoolError",
     "StartupError",
     "TransientSendError",
+    "VolumeError",
 ]
 
 
@@ -62,6 +64,14 @@ class CryptoError(GatewayError):
 
 class ReidentificationError(GatewayError):
     """A result could not be mapped back to the original identity; it must not be sent."""
+
+
+class VolumeError(GatewayError, ValueError):
+    """A series cannot be contoured safely; ``reason`` is a code such as ``gantry_tilt``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
 
 
 class JobNotFoundError(GatewayError, LookupError):
