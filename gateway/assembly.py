@@ -80,7 +80,7 @@ class Assembler:
                 log.debug("instance_duplicate", job_id=job_id)
                 return StoreResult.DUPLICATE
             sealed = self.sealer.seal(job_id, Purpose.RECEIVED, instance.parts)
-            file_id, size = self._spool.write_instance(job_id, [sealed])
+            file_id, size = self._spool.write_instance(job_id, sealed)
             try:
                 outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
             except BaseException:

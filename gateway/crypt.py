@@ -28,6 +28,7 @@ from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -152,10 +153,10 @@ class Sealer:
     def __init__(self, master: MasterKey, keys: DataKeyStore) -> None:
         self._master = master
         self._keys = keys
-        self._cache: dict[tuple[str, Purpose], AESGCM] = {}
+        self._cache: dict[tuple[str, Purpose], bytes] = {}
         self._lock = threading.Lock()
 
-    def _aead(self, job_id: str, purpose: Purpose) -> AESGCM:
+    def _key(self, job_id: str, purpose: Purpose) -> bytes:
         with self._lock:
             cached = self._cache.get((job_id, purpose))
         if cached is not None:
@@ -166,12 +167,12 @@ class Sealer:
             wrapped = self._keys.store_data_key(job_id, fresh)
         data_key = self._master.unwrap(wrapped, job_id)
         hkdf = HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=purpose.value.encode())
-        aead = AESGCM(hkdf.derive(data_key))
+        key = hkdf.derive(data_key)
         with self._lock:
             if len(self._cache) > 1024:
                 self._cache.clear()
-            self._cache[(job_id, purpose)] = aead
-        return aead
+            self._cache[(job_id, purpose)] = key
+        return key
 
     def forget(self, job_id: str) -> None:
         """Drop the cached keys of *job_id* (after crypto-shredding)."""
@@ -179,11 +180,19 @@ class Sealer:
             for key in [k for k in self._cache if k[0] == job_id]:
                 del self._cache[key]
 
-    def seal(self, job_id: str, purpose: Purpose, parts: Iterable[bytes | bytearray | memoryview]) -> bytes:
-        """Encrypt the concatenation of *parts* for *job_id* and *purpose*."""
+    def seal(self, job_id: str, purpose: Purpose, parts: Iterable[bytes | bytearray | memoryview]) -> list[bytes]:
+        """Encrypt the concatenation of *parts* for *job_id* and *purpose*; return the file's pieces.
+
+        Streamed part by part: no joined copy of a 512 KB instance is made (each extra large
+        buffer costs page faults on the receive path, measured at a tenth of the ingest rate).
+        """
         nonce = _nonce()
-        plaintext = b"".join(parts)
-        return MAGIC + nonce + self._aead(job_id, purpose).encrypt(nonce, plaintext, job_id.encode())
+        encryptor = Cipher(algorithms.AES(self._key(job_id, purpose)), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(job_id.encode())
+        pieces = [MAGIC + nonce, *(encryptor.update(part) for part in parts)]
+        pieces.append(encryptor.finalize())
+        pieces.append(encryptor.tag)
+        return pieces
 
     def open(self, job_id: str, purpose: Purpose, sealed: bytes) -> bytes:
         """Decrypt a sealed file of *job_id*; raise :class:`CryptoError` if it is not authentic."""
@@ -194,7 +203,8 @@ class Sealer:
             self.forget(job_id)
             raise CryptoError(f"job {job_id} has no data key (shredded)")
         try:
-            return self._aead(job_id, purpose).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], job_id.encode())
+            aead = AESGCM(self._key(job_id, purpose))
+            return aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], job_id.encode())
         except InvalidTag:
             raise CryptoError(f"a file of job {job_id} failed authentication") from None
 

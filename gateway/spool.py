@@ -136,11 +136,11 @@ class Spool:
         size = _durable_write(self.job_dir(job_id), f"{file_id}{_SUFFIX}", parts)
         return file_id, size
 
-    def write_work(self, job_id: str, data: bytes) -> str:
+    def write_work(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> str:
         """Write a pseudonymised file of *job_id* (``work/<job_id>/``); return its file id."""
         folder = _make_dir(self.work_root / _check_id(job_id), self.work_root)
         file_id = secrets.token_hex(16)
-        _durable_write(folder, f"{file_id}{_SUFFIX}", [data])
+        _durable_write(folder, f"{file_id}{_SUFFIX}", parts)
         return file_id
 
     def remove_work(self, job_id: str) -> None:
@@ -156,9 +156,9 @@ class Spool:
         """A pseudonymised file of *job_id* (sealed)."""
         return (self.work_root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}").read_bytes()
 
-    def write_vault(self, job_id: str, data: bytes) -> None:
+    def write_vault(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
         """Write the (sealed) re-identification entry of *job_id*, replacing an older one."""
-        _durable_write(_make_dir(self.vault_root, self.data_dir), f"{_check_id(job_id)}.vault", [data])
+        _durable_write(_make_dir(self.vault_root, self.data_dir), f"{_check_id(job_id)}.vault", parts)
 
     def read_vault(self, job_id: str) -> bytes:
         """The (sealed) re-identification entry of *job_id*."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import socket
 import threading
@@ -26,10 +27,14 @@ __all__ = ["run_worker"]
 
 log = structlog.get_logger(__name__)
 
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
 
 def run_worker(config: GatewayConfig, control: socket.socket, index: int) -> None:
     """Entry point of receiver process *index*; returns when told to quit or orphaned."""
     ignore_interrupts()
+    _keep_large_buffers()
     configure_logging(config.logging.level, config.logging.format)
     structlog.contextvars.bind_contextvars(worker=index)
     quit_event = threading.Event()
@@ -57,6 +62,16 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int) -> Non
         server.server_close()
         jobs.close()
         control.close()
+
+
+def _keep_large_buffers() -> None:
+    # Every C-STORE allocates several buffers of 128-512 KB (PDUs, the data set, its sealed
+    # copy). glibc serves those with mmap and gives them back at once, so each one costs
+    # fresh page faults; keeping them in the heap makes the receive path measurably faster.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
 
 
 def _serve(control: socket.socket, server: FdAssociationServer, quit_event: threading.Event) -> None:

@@ -78,40 +78,40 @@ class TestMasterKey:
 class TestSealer:
     def test_round_trip_and_no_plaintext(self, jobs: JobStore) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = sealer.seal(JOB, Purpose.RECEIVED, [b"CANARY^PATIENT", b" and more"])
+        sealed = b"".join(sealer.seal(JOB, Purpose.RECEIVED, [b"CANARY^PATIENT", b" and more"]))
         assert sealed.startswith(MAGIC)
         assert b"CANARY" not in sealed
         assert sealer.open(JOB, Purpose.RECEIVED, sealed) == b"CANARY^PATIENT and more"
 
     def test_each_job_has_its_own_key_stored_only_wrapped(self, jobs: JobStore, tmp_path: Path) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealer.seal(JOB, Purpose.RECEIVED, [b"x"])
-        sealer.seal(OTHER_JOB, Purpose.RECEIVED, [b"x"])
+        b"".join(sealer.seal(JOB, Purpose.RECEIVED, [b"x"]))
+        b"".join(sealer.seal(OTHER_JOB, Purpose.RECEIVED, [b"x"]))
         wrapped = {jobs.load_data_key(JOB), jobs.load_data_key(OTHER_JOB)}
         assert len(wrapped) == 2 and None not in wrapped
 
     def test_tampered_file_does_not_open(self, jobs: JobStore) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = bytearray(sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"]))
+        sealed = bytearray(b"".join(sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"])))
         sealed[-20] ^= 0x01
         with pytest.raises(CryptoError, match="failed authentication"):
             sealer.open(JOB, Purpose.RECEIVED, bytes(sealed))
 
     def test_file_moved_to_another_job_does_not_open(self, jobs: JobStore) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"])
-        sealer.seal(OTHER_JOB, Purpose.RECEIVED, [b"other"])
+        sealed = b"".join(sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"]))
+        b"".join(sealer.seal(OTHER_JOB, Purpose.RECEIVED, [b"other"]))
         with pytest.raises(CryptoError):
             sealer.open(OTHER_JOB, Purpose.RECEIVED, sealed)
 
     def test_wrong_master_key_does_not_open(self, jobs: JobStore) -> None:
-        sealed = Sealer(MasterKey(bytes(32)), jobs).seal(JOB, Purpose.RECEIVED, [b"pixel data"])
+        sealed = b"".join(Sealer(MasterKey(bytes(32)), jobs).seal(JOB, Purpose.RECEIVED, [b"pixel data"]))
         with pytest.raises(CryptoError, match="does not open with this master key"):
             Sealer(MasterKey(b"\x01" * 32), jobs).open(JOB, Purpose.RECEIVED, sealed)
 
     def test_deleting_the_data_key_shreds_the_job(self, jobs: JobStore, tmp_path: Path) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        sealed = sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"])
+        sealed = b"".join(sealer.seal(JOB, Purpose.RECEIVED, [b"pixel data"]))
         with sqlite3.connect(tmp_path / "var" / "gateway.db") as db:
             db.execute("DELETE FROM data_keys WHERE job_id = ?", (JOB,))
         fresh = Sealer(MasterKey(bytes(32)), jobs)  # no cached key, as after a restart
@@ -122,7 +122,7 @@ class TestSealer:
 
     def test_purposes_have_separate_keys(self, jobs: JobStore) -> None:
         sealer = Sealer(MasterKey(bytes(32)), jobs)
-        vault_entry = sealer.seal(JOB, Purpose.VAULT, [b"original identity"])
+        vault_entry = b"".join(sealer.seal(JOB, Purpose.VAULT, [b"original identity"]))
         with pytest.raises(CryptoError, match="failed authentication"):
             sealer.open(JOB, Purpose.PSEUDONYMISED, vault_entry)
         assert sealer.open(JOB, Purpose.VAULT, vault_entry) == b"original identity"
@@ -132,9 +132,9 @@ class TestSealer:
         first, second = JobStore(tmp_path / "var" / "gateway.db"), JobStore(tmp_path / "var" / "gateway.db")
         try:
             a, b = Sealer(MasterKey(bytes(32)), first), Sealer(MasterKey(bytes(32)), second)
-            sealed_by_a = a.seal(JOB, Purpose.RECEIVED, [b"from a"])
+            sealed_by_a = b"".join(a.seal(JOB, Purpose.RECEIVED, [b"from a"]))
             assert b.open(JOB, Purpose.RECEIVED, sealed_by_a) == b"from a"
-            assert a.open(JOB, Purpose.RECEIVED, b.seal(JOB, Purpose.RECEIVED, [b"from b"])) == b"from b"
+            assert a.open(JOB, Purpose.RECEIVED, b"".join(b.seal(JOB, Purpose.RECEIVED, [b"from b"]))) == b"from b"
         finally:
             first.close()
             second.close()
