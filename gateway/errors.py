@@ -9,6 +9,7 @@
     ├── CryptoError                       a sealed file or wrapped key does not open (wrong key, tampered, shredded)
     ├── ReidentificationError             a result could not be mapped back completely
     ├── VolumeError (ValueError)           a series cannot become a volume (reason code)
+    ├── InferenceError                    a model could not run or returned nonsense
     ├── JobNotFoundError (LookupError)    no job with that id
     └── SendError                         a C-STORE to a destination did not succeed
         ├── TransientSendError            worth retrying (refused, timeout, 0xA7xx)
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "CryptoError",
     "GatewayError",
+    "InferenceError",
     "JobNotFoundError",
     "PermanentSendError",
     "ReidentificationError",
@@ -72,6 +74,10 @@ class VolumeError(GatewayError, ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
         super().__init__(f"{reason}: {detail}")
+
+
+class InferenceError(GatewayError):
+    """A model could not be loaded or run, or its output was malformed (shape, NaN, infinity)."""
 
 
 class JobNotFoundError(GatewayError, LookupError):

@@ -1,0 +1,260 @@
+"""Inference: one onnxruntime session per model; ``predict(volume)`` -> label map on the CT grid.
+
+The predictor reorients the volume to the model's axis convention, resamples it to the
+model's spacing, normalises it, and runs the network tile by tile (sliding window with
+overlap, Gaussian-weighted, batched). The class map is resampled back to the original
+grid and cleaned per label as the manifest says (largest component, holes, minimum
+volume). The pure geometry helpers (:func:`window_steps`, :func:`gaussian_weights`,
+:func:`orientation_code`, :func:`axis_transform`) are tested on their own.
+
+Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *patch]``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+from scipy import ndimage
+
+from gateway.errors import InferenceError
+from gateway.manifest import ClipScale, InputSpec, Label, ModelPackage
+from gateway.volume import Volume
+
+__all__ = ["Prediction", "Predictor", "axis_transform", "gaussian_weights", "orientation_code", "window_steps"]
+
+log = structlog.get_logger(__name__)
+
+_LETTERS = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}  # LPS axes
+
+
+def orientation_code(affine: np.ndarray) -> str:
+    """For each array axis, the patient direction (L/R, P/A, S/I) its index increases toward."""
+    code = ""
+    for axis in range(3):
+        column = affine[:3, axis]
+        dominant = int(np.argmax(np.abs(column)))
+        code += _LETTERS[(dominant, 1 if column[dominant] > 0 else -1)]
+    if sorted(code.translate(str.maketrans("RAI", "LPS"))) != ["L", "P", "S"]:
+        raise InferenceError(f"oblique volume: two axes point the same way ({code})")
+    return code
+
+
+def axis_transform(source: str, target: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """``(order, flips)`` so that ``flip(transpose(a, order), flips)`` turns *source* axes into *target*.
+
+    ``order[t]`` is the source axis that becomes target axis ``t``; ``flips[t]`` says it is reversed.
+    """
+    opposite = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+    order, flips = [], []
+    for letter in target:
+        if letter in source:
+            order.append(source.index(letter))
+            flips.append(False)
+        else:
+            order.append(source.index(opposite[letter]))
+            flips.append(True)
+    return (order[0], order[1], order[2]), (flips[0], flips[1], flips[2])
+
+
+def window_steps(size: int, patch: int, overlap: float) -> list[int]:
+    """Tile start positions covering ``size`` with tiles of ``patch``, neighbours sharing ``overlap``.
+
+    As nnU-Net: the fewest tiles whose stride is at most ``patch * (1 - overlap)``,
+    spread evenly from 0 to ``size - patch``.
+    """
+    if size <= patch:
+        return [0]
+    target = max(1, int(patch * (1 - overlap)))
+    count = math.ceil((size - patch) / target) + 1
+    stride = (size - patch) / (count - 1)
+    return [round(stride * i) for i in range(count)]
+
+
+def gaussian_weights(patch: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """Tile weights peaking at 1 in the centre (sigma = patch * sigma_scale), never 0."""
+    grids = np.meshgrid(*[np.arange(p, dtype=np.float64) for p in patch], indexing="ij")
+    exponent = sum(((g - (p - 1) / 2) / (p * sigma_scale)) ** 2 for g, p in zip(grids, patch, strict=True))
+    weights = np.exp(-0.5 * exponent)
+    weights /= weights.max()
+    weights[weights == 0] = weights[weights > 0].min()
+    return weights.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A label map on the CT grid (``uint8``, 0 = background) and what it holds."""
+
+    labels: np.ndarray
+    voxels: dict[str, int]  # label name -> voxel count
+    seconds: float
+
+    @property
+    def empty(self) -> list[str]:
+        """Names of labels that found nothing."""
+        return [name for name, count in self.voxels.items() if count == 0]
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether no label found anything (the pipeline must not send such a result)."""
+        return all(count == 0 for count in self.voxels.values())
+
+
+class Predictor:
+    """Runs one model package; build once, call :meth:`predict` per series."""
+
+    def __init__(self, package: ModelPackage, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int = 0) -> None:
+        self.package = package
+        self.manifest = package.manifest
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        try:
+            self._session = ort.InferenceSession(str(package.onnx_path), options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise InferenceError(f"model {self.manifest.model.name} cannot be loaded ({type(exc).__name__})") from exc
+        self._input = self._session.get_inputs()[0].name
+        self._channels = (len(self.manifest.labels) + 1 if self.manifest.output.kind == "softmax"
+                          else len(self.manifest.labels))
+        self._weights = gaussian_weights(self.manifest.input.patch_size)
+
+    def predict(self, volume: Volume) -> Prediction:
+        """Segment *volume*; raise :class:`InferenceError` on any failure."""
+        started = time.monotonic()
+        spec = self.manifest.input
+        source = orientation_code(volume.affine)
+        order, flips = axis_transform(source, spec.orientation)
+        hu = _oriented(volume.hu, order, flips)
+        spacing = [volume.spacing[axis] for axis in order]
+        factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]  # model voxels per scan voxel
+        model_input = _normalise(_resample_linear(hu.astype(np.float32), factors), spec)
+        classes = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)))
+        labels = _back_to_grid(classes, hu.shape, factors)
+        labels = _postprocess(labels, self.manifest.labels, float(np.prod(volume.spacing)) / 1000.0)
+        labels = _unoriented(labels, order, flips)
+        voxels = {label.name: int(np.count_nonzero(labels == label.value)) for label in self.manifest.labels}
+        prediction = Prediction(labels, voxels, time.monotonic() - started)
+        log.info("inference_done", model=self.manifest.model.name, seconds=round(prediction.seconds, 2),
+                 empty_labels=prediction.empty)
+        return prediction
+
+    def _classify(self, image: np.ndarray, padding: float) -> np.ndarray:
+        patch = self.manifest.input.patch_size
+        padded, crop = _pad_to(image, patch, padding)
+        scores = np.zeros((self._channels, *padded.shape), dtype=np.float32)
+        weight = np.zeros(padded.shape, dtype=np.float32)
+        tiles = [(z, y, x) for z in window_steps(padded.shape[0], patch[0], self.manifest.input.overlap)
+                 for y in window_steps(padded.shape[1], patch[1], self.manifest.input.overlap)
+                 for x in window_steps(padded.shape[2], patch[2], self.manifest.input.overlap)]
+        batch = self.manifest.input.batch_size
+        for first in range(0, len(tiles), batch):
+            group = tiles[first:first + batch]
+            slices = [tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True)) for start in group]
+            output = self._run(np.stack([padded[s][None] for s in slices]))
+            for index, region in enumerate(slices):
+                scores[(slice(None), *region)] += output[index] * self._weights
+                weight[region] += self._weights
+        scores /= weight
+        return _decide(scores[(slice(None), *crop)], self.manifest.output.kind, self.manifest.output.threshold)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            (output,) = self._session.run(None, {self._input: batch.astype(np.float32, copy=False)})[:1]
+        except Exception as exc:
+            raise InferenceError(f"model {self.manifest.model.name} failed on a tile ({type(exc).__name__})") from exc
+        expected = (batch.shape[0], self._channels, *batch.shape[2:])
+        if output.shape != expected:
+            raise InferenceError(f"model output shape {output.shape}, expected {expected}")
+        if not np.isfinite(output).all():
+            raise InferenceError("model output contains NaN or infinite values")
+        result: np.ndarray = output.astype(np.float32, copy=False)
+        return result
+
+
+def _oriented(array: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
+    out = np.transpose(array, order)
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis)
+    return out
+
+
+def _unoriented(array: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
+    for axis, flip in enumerate(flips):
+        if flip:
+            array = np.flip(array, axis)
+    return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
+
+
+def _resample_linear(array: np.ndarray, factors: Sequence[float]) -> np.ndarray:
+    """Separable linear resampling; output index m samples input position m / factor (corners aligned at 0)."""
+    for axis, factor in enumerate(factors):
+        size = array.shape[axis]
+        count = max(1, math.floor((size - 1) * factor + 1e-6) + 1)
+        if count == size and abs(factor - 1) < 1e-9:
+            continue
+        position = np.minimum(np.arange(count) / factor, size - 1)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, size - 1)
+        shape = [1] * array.ndim
+        shape[axis] = count
+        fraction = (position - low).astype(np.float32).reshape(shape)
+        array = np.take(array, low, axis=axis) * (1 - fraction) + np.take(array, high, axis=axis) * fraction
+    return array.astype(np.float32, copy=False)
+
+
+def _normalise(hu: np.ndarray | np.float32, spec: InputSpec) -> np.ndarray:
+    norm = spec.normalisation
+    if isinstance(norm, ClipScale):
+        clipped = np.clip(hu, norm.hu_min, norm.hu_max)
+        scaled = (clipped - norm.hu_min) / (norm.hu_max - norm.hu_min) * (norm.out_max - norm.out_min) + norm.out_min
+        return np.asarray(scaled, dtype=np.float32)
+    low = -np.inf if norm.hu_min is None else norm.hu_min
+    high = np.inf if norm.hu_max is None else norm.hu_max
+    return np.asarray((np.clip(hu, low, high) - norm.mean) / norm.std, dtype=np.float32)
+
+
+def _pad_to(image: np.ndarray, patch: Sequence[int], value: float) -> tuple[np.ndarray, tuple[slice, ...]]:
+    pads = [(0, max(0, p - s)) for s, p in zip(image.shape, patch, strict=True)]
+    if not any(after for _, after in pads):
+        return image, tuple(slice(0, s) for s in image.shape)
+    return np.pad(image, pads, constant_values=value), tuple(slice(0, s) for s in image.shape)
+
+
+def _decide(scores: np.ndarray, kind: str, threshold: float) -> np.ndarray:
+    best: np.ndarray = np.argmax(scores, axis=0)
+    if kind == "softmax":
+        return best.astype(np.uint8)
+    decided: np.ndarray = np.where(scores.max(axis=0) >= threshold, best + 1, 0).astype(np.uint8)
+    return decided
+
+
+def _back_to_grid(classes: np.ndarray, shape: Sequence[int], factors: Sequence[float]) -> np.ndarray:
+    """Nearest class for every original voxel (scan index c sits at model position c * factor)."""
+    indices = [np.minimum(np.round(np.arange(n) * factor).astype(np.int64), m - 1)
+               for n, factor, m in zip(shape, factors, classes.shape, strict=True)]
+    grid: np.ndarray = classes[np.ix_(*indices)]
+    return grid
+
+
+def _postprocess(labels: np.ndarray, specs: Sequence[Label], voxel_ml: float) -> np.ndarray:
+    out = np.zeros_like(labels)
+    for spec in specs:
+        mask = labels == spec.value
+        if spec.keep_largest_component and mask.any():
+            components, _count = ndimage.label(mask)
+            sizes = np.bincount(components.ravel())[1:]
+            mask = components == (int(np.argmax(sizes)) + 1)
+        if spec.fill_holes:
+            mask = ndimage.binary_fill_holes(mask)
+        if spec.min_volume_ml and mask.sum() * voxel_ml < spec.min_volume_ml:
+            mask[:] = False
+        out[mask & (out == 0)] = spec.value
+    return out

@@ -1,0 +1,199 @@
+"""Model packages: ``models/<name>/model.onnx`` plus ``manifest.toml``, validated at start-up.
+
+The manifest says everything the predictor needs to run a segmentation network the way it
+was trained, and everything the RTSTRUCT writer needs to name what it found::
+
+    [model]
+    name = "default"
+    version = "1.0.0"
+    modality = "CT"
+
+    [input]
+    orientation = "SPL"          # direction each array axis increases toward (L/R, A/P, S/I)
+    spacing_mm = [3.0, 3.0, 3.0] # voxel size along those axes
+    patch_size = [32, 64, 64]
+    overlap = 0.5                # fraction of a patch shared by neighbouring tiles
+    batch_size = 2
+    padding_hu = -1024           # value outside the scan
+    normalisation = { kind = "clip_scale", hu_min = -1000, hu_max = 1000 }  # or kind = "zscore", mean, std
+
+    [output]
+    kind = "softmax"             # one channel per class incl. background; or "sigmoid", one per label
+    threshold = 0.5              # sigmoid only
+
+    [[labels]]
+    value = 1                    # channel (softmax) or channel + 1 (sigmoid)
+    name = "External"            # TG-263, <= 16 characters
+    colour = [0, 255, 0]
+    interpreted_type = "EXTERNAL"
+    keep_largest_component = true
+    fill_holes = true
+    min_volume_ml = 0.0
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import ConfigError
+
+__all__ = ["Label", "ModelManifest", "ModelPackage", "load_model_package"]
+
+_ORIENTATION = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
+_INTERPRETED_TYPES = {"EXTERNAL", "PTV", "CTV", "GTV", "ORGAN", "AVOIDANCE", "BOLUS", "CAVITY", "SUPPORT",
+                      "FIXATION", "CONTROL", "REGISTRATION", "ISOCENTER", "MARKER", "BRACHY_CHANNEL",
+                      "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "CONTRAST_AGENT", "DOSE_REGION",
+                      "TREATED_VOLUME", "IRRAD_VOLUME", "DOSE_MEASUREMENT"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Model):
+    """Identity of the network."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    version: Annotated[str, Field(min_length=1, max_length=32)]
+    modality: Literal["CT"] = "CT"
+    description: str = ""
+
+
+class ClipScale(_Model):
+    """HU clipped to ``[hu_min, hu_max]`` and scaled linearly to ``[out_min, out_max]``."""
+
+    kind: Literal["clip_scale"]
+    hu_min: float
+    hu_max: float
+    out_min: float = 0.0
+    out_max: float = 1.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.hu_max <= self.hu_min:
+            raise ValueError("hu_max must be greater than hu_min")
+        return self
+
+
+class ZScore(_Model):
+    """HU optionally clipped, then ``(hu - mean) / std`` (nnU-Net's CT normalisation)."""
+
+    kind: Literal["zscore"]
+    mean: float
+    std: Annotated[float, Field(gt=0)]
+    hu_min: float | None = None
+    hu_max: float | None = None
+
+
+class InputSpec(_Model):
+    """How the network wants its input."""
+
+    orientation: str
+    spacing_mm: Annotated[list[Annotated[float, Field(gt=0, le=20)]], Field(min_length=3, max_length=3)]
+    patch_size: Annotated[list[Annotated[int, Field(ge=4, le=1024)]], Field(min_length=3, max_length=3)]
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    batch_size: Annotated[int, Field(ge=1, le=64)] = 1
+    padding_hu: float = -1024.0
+    normalisation: ClipScale | ZScore = Field(discriminator="kind")
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation_code(cls, value: str) -> str:
+        if not _ORIENTATION.match(value):
+            raise ValueError("must be 3 letters naming one of L/R, A/P and S/I each, such as 'LPS' or 'SPL'")
+        return value
+
+
+class OutputSpec(_Model):
+    """What the network returns."""
+
+    kind: Literal["softmax", "sigmoid"]
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+
+
+class Label(_Model):
+    """One structure the model segments."""
+
+    value: Annotated[int, Field(ge=1, le=255)]
+    name: str
+    colour: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
+    interpreted_type: str = "ORGAN"
+    keep_largest_component: bool = False
+    fill_holes: bool = False
+    min_volume_ml: Annotated[float, Field(ge=0)] = 0.0
+
+    @field_validator("name")
+    @classmethod
+    def _tg263(cls, value: str) -> str:
+        if not 1 <= len(value) <= 16 or value != value.strip() or "\\" in value:
+            raise ValueError("must be 1-16 characters (TG-263), no leading/trailing spaces or backslash")
+        return value
+
+    @field_validator("interpreted_type")
+    @classmethod
+    def _rt_type(cls, value: str) -> str:
+        if value not in _INTERPRETED_TYPES:
+            raise ValueError("must be an RT ROI Interpreted Type (PS3.3 C.8.8.8), such as ORGAN or EXTERNAL")
+        return value
+
+
+class ModelManifest(_Model):
+    """The whole ``manifest.toml``."""
+
+    model: ModelInfo
+    input: InputSpec
+    output: OutputSpec
+    labels: Annotated[list[Label], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _labels_distinct(self) -> Self:
+        values = [label.value for label in self.labels]
+        names = [label.name for label in self.labels]
+        if len(set(values)) != len(values) or len(set(names)) != len(names):
+            raise ValueError("label values and names must be unique")
+        if self.output.kind == "sigmoid" and sorted(values) != list(range(1, len(values) + 1)):
+            raise ValueError("sigmoid labels must be numbered 1..N, one per output channel")
+        return self
+
+
+class ModelPackage(_Model):
+    """A validated package: its folder, network file and manifest."""
+
+    folder: Path
+    onnx_path: Path
+    manifest: ModelManifest
+
+
+def load_model_package(folder: Path) -> ModelPackage:
+    """Read and validate ``folder/manifest.toml`` and check ``folder/model.onnx`` exists.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem with the package.
+    """
+    source = str(folder)
+    manifest_path, onnx_path = folder / "manifest.toml", folder / "model.onnx"
+    problems = []
+    if not onnx_path.is_file():
+        problems.append(f"{onnx_path.name}: missing")
+    try:
+        raw = tomllib.loads(manifest_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(source, [*problems, f"manifest.toml: cannot read ({exc.strerror})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [*problems, f"manifest.toml: not valid TOML: {exc}"]) from None
+    try:
+        manifest = ModelManifest.model_validate(raw)
+    except ValidationError as exc:
+        problems += [f"manifest.toml {'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in exc.errors(include_url=False, include_input=False)]
+        raise ConfigError(source, problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return ModelPackage(folder=folder, onnx_path=onnx_path, manifest=manifest)

@@ -1,0 +1,161 @@
+"""Predictor: pure sliding-window and orientation helpers, and real ONNX networks end to end."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.errors import ConfigError, InferenceError
+from gateway.infer import Predictor, axis_transform, gaussian_weights, orientation_code, window_steps
+from gateway.manifest import load_model_package
+from gateway.volume import Volume
+from tests.onnx_models import bands_network, broken_network, manifest, threshold_network
+
+#: Voxel -> LPS axes of axial CT, per patient position: columns are the k (slice), i (row), j (column) axes.
+AXES = {
+    "HFS": np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=float).T,
+    "FFS": np.array([[0, 0, -1], [0, 1, 0], [-1, 0, 0]], dtype=float).T,
+    "HFP": np.array([[0, 0, 1], [0, -1, 0], [-1, 0, 0]], dtype=float).T,
+    "FFP": np.array([[0, 0, -1], [0, -1, 0], [1, 0, 0]], dtype=float).T,
+}
+
+
+def make_volume(position: str = "HFS", shape: tuple[int, int, int] = (40, 64, 64),
+                spacing: tuple[float, float, float] = (2.5, 1.5, 1.5),
+                spheres: tuple[tuple[tuple[float, float, float], float, float], ...] = (((0, 0, 0), 25.0, 500.0),),
+                ) -> tuple[Volume, list[np.ndarray]]:
+    """A volume of air with HU spheres ``(centre LPS mm, radius mm, HU)``; returns it and each sphere's mask."""
+    affine = np.eye(4)
+    affine[:3, :3] = AXES[position] * np.array(spacing)
+    centre_voxel = (np.array(shape) - 1) / 2
+    affine[:3, 3] = -(affine[:3, :3] @ centre_voxel)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    points = (affine[:3, :3] @ grid.T).T + affine[:3, 3]
+    hu = np.full(shape, -1000, dtype=np.int16)
+    masks = []
+    for centre, radius, value in spheres:
+        mask = (np.linalg.norm(points - np.array(centre), axis=1) <= radius).reshape(shape)
+        hu[mask] = value
+        masks.append(mask)
+    volume = Volume(hu, affine, tuple(f"1.2.3.{k}" for k in range(shape[0])), "1.2.3", position)
+    return volume, masks
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+class TestWindowSteps:
+    @pytest.mark.parametrize(("size", "patch", "overlap", "expected"), [
+        (64, 64, 0.5, [0]), (30, 64, 0.5, [0]), (100, 64, 0.5, [0, 18, 36]), (128, 64, 0.5, [0, 32, 64]),
+        (129, 64, 0.5, [0, 22, 43, 65]), (100, 64, 0.0, [0, 36]),
+    ])
+    def test_known_cases(self, size: int, patch: int, overlap: float, expected: list[int]) -> None:
+        assert window_steps(size, patch, overlap) == expected
+
+    def test_every_voxel_is_covered_and_strides_respect_the_overlap(self) -> None:
+        for size, patch, overlap in itertools.product(range(1, 200, 7), (8, 32, 64), (0.0, 0.25, 0.5, 0.75)):
+            steps = window_steps(size, patch, overlap)
+            covered = np.zeros(max(size, patch), dtype=bool)
+            for start in steps:
+                covered[start:start + patch] = True
+            assert covered[:size].all()
+            assert steps[0] == 0 and steps[-1] == max(0, size - patch)
+            assert all(b - a <= max(1, int(patch * (1 - overlap))) for a, b in itertools.pairwise(steps))
+
+
+def test_gaussian_weights() -> None:
+    weights = gaussian_weights((9, 16, 16))
+    assert weights.shape == (9, 16, 16) and weights.dtype == np.float32
+    assert weights.max() == pytest.approx(1.0) and weights.min() > 0
+    assert weights[4, 7, 7] == weights.max() or weights[4, 8, 8] == weights.max()
+    np.testing.assert_allclose(weights, weights[::-1, ::-1, ::-1])
+
+
+class TestOrientation:
+    @pytest.mark.parametrize(("position", "code"), [("HFS", "SPL"), ("FFS", "IPR"), ("HFP", "SAR"),
+                                                    ("FFP", "IAL")])
+    def test_codes(self, position: str, code: str) -> None:
+        assert orientation_code(make_volume(position, shape=(12, 12, 12))[0].affine) == code
+
+    @pytest.mark.parametrize(("source", "target"), [("SPL", "LPS"), ("IPR", "SPL"), ("SAR", "RAS"), ("IAL", "IAL")])
+    def test_transform_round_trip(self, source: str, target: str) -> None:
+        from gateway.infer import _oriented, _unoriented
+
+        array = np.random.default_rng(0).integers(0, 100, (3, 4, 5))
+        order, flips = axis_transform(source, target)
+        moved = _oriented(array, order, flips)
+        np.testing.assert_array_equal(_unoriented(moved, order, flips), array)
+
+
+@pytest.fixture
+def threshold_package(tmp_path: Path) -> Path:
+    threshold_network(tmp_path / "bright" / "model.onnx")
+    return manifest(tmp_path / "bright", labels=[{"value": 1, "name": "Bright", "colour": [255, 0, 0],
+                                                  "keep_largest_component": True, "fill_holes": True}])
+
+
+class TestPredictor:
+    @pytest.mark.parametrize("position", sorted(AXES))
+    def test_sphere_is_found_in_every_patient_position(self, threshold_package: Path, position: str) -> None:
+        volume, (mask,) = make_volume(position)
+        prediction = Predictor(load_model_package(threshold_package)).predict(volume)
+        assert prediction.labels.shape == volume.shape
+        assert dice(prediction.labels == 1, mask) >= 0.95
+        assert prediction.voxels["Bright"] > 0 and not prediction.is_empty
+
+    def test_model_spacing_equal_to_the_scan_is_exact(self, tmp_path: Path) -> None:
+        threshold_network(tmp_path / "m" / "model.onnx")
+        folder = manifest(tmp_path / "m", spacing=(2.5, 1.5, 1.5))
+        volume, (mask,) = make_volume()
+        np.testing.assert_array_equal(Predictor(load_model_package(folder)).predict(volume).labels == 1, mask)
+
+    def test_softmax_classes_and_largest_component(self, tmp_path: Path) -> None:
+        bands_network(tmp_path / "b" / "model.onnx", low=0.45, high=0.75)  # -100 HU and +500 HU
+        folder = manifest(tmp_path / "b", kind="softmax", labels=[
+            {"value": 1, "name": "Soft", "colour": [0, 0, 255], "keep_largest_component": True},
+            {"value": 2, "name": "Dense", "colour": [255, 255, 0]}])
+        volume, (big, small, dense) = make_volume(spheres=(((0, 0, -20), 18.0, 100.0), ((0, 20, 25), 6.0, 100.0),
+                                                           ((0, -25, 25), 8.0, 900.0)))
+        prediction = Predictor(load_model_package(folder)).predict(volume)
+        assert dice(prediction.labels == 1, big) >= 0.9
+        assert not (prediction.labels[small] == 1).any()  # the smaller component was dropped
+        assert dice(prediction.labels == 2, dense) >= 0.85
+
+    def test_holes_are_filled(self, threshold_package: Path) -> None:
+        volume, (_shell, cavity) = make_volume(spheres=(((0, 0, 0), 25.0, 500.0), ((0, 0, 0), 12.0, -1000.0)))
+        labels = Predictor(load_model_package(threshold_package)).predict(volume).labels
+        assert (labels[cavity] == 1).mean() > 0.95
+
+    def test_nothing_found_is_reported_empty(self, threshold_package: Path) -> None:
+        volume, _ = make_volume(spheres=())
+        prediction = Predictor(load_model_package(threshold_package)).predict(volume)
+        assert prediction.is_empty and prediction.empty == ["Bright"]
+
+    @pytest.mark.parametrize(("kind", "message"), [("nan", "NaN"), ("channels", "output shape")])
+    def test_broken_models_raise(self, tmp_path: Path, kind: str, message: str) -> None:
+        broken_network(tmp_path / "x" / "model.onnx", kind)
+        predictor = Predictor(load_model_package(manifest(tmp_path / "x")))
+        with pytest.raises(InferenceError, match=message):
+            predictor.predict(make_volume(shape=(20, 32, 32))[0])
+
+
+class TestManifest:
+    def test_every_problem_is_listed(self, tmp_path: Path) -> None:
+        folder = manifest(tmp_path / "bad", orientation="XYZ", labels=[
+            {"value": 2, "name": "Name that is far too long", "colour": [255, 0, 0], "interpreted_type": "LIVER"}])
+        with pytest.raises(ConfigError) as info:
+            load_model_package(folder)
+        text = "\n".join(info.value.problems)
+        assert "model.onnx: missing" in text
+        assert "input.orientation" in text
+        assert "labels.0.name" in text and "labels.0.interpreted_type" in text
+
+    def test_sigmoid_labels_must_match_channels(self, tmp_path: Path) -> None:
+        threshold_network(tmp_path / "s" / "model.onnx")
+        folder = manifest(tmp_path / "s", labels=[{"value": 2, "name": "Bright", "colour": [1, 2, 3]}])
+        with pytest.raises(ConfigError, match=r"sigmoid labels must be numbered 1\.\.N"):
+            load_model_package(folder)
