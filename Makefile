@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/gateway.toml
 # Debian packages the tests talk to: command that proves presence -> package.
-TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc
+TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools
 
 .PHONY: run test venv dev peers lint typecheck bench clean
 

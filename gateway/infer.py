@@ -2,9 +2,10 @@
 
 The predictor reorients the volume to the model's axis convention, resamples it to the
 model's spacing, normalises it, and runs the network tile by tile (sliding window with
-overlap, Gaussian-weighted, batched). The class map is resampled back to the original
-grid and cleaned per label as the manifest says (largest component, holes, minimum
-volume). The pure geometry helpers (:func:`window_steps`, :func:`gaussian_weights`,
+overlap, Gaussian-weighted, batched). Structures may overlap (an External encloses the
+lungs), so the result holds one bit per label in each voxel; it is resampled back to the
+original grid and cleaned per label as the manifest says (largest component, holes,
+minimum volume, left/right split). The pure geometry helpers (:func:`window_steps`, :func:`gaussian_weights`,
 :func:`orientation_code`, :func:`axis_transform`) are tested on their own.
 
 Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *patch]``.
@@ -88,11 +89,17 @@ def gaussian_weights(patch: Sequence[int], sigma_scale: float = 1 / 8) -> np.nda
 
 @dataclass(frozen=True)
 class Prediction:
-    """A label map on the CT grid (``uint8``, 0 = background) and what it holds."""
+    """Label bit-planes on the CT grid: bit ``value - 1`` of a voxel is set where that label is."""
 
-    labels: np.ndarray
+    bits: np.ndarray
+    values: dict[str, int]  # label name -> label value
     voxels: dict[str, int]  # label name -> voxel count
     seconds: float
+
+    def mask(self, name: str) -> np.ndarray:
+        """The boolean mask of label *name* on the CT grid."""
+        mask: np.ndarray = (self.bits >> (self.values[name] - 1)) & 1 == 1
+        return mask
 
     @property
     def empty(self) -> list[str]:
@@ -121,8 +128,7 @@ class Predictor:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise InferenceError(f"model {self.manifest.model.name} cannot be loaded ({type(exc).__name__})") from exc
         self._input = self._session.get_inputs()[0].name
-        self._channels = (len(self.manifest.labels) + 1 if self.manifest.output.kind == "softmax"
-                          else len(self.manifest.labels))
+        self._channels = self.manifest.channels
         self._weights = gaussian_weights(self.manifest.input.patch_size)
 
     def predict(self, volume: Volume) -> Prediction:
@@ -135,12 +141,12 @@ class Predictor:
         spacing = [volume.spacing[axis] for axis in order]
         factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]  # model voxels per scan voxel
         model_input = _normalise(_resample_linear(hu.astype(np.float32), factors), spec)
-        classes = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)))
-        labels = _back_to_grid(classes, hu.shape, factors)
-        labels = _postprocess(labels, self.manifest.labels, float(np.prod(volume.spacing)) / 1000.0)
-        labels = _unoriented(labels, order, flips)
-        voxels = {label.name: int(np.count_nonzero(labels == label.value)) for label in self.manifest.labels}
-        prediction = Prediction(labels, voxels, time.monotonic() - started)
+        channels = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)))
+        bits = _unoriented(_back_to_grid(channels, hu.shape, factors), order, flips)
+        bits = _postprocess(bits, self.manifest.labels, volume, self.manifest.output.kind)
+        values = {label.name: label.value for label in self.manifest.labels}
+        voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
+        prediction = Prediction(bits, values, voxels, time.monotonic() - started)
         log.info("inference_done", model=self.manifest.model.name, seconds=round(prediction.seconds, 2),
                  empty_labels=prediction.empty)
         return prediction
@@ -229,11 +235,15 @@ def _pad_to(image: np.ndarray, patch: Sequence[int], value: float) -> tuple[np.n
 
 
 def _decide(scores: np.ndarray, kind: str, threshold: float) -> np.ndarray:
-    best: np.ndarray = np.argmax(scores, axis=0)
+    """Softmax: the winning class index (0 = background). Sigmoid: bit c set where channel c >= threshold."""
     if kind == "softmax":
-        return best.astype(np.uint8)
-    decided: np.ndarray = np.where(scores.max(axis=0) >= threshold, best + 1, 0).astype(np.uint8)
-    return decided
+        winner: np.ndarray = np.argmax(scores, axis=0).astype(np.uint8)
+        return winner
+    dtype = np.uint8 if len(scores) <= 8 else np.uint32
+    bits = np.zeros(scores.shape[1:], dtype=dtype)
+    for channel, score in enumerate(scores):
+        bits |= (score >= threshold).astype(dtype) << channel
+    return bits
 
 
 def _back_to_grid(classes: np.ndarray, shape: Sequence[int], factors: Sequence[float]) -> np.ndarray:
@@ -244,17 +254,31 @@ def _back_to_grid(classes: np.ndarray, shape: Sequence[int], factors: Sequence[f
     return grid
 
 
-def _postprocess(labels: np.ndarray, specs: Sequence[Label], voxel_ml: float) -> np.ndarray:
-    out = np.zeros_like(labels)
+def _postprocess(decided: np.ndarray, specs: Sequence[Label], volume: Volume, kind: str) -> np.ndarray:
+    """Per label: its raw mask, the side of the midline, the largest component, holes, minimum volume."""
+    out = np.zeros(decided.shape, dtype=np.uint8 if len(specs) <= 8 else np.uint32)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     for spec in specs:
-        mask = labels == spec.value
+        mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
+        if spec.side is not None and mask.any():
+            mask = _one_side(mask, volume.affine, spec.side)
         if spec.keep_largest_component and mask.any():
             components, _count = ndimage.label(mask)
             sizes = np.bincount(components.ravel())[1:]
             mask = components == (int(np.argmax(sizes)) + 1)
-        if spec.fill_holes:
-            mask = ndimage.binary_fill_holes(mask)
+        if spec.fill_holes:  # per axial slice, as contours are drawn: a hole open at the scan's end still fills
+            mask = np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
         if spec.min_volume_ml and mask.sum() * voxel_ml < spec.min_volume_ml:
             mask[:] = False
-        out[mask & (out == 0)] = spec.value
+        out |= mask.astype(out.dtype) << (spec.value - 1)
     return out
+
+
+def _one_side(mask: np.ndarray, affine: np.ndarray, side: str) -> np.ndarray:
+    """The part of *mask* on the patient's left (+x in LPS) or right of the mask's own centre."""
+    axes = [np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+            for axis, n in enumerate(mask.shape)]
+    x = affine[0, 0] * axes[0] + affine[0, 1] * axes[1] + affine[0, 2] * axes[2] + affine[0, 3]
+    middle = float(np.broadcast_to(x, mask.shape)[mask].mean())
+    half: np.ndarray = mask & (x > middle if side == "left" else x <= middle)
+    return half

@@ -22,8 +22,10 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     threshold = 0.5              # sigmoid only
 
     [[labels]]
-    value = 1                    # channel (softmax) or channel + 1 (sigmoid)
+    value = 1                    # softmax: the class index; sigmoid: the output channel + 1 by default
     name = "External"            # TG-263, <= 16 characters
+    # channel = 2                # sigmoid: several labels may read one channel ...
+    # side = "left"              # ... and split it at the patient midline of that channel's mask
     colour = [0, 255, 0]
     interpreted_type = "EXTERNAL"
     keep_largest_component = true
@@ -126,6 +128,13 @@ class Label(_Model):
     keep_largest_component: bool = False
     fill_holes: bool = False
     min_volume_ml: Annotated[float, Field(ge=0)] = 0.0
+    channel: Annotated[int, Field(ge=1, le=255)] | None = None
+    side: Literal["left", "right"] | None = None
+
+    @property
+    def output_channel(self) -> int:
+        """The network output channel this label reads (sigmoid models)."""
+        return (self.channel if self.channel is not None else self.value) - 1
 
     @field_validator("name")
     @classmethod
@@ -156,9 +165,24 @@ class ModelManifest(_Model):
         names = [label.name for label in self.labels]
         if len(set(values)) != len(values) or len(set(names)) != len(names):
             raise ValueError("label values and names must be unique")
-        if self.output.kind == "sigmoid" and sorted(values) != list(range(1, len(values) + 1)):
-            raise ValueError("sigmoid labels must be numbered 1..N, one per output channel")
+        if len(self.labels) > 32:
+            raise ValueError("at most 32 labels per model")
+        if self.output.kind == "sigmoid":
+            channels = {label.output_channel for label in self.labels}
+            if channels != set(range(len(channels))):
+                raise ValueError("sigmoid labels must read channels 1..N with none unused")
+        elif any(label.channel is not None or label.side is not None for label in self.labels):
+            raise ValueError("channel and side apply to sigmoid models only")
+        elif sorted(values) != list(range(1, len(values) + 1)):
+            raise ValueError("softmax labels must be numbered 1..N, one per class after background")
         return self
+
+    @property
+    def channels(self) -> int:
+        """How many channels the network returns."""
+        if self.output.kind == "softmax":
+            return len(self.labels) + 1
+        return len({label.output_channel for label in self.labels})
 
 
 class ModelPackage(_Model):

@@ -103,15 +103,15 @@ class TestPredictor:
     def test_sphere_is_found_in_every_patient_position(self, threshold_package: Path, position: str) -> None:
         volume, (mask,) = make_volume(position)
         prediction = Predictor(load_model_package(threshold_package)).predict(volume)
-        assert prediction.labels.shape == volume.shape
-        assert dice(prediction.labels == 1, mask) >= 0.95
+        assert prediction.bits.shape == volume.shape
+        assert dice(prediction.mask("Bright"), mask) >= 0.95
         assert prediction.voxels["Bright"] > 0 and not prediction.is_empty
 
     def test_model_spacing_equal_to_the_scan_is_exact(self, tmp_path: Path) -> None:
         threshold_network(tmp_path / "m" / "model.onnx")
         folder = manifest(tmp_path / "m", spacing=(2.5, 1.5, 1.5))
         volume, (mask,) = make_volume()
-        np.testing.assert_array_equal(Predictor(load_model_package(folder)).predict(volume).labels == 1, mask)
+        np.testing.assert_array_equal(Predictor(load_model_package(folder)).predict(volume).mask("Bright"), mask)
 
     def test_softmax_classes_and_largest_component(self, tmp_path: Path) -> None:
         bands_network(tmp_path / "b" / "model.onnx", low=0.45, high=0.75)  # -100 HU and +500 HU
@@ -121,14 +121,14 @@ class TestPredictor:
         volume, (big, small, dense) = make_volume(spheres=(((0, 0, -20), 18.0, 100.0), ((0, 20, 25), 6.0, 100.0),
                                                            ((0, -25, 25), 8.0, 900.0)))
         prediction = Predictor(load_model_package(folder)).predict(volume)
-        assert dice(prediction.labels == 1, big) >= 0.9
-        assert not (prediction.labels[small] == 1).any()  # the smaller component was dropped
-        assert dice(prediction.labels == 2, dense) >= 0.85
+        assert dice(prediction.mask("Soft"), big) >= 0.9
+        assert not prediction.mask("Soft")[small].any()  # the smaller component was dropped
+        assert dice(prediction.mask("Dense"), dense) >= 0.85
 
     def test_holes_are_filled(self, threshold_package: Path) -> None:
         volume, (_shell, cavity) = make_volume(spheres=(((0, 0, 0), 25.0, 500.0), ((0, 0, 0), 12.0, -1000.0)))
-        labels = Predictor(load_model_package(threshold_package)).predict(volume).labels
-        assert (labels[cavity] == 1).mean() > 0.95
+        bright = Predictor(load_model_package(threshold_package)).predict(volume).mask("Bright")
+        assert bright[cavity].mean() > 0.95
 
     def test_nothing_found_is_reported_empty(self, threshold_package: Path) -> None:
         volume, _ = make_volume(spheres=())
@@ -157,5 +157,5 @@ class TestManifest:
     def test_sigmoid_labels_must_match_channels(self, tmp_path: Path) -> None:
         threshold_network(tmp_path / "s" / "model.onnx")
         folder = manifest(tmp_path / "s", labels=[{"value": 2, "name": "Bright", "colour": [1, 2, 3]}])
-        with pytest.raises(ConfigError, match=r"sigmoid labels must be numbered 1\.\.N"):
+        with pytest.raises(ConfigError, match=r"sigmoid labels must read channels 1\.\.N"):
             load_model_package(folder)

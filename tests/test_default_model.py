@@ -1,0 +1,105 @@
+"""The embedded default model on CT it has never seen: a phantom with a couch, and plastimatch's lung phantom."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from gateway.infer import Predictor
+from gateway.manifest import load_model_package
+from gateway.volume import Volume, volume_from_datasets
+from tests.conftest import REPO, require_tool
+
+DEFAULT = REPO / "models" / "default"
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor(load_model_package(DEFAULT))
+
+
+def test_committed_network_is_what_the_script_builds() -> None:
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from build_default_model import build
+
+    assert build().SerializeToString() == (DEFAULT / "model.onnx").read_bytes()
+    package = load_model_package(DEFAULT)
+    assert [label.name for label in package.manifest.labels] == ["External", "Lung_L", "Lung_R"]
+
+
+def couch_phantom(seed: int = 0) -> tuple[Volume, dict[str, np.ndarray]]:
+    """A thorax-abdomen: body, lungs with vessels, spine, bowel gas, 30 HU noise, and a couch
+    (an 8 mm shell against the patient's back over a foam core) that is not the patient."""
+    shape, spacing = (60, 256, 256), (3.0, 1.5, 1.5)
+    k, i, j = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    z, y, x = ((k - shape[0] / 2) * spacing[0], (i - shape[1] / 2) * spacing[1], (j - shape[2] / 2) * spacing[2])
+    hu = np.full(shape, -1000.0)
+    body = (x / 160) ** 2 + (y / 110) ** 2 <= 1
+    hu[body] = 40
+    lung_r = ((x + 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
+    lung_l = ((x - 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
+    hu[lung_r | lung_l] = -820
+    hu[(lung_r | lung_l) & (((x % 20) - 10) ** 2 + ((y % 20) - 10) ** 2 < 4)] = 40  # vessels
+    hu[(x / 15) ** 2 + ((y - 80) / 15) ** 2 <= 1] = 700  # spine
+    hu[body & (((x - 30) / 12) ** 2 + ((y - 30) / 10) ** 2 + ((z + 60) / 10) ** 2 <= 1)] = -1000  # bowel gas
+    couch = np.abs(x) < 230
+    hu[couch & (((y >= 110) & (y < 118)) | ((y >= 160) & (y < 166)))] = 250
+    hu[couch & (y >= 118) & (y < 160)] = -900
+    hu += np.random.default_rng(seed).normal(0, 30, shape)
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = spacing[0], spacing[1], spacing[2], 1
+    affine[:3, 3] = [-(shape[2] / 2) * spacing[2], -(shape[1] / 2) * spacing[1], -(shape[0] / 2) * spacing[0]]
+    volume = Volume(np.round(hu).astype(np.int16), affine, tuple(map(str, range(shape[0]))), "1.2.3", "HFS")
+    return volume, {"External": body, "Lung_L": lung_l, "Lung_R": lung_r}
+
+
+def test_phantom_with_couch(predictor: Predictor) -> None:
+    volume, truth = couch_phantom()
+    prediction = predictor.predict(volume)
+    assert dice(prediction.mask("External"), truth["External"]) >= 0.95
+    assert dice(prediction.mask("Lung_L"), truth["Lung_L"]) >= 0.90
+    assert dice(prediction.mask("Lung_R"), truth["Lung_R"]) >= 0.90
+    below_the_back = (np.arange(volume.shape[1]) - 128) * 1.5 >= 120  # couch foam and lower shell: y >= 120 mm
+    assert not prediction.mask("External")[:, below_the_back, :].any(), "the couch was taken for the patient"
+
+
+def _read_mha_bits(path: Path, shape_zyx: tuple[int, int, int]) -> np.ndarray:
+    raw = path.read_bytes()
+    header_end = raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    header = raw[:header_end].decode()
+    channels = int(header.split("ElementNumberOfChannels = ")[1].split()[0]) if "ElementNumberOfChannels" in header \
+        else 1
+    data = np.frombuffer(raw[header_end:], dtype=np.uint8).reshape(*shape_zyx, channels)
+    return data[..., 0]
+
+
+def test_plastimatch_synthetic_lung(tmp_path: Path, predictor: Predictor) -> None:
+    subprocess.run([require_tool("plastimatch"), "synth", "--pattern", "lung", "--output", str(tmp_path / "ct.mha"),
+                    "--output-ss-img", str(tmp_path / "ss.mha"), "--output-ss-list", str(tmp_path / "ss.txt"),
+                    "--output-dicom", str(tmp_path / "dicom"), "--dim", "170 170 70", "--spacing", "3 3 4",
+                    "--output-type", "short"], check=True, capture_output=True, timeout=120)
+    names = {line.split("|")[2]: int(line.split("|")[0]) for line in (tmp_path / "ss.txt").read_text().splitlines()}
+    slices = [pydicom.dcmread(p) for p in sorted((tmp_path / "dicom").glob("image*.dcm"))]
+    volume = volume_from_datasets(slices)
+    bits = _read_mha_bits(tmp_path / "ss.mha", volume.shape)
+    body, lungs = (bits >> names["Body"]) & 1 == 1, (bits >> names["Lung"]) & 1 == 1
+    x = volume.affine[0, 2] * np.arange(volume.shape[2]) + volume.affine[0, 3]
+    middle = x[lungs.any(axis=(0, 1))].mean()
+    truth_left, truth_right = lungs & (x > middle), lungs & (x <= middle)
+    prediction = predictor.predict(volume)
+    scores = {"External": dice(prediction.mask("External"), body),
+              "Lung_L": dice(prediction.mask("Lung_L"), truth_left),
+              "Lung_R": dice(prediction.mask("Lung_R"), truth_right)}
+    print(f"plastimatch lung phantom Dice: {scores}")
+    assert scores["External"] >= 0.95
+    assert scores["Lung_L"] >= 0.90 and scores["Lung_R"] >= 0.90
