@@ -47,6 +47,7 @@ lint: dev
 bench: dev peers
 	$(PY) scripts/bench_ingest.py
 	$(PY) scripts/bench_deidentify.py
+	$(PY) scripts/bench_infer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

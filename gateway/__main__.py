@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.command == "serve":
+            from gateway.manifest import check_route_models
+
+            check_route_models(config.inference.models_dir, [route.model for route in config.routes])
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG

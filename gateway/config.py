@@ -33,6 +33,7 @@ __all__ = [
     "Destination",
     "Encryption",
     "GatewayConfig",
+    "Inference",
     "Logging",
     "Node",
     "Peer",
@@ -221,6 +222,21 @@ class Encryption(_Model):
     master_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] = "CONTOUR_GW_MASTER_KEY"
 
 
+_Provider = Literal["CUDAExecutionProvider", "CPUExecutionProvider"]
+_CPU: _Provider = "CPUExecutionProvider"
+
+
+class Inference(_Model):
+    """How models run: where their packages are, and on what."""
+
+    #: Folder holding the model packages that ``[[routes]] model`` names.
+    models_dir: Path = Path("models")
+    #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
+    providers: Annotated[list[_Provider], Field(min_length=1)] = Field(default_factory=lambda: [_CPU])
+    #: Threads per inference session; 0 lets onnxruntime choose.
+    threads: Annotated[int, Field(ge=0, le=256)] = 0
+
+
 class Logging(_Model):
     """Log output: JSON lines on stdout (``console`` is for a person at a terminal)."""
 
@@ -237,6 +253,7 @@ class GatewayConfig(_Model):
     routes: list[Route] = Field(default_factory=list)
     retention: Retention = Retention()
     encryption: Encryption = Encryption()
+    inference: Inference = Inference()
     logging: Logging = Logging()
 
     @model_validator(mode="after")
@@ -318,6 +335,10 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", base_dir: Pa
     if not config.node.data_dir.is_absolute():
         node = config.node.model_copy(update={"data_dir": (base_dir / config.node.data_dir).resolve()})
         config = config.model_copy(update={"node": node})
+    if not config.inference.models_dir.is_absolute():
+        inference = config.inference.model_copy(
+            update={"models_dir": (base_dir / config.inference.models_dir).resolve()})
+        config = config.model_copy(update={"inference": inference})
     key_file = config.encryption.master_key_file
     if key_file is not None and not key_file.is_absolute():
         encryption = config.encryption.model_copy(update={"master_key_file": (base_dir / key_file).resolve()})

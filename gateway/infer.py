@@ -1,12 +1,13 @@
-"""Inference: one onnxruntime session per model; ``predict(volume)`` -> label map on the CT grid.
+"""Inference: one onnxruntime session per model; ``predict(volume)`` -> label bit-planes on the CT grid.
 
 The predictor reorients the volume to the model's axis convention, resamples it to the
 model's spacing, normalises it, and runs the network tile by tile (sliding window with
 overlap, Gaussian-weighted, batched). Structures may overlap (an External encloses the
-lungs), so the result holds one bit per label in each voxel; it is resampled back to the
-original grid and cleaned per label as the manifest says (largest component, holes,
-minimum volume, left/right split). The pure geometry helpers (:func:`window_steps`, :func:`gaussian_weights`,
-:func:`orientation_code`, :func:`axis_transform`) are tested on their own.
+lungs), so the result holds one bit per label in each voxel. Each label is cleaned on the
+(small) model grid as the manifest says (left/right split, largest component, holes per
+axial plane, minimum volume), then the bits are mapped to the original CT grid. The pure
+geometry helpers (:func:`window_steps`, :func:`gaussian_weights`, :func:`orientation_code`,
+:func:`axis_transform`) are tested on their own.
 
 Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *patch]``.
 """
@@ -140,10 +141,12 @@ class Predictor:
         hu = _oriented(volume.hu, order, flips)
         spacing = [volume.spacing[axis] for axis in order]
         factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]  # model voxels per scan voxel
-        model_input = _normalise(_resample_linear(hu.astype(np.float32), factors), spec)
-        channels = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)))
-        bits = _unoriented(_back_to_grid(channels, hu.shape, factors), order, flips)
-        bits = _postprocess(bits, self.manifest.labels, volume, self.manifest.output.kind)
+        model_input = _normalise(_resample_linear(hu, factors), spec)
+        decided = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)))
+        # Clean up on the (small) model grid, then map the bits to the CT grid.
+        grid = _ModelGrid(_model_affine(volume.affine, order, flips, factors, hu.shape), order.index(0))
+        bits = _postprocess(decided, self.manifest.labels, grid, self.manifest.output.kind)
+        bits = _unoriented(_back_to_grid(bits, hu.shape, factors), order, flips)
         values = {label.name: label.value for label in self.manifest.labels}
         voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
         prediction = Prediction(bits, values, voxels, time.monotonic() - started)
@@ -200,8 +203,13 @@ def _unoriented(array: np.ndarray, order: tuple[int, int, int], flips: tuple[boo
 
 
 def _resample_linear(array: np.ndarray, factors: Sequence[float]) -> np.ndarray:
-    """Separable linear resampling; output index m samples input position m / factor (corners aligned at 0)."""
-    for axis, factor in enumerate(factors):
+    """Separable linear resampling; output index m samples input position m / factor (corners aligned at 0).
+
+    Axes are taken in order of decreasing reduction, straight from the (int16) input, so no
+    full-resolution float copy of a CT is ever made.
+    """
+    for axis in sorted(range(array.ndim), key=lambda a: factors[a]):
+        factor = factors[axis]
         size = array.shape[axis]
         count = max(1, math.floor((size - 1) * factor + 1e-6) + 1)
         if count == size and abs(factor - 1) < 1e-9:
@@ -254,20 +262,41 @@ def _back_to_grid(classes: np.ndarray, shape: Sequence[int], factors: Sequence[f
     return grid
 
 
-def _postprocess(decided: np.ndarray, specs: Sequence[Label], volume: Volume, kind: str) -> np.ndarray:
+@dataclass(frozen=True)
+class _ModelGrid:
+    """The model's voxel grid: its affine to patient LPS, and which axis runs along the CT's slices."""
+
+    affine: np.ndarray
+    slice_axis: int
+
+
+def _model_affine(affine: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool],
+                  factors: Sequence[float], oriented_shape: Sequence[int]) -> np.ndarray:
+    """Affine from model-grid indices to patient LPS: model index m is oriented scan index m / factor."""
+    to_scan = np.zeros((4, 4))
+    to_scan[3, 3] = 1.0
+    for axis, (source, flip, factor) in enumerate(zip(order, flips, factors, strict=True)):
+        to_scan[source, axis] = (-1.0 if flip else 1.0) / factor
+        to_scan[source, 3] = oriented_shape[axis] - 1 if flip else 0.0
+    model: np.ndarray = affine @ to_scan
+    return model
+
+
+def _postprocess(decided: np.ndarray, specs: Sequence[Label], grid: _ModelGrid, kind: str) -> np.ndarray:
     """Per label: its raw mask, the side of the midline, the largest component, holes, minimum volume."""
     out = np.zeros(decided.shape, dtype=np.uint8 if len(specs) <= 8 else np.uint32)
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
     for spec in specs:
         mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
         if spec.side is not None and mask.any():
-            mask = _one_side(mask, volume.affine, spec.side)
+            mask = _one_side(mask, grid.affine, spec.side)
         if spec.keep_largest_component and mask.any():
             components, _count = ndimage.label(mask)
             sizes = np.bincount(components.ravel())[1:]
             mask = components == (int(np.argmax(sizes)) + 1)
         if spec.fill_holes:  # per axial slice, as contours are drawn: a hole open at the scan's end still fills
-            mask = np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+            planes = np.moveaxis(mask, grid.slice_axis, 0)
+            mask = np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, grid.slice_axis)
         if spec.min_volume_ml and mask.sum() * voxel_ml < spec.min_volume_ml:
             mask[:] = False
         out |= mask.astype(out.dtype) << (spec.value - 1)
@@ -275,10 +304,23 @@ def _postprocess(decided: np.ndarray, specs: Sequence[Label], volume: Volume, ki
 
 
 def _one_side(mask: np.ndarray, affine: np.ndarray, side: str) -> np.ndarray:
-    """The part of *mask* on the patient's left (+x in LPS) or right of the mask's own centre."""
-    axes = [np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
-            for axis, n in enumerate(mask.shape)]
-    x = affine[0, 0] * axes[0] + affine[0, 1] * axes[1] + affine[0, 2] * axes[2] + affine[0, 3]
-    middle = float(np.broadcast_to(x, mask.shape)[mask].mean())
+    """The part of *mask* on the patient's left (+x in LPS) or right of the mask's own centre.
+
+    x is affine-linear in the voxel indices, so its mean over the mask comes from per-axis
+    counts, and only the axes x actually varies along are broadcast (no full-size float array).
+    """
+    total = int(mask.sum())
+    middle = float(affine[0, 3])
+    x: np.ndarray = np.full((1, 1, 1), affine[0, 3], dtype=np.float32)
+    for axis in range(3):
+        coefficient = float(affine[0, axis])
+        if abs(coefficient) < 1e-9:
+            continue
+        others = tuple(a for a in range(3) if a != axis)
+        counts = mask.sum(axis=others)
+        middle += coefficient * float(np.dot(np.arange(mask.shape[axis]), counts)) / total
+        shape = [1, 1, 1]
+        shape[axis] = mask.shape[axis]
+        x = x + np.float32(coefficient) * np.arange(mask.shape[axis], dtype=np.float32).reshape(shape)
     half: np.ndarray = mask & (x > middle if side == "left" else x <= middle)
     return half

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.errors import ConfigError
 
-__all__ = ["Label", "ModelManifest", "ModelPackage", "load_model_package"]
+__all__ = ["Label", "ModelManifest", "ModelPackage", "check_route_models", "load_model_package"]
 
 _ORIENTATION = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
 _INTERPRETED_TYPES = {"EXTERNAL", "PTV", "CTV", "GTV", "ORGAN", "AVOIDANCE", "BOLUS", "CAVITY", "SUPPORT",
@@ -191,6 +191,22 @@ class ModelPackage(_Model):
     folder: Path
     onnx_path: Path
     manifest: ModelManifest
+
+
+def check_route_models(models_dir: Path, names: list[str]) -> None:
+    """Load every model package that a route names; raise one :class:`ConfigError` listing all problems."""
+    problems = []
+    for name in dict.fromkeys(names):
+        folder = models_dir / name
+        if not folder.is_dir():
+            problems.append(f"routes: model {name!r} has no package folder {folder}")
+            continue
+        try:
+            load_model_package(folder)
+        except ConfigError as exc:
+            problems += [f"model {name!r}: {problem}" for problem in exc.problems]
+    if problems:
+        raise ConfigError(str(models_dir), problems)
 
 
 def load_model_package(folder: Path) -> ModelPackage:

@@ -9,6 +9,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from gateway.volume import Volume
+
 #: Canary values: if any of these shows up in a log, path or metric, PHI leaked.
 CANARY_NAME = "CANARY^PATIENT^ZQX"
 CANARY_ID = "CANARYID7731"
@@ -156,3 +158,29 @@ def add_confidentiality_canaries(ds: Dataset) -> list[str]:
     block.add_new(0x03, "SQ", [private_item])
     texts += ["CANARY PRIVATE", "CANARY^PRIVATE^PN", "CANARYPRIVATELO", "CANARY^IN^PRIVATE^SQ"]
     return texts
+
+
+def couch_phantom(seed: int = 0, shape: tuple[int, int, int] = (60, 256, 256),
+                  spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)) -> tuple[Volume, dict[str, np.ndarray]]:
+    """A thorax-abdomen: body, lungs with vessels, spine, bowel gas, 30 HU noise, and a couch
+    (an 8 mm shell against the patient's back over a foam core) that is not the patient."""
+    k, i, j = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    z, y, x = ((k - shape[0] / 2) * spacing[0], (i - shape[1] / 2) * spacing[1], (j - shape[2] / 2) * spacing[2])
+    hu = np.full(shape, -1000.0)
+    body = (x / 160) ** 2 + (y / 110) ** 2 <= 1
+    hu[body] = 40
+    lung_r = ((x + 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
+    lung_l = ((x - 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
+    hu[lung_r | lung_l] = -820
+    hu[(lung_r | lung_l) & (((x % 20) - 10) ** 2 + ((y % 20) - 10) ** 2 < 4)] = 40  # vessels
+    hu[(x / 15) ** 2 + ((y - 80) / 15) ** 2 <= 1] = 700  # spine
+    hu[body & (((x - 30) / 12) ** 2 + ((y - 30) / 10) ** 2 + ((z + 60) / 10) ** 2 <= 1)] = -1000  # bowel gas
+    couch = np.abs(x) < 230
+    hu[couch & (((y >= 110) & (y < 118)) | ((y >= 160) & (y < 166)))] = 250
+    hu[couch & (y >= 118) & (y < 160)] = -900
+    hu += np.random.default_rng(seed).normal(0, 30, shape)
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = spacing[0], spacing[1], spacing[2], 1
+    affine[:3, 3] = [-(shape[2] / 2) * spacing[2], -(shape[1] / 2) * spacing[1], -(shape[0] / 2) * spacing[0]]
+    volume = Volume(np.round(hu).astype(np.int16), affine, tuple(map(str, range(shape[0]))), "1.2.3", "HFS")
+    return volume, {"External": body, "Lung_L": lung_l, "Lung_R": lung_r}

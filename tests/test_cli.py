@@ -119,3 +119,26 @@ def test_serve_reports_a_damaged_master_key(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"master key file {key_file} is damaged" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_route_naming_a_missing_or_invalid_model(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var", destinations=[
+        {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 4242}])
+    (tmp_path / "models" / "broken").mkdir(parents=True)
+    (tmp_path / "models" / "broken" / "manifest.toml").write_text("[model]\nname = 'x'\n")
+    with config.open("a") as extra:
+        extra.write('\n[[routes]]\nname = "ct"\nmodel = "absent"\ndestinations = ["tps"]\n'
+                    '\n[[routes]]\nname = "other"\nmodel = "broken"\ndestinations = ["tps"]\n')
+    result = cli(config, "serve")
+    assert result.returncode == 2
+    assert "model 'absent' has no package folder" in result.stderr
+    assert "model 'broken': model.onnx: missing" in result.stderr
+    assert "model 'broken': manifest.toml input: Field required" in result.stderr
+
+
+def test_the_embedded_default_configuration_names_a_valid_model() -> None:
+    from gateway.config import load_config
+    from gateway.manifest import check_route_models
+
+    config = load_config(REPO / "config" / "gateway.toml")
+    check_route_models(config.inference.models_dir, [route.model for route in config.routes])

@@ -11,8 +11,9 @@ import pytest
 
 from gateway.infer import Predictor
 from gateway.manifest import load_model_package
-from gateway.volume import Volume, volume_from_datasets
+from gateway.volume import volume_from_datasets
 from tests.conftest import REPO, require_tool
+from tests.synthetic import couch_phantom
 
 DEFAULT = REPO / "models" / "default"
 
@@ -35,32 +36,6 @@ def test_committed_network_is_what_the_script_builds() -> None:
     assert build().SerializeToString() == (DEFAULT / "model.onnx").read_bytes()
     package = load_model_package(DEFAULT)
     assert [label.name for label in package.manifest.labels] == ["External", "Lung_L", "Lung_R"]
-
-
-def couch_phantom(seed: int = 0) -> tuple[Volume, dict[str, np.ndarray]]:
-    """A thorax-abdomen: body, lungs with vessels, spine, bowel gas, 30 HU noise, and a couch
-    (an 8 mm shell against the patient's back over a foam core) that is not the patient."""
-    shape, spacing = (60, 256, 256), (3.0, 1.5, 1.5)
-    k, i, j = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    z, y, x = ((k - shape[0] / 2) * spacing[0], (i - shape[1] / 2) * spacing[1], (j - shape[2] / 2) * spacing[2])
-    hu = np.full(shape, -1000.0)
-    body = (x / 160) ** 2 + (y / 110) ** 2 <= 1
-    hu[body] = 40
-    lung_r = ((x + 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
-    lung_l = ((x - 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
-    hu[lung_r | lung_l] = -820
-    hu[(lung_r | lung_l) & (((x % 20) - 10) ** 2 + ((y % 20) - 10) ** 2 < 4)] = 40  # vessels
-    hu[(x / 15) ** 2 + ((y - 80) / 15) ** 2 <= 1] = 700  # spine
-    hu[body & (((x - 30) / 12) ** 2 + ((y - 30) / 10) ** 2 + ((z + 60) / 10) ** 2 <= 1)] = -1000  # bowel gas
-    couch = np.abs(x) < 230
-    hu[couch & (((y >= 110) & (y < 118)) | ((y >= 160) & (y < 166)))] = 250
-    hu[couch & (y >= 118) & (y < 160)] = -900
-    hu += np.random.default_rng(seed).normal(0, 30, shape)
-    affine = np.zeros((4, 4))
-    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = spacing[0], spacing[1], spacing[2], 1
-    affine[:3, 3] = [-(shape[2] / 2) * spacing[2], -(shape[1] / 2) * spacing[1], -(shape[0] / 2) * spacing[0]]
-    volume = Volume(np.round(hu).astype(np.int16), affine, tuple(map(str, range(shape[0]))), "1.2.3", "HFS")
-    return volume, {"External": body, "Lung_L": lung_l, "Lung_R": lung_r}
 
 
 def test_phantom_with_couch(predictor: Predictor) -> None:
