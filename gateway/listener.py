@@ -34,6 +34,7 @@ MSG_QUIT = b"Q"  # parent -> worker: finish what is in flight, then exit
 MSG_CLOSED = b"C"  # worker -> parent: one connection ended
 DRAIN_SECONDS = 30.0
 _HANDOVER_TIMEOUT_S = 2.0
+_CRASH_LOOP_SECONDS = 5.0
 
 
 @dataclass
@@ -43,6 +44,7 @@ class _Worker:
     control: socket.socket
     active: int = 0
     alive: bool = True
+    started_at: float = 0.0
 
 
 class Listener:
@@ -89,7 +91,7 @@ class Listener:
         )
         process.start()
         child_end.close()
-        worker = _Worker(index, process, parent_end)
+        worker = _Worker(index, process, parent_end, started_at=time.monotonic())
         if index < len(self._workers):
             self._workers[index] = worker
         else:
@@ -160,6 +162,8 @@ class Listener:
         if not self._stopping.is_set():
             worker.process.join(timeout=1)
             log.error("receiver_process_died", worker=worker.index, exitcode=worker.process.exitcode)
+            if time.monotonic() - worker.started_at < _CRASH_LOOP_SECONDS:
+                time.sleep(_CRASH_LOOP_SECONDS)  # a receiver that cannot start must not be respawned in a tight loop
             self._spawn(worker.index)
 
     def stop(self) -> None:
