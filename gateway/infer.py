@@ -290,10 +290,8 @@ def _postprocess(decided: np.ndarray, specs: Sequence[Label], grid: _ModelGrid, 
         mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
         if spec.side is not None and mask.any():
             mask = _one_side(mask, grid.affine, spec.side)
-        if spec.keep_largest_component and mask.any():
-            components, _count = ndimage.label(mask)
-            sizes = np.bincount(components.ravel())[1:]
-            mask = components == (int(np.argmax(sizes)) + 1)
+        if (spec.keep_largest_component or spec.min_component_ml) and mask.any():
+            mask = _components(mask, spec.keep_largest_component, spec.min_component_ml / voxel_ml)
         if spec.fill_holes:  # per axial slice, as contours are drawn: a hole open at the scan's end still fills
             planes = np.moveaxis(mask, grid.slice_axis, 0)
             mask = np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, grid.slice_axis)
@@ -301,6 +299,20 @@ def _postprocess(decided: np.ndarray, specs: Sequence[Label], grid: _ModelGrid, 
             mask[:] = False
         out |= mask.astype(out.dtype) << (spec.value - 1)
     return out
+
+
+def _components(mask: np.ndarray, largest_only: bool, min_voxels: float) -> np.ndarray:
+    components, _count = ndimage.label(mask)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    if largest_only:
+        keep = np.zeros_like(sizes, dtype=bool)
+        keep[int(np.argmax(sizes))] = True
+    else:
+        keep = sizes >= min_voxels
+        keep[0] = False
+    kept: np.ndarray = keep[components]
+    return kept
 
 
 def _one_side(mask: np.ndarray, affine: np.ndarray, side: str) -> np.ndarray:

@@ -28,7 +28,8 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     # side = "left"              # ... and split it at the patient midline of that channel's mask
     colour = [0, 255, 0]
     interpreted_type = "EXTERNAL"
-    keep_largest_component = true
+    keep_largest_component = false
+    min_component_ml = 100.0     # drop smaller pieces, keep the arms
     fill_holes = true
     min_volume_ml = 0.0
 """
@@ -126,6 +127,8 @@ class Label(_Model):
     colour: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
     interpreted_type: str = "ORGAN"
     keep_largest_component: bool = False
+    #: Drop connected components smaller than this (keeps e.g. both arms with the body, drops debris).
+    min_component_ml: Annotated[float, Field(ge=0)] = 0.0
     fill_holes: bool = False
     min_volume_ml: Annotated[float, Field(ge=0)] = 0.0
     channel: Annotated[int, Field(ge=1, le=255)] | None = None

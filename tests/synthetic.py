@@ -162,12 +162,15 @@ def add_confidentiality_canaries(ds: Dataset) -> list[str]:
 
 def couch_phantom(seed: int = 0, shape: tuple[int, int, int] = (60, 256, 256),
                   spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)) -> tuple[Volume, dict[str, np.ndarray]]:
-    """A thorax-abdomen: body, lungs with vessels, spine, bowel gas, 30 HU noise, and a couch
-    (an 8 mm shell against the patient's back over a foam core) that is not the patient."""
+    """A thorax-abdomen: body, two arms beside it (an air gap apart), lungs with vessels, spine,
+    bowel gas, 30 HU noise, and a couch (an 8 mm shell against the patient's back over a foam
+    core) that is not the patient."""
     k, i, j = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     z, y, x = ((k - shape[0] / 2) * spacing[0], (i - shape[1] / 2) * spacing[1], (j - shape[2] / 2) * spacing[2])
     hu = np.full(shape, -1000.0)
-    body = (x / 160) ** 2 + (y / 110) ** 2 <= 1
+    trunk = (x / 160) ** 2 + (y / 110) ** 2 <= 1
+    arms = (((np.abs(x) - 185) / 18) ** 2 + ((y - 20) / 30) ** 2 <= 1)
+    body = trunk | arms
     hu[body] = 40
     lung_r = ((x + 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
     lung_l = ((x - 70) / 50) ** 2 + ((y + 10) / 65) ** 2 + ((z - 20) / 80) ** 2 <= 1
