@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 import structlog
-from scipy import ndimage
 
 from gateway.errors import InferenceError
-from gateway.manifest import ClipScale, InputSpec, Label, ModelPackage
+from gateway.manifest import ClipScale, InputSpec, ModelPackage
+from gateway.postprocess import ModelGrid, model_affine, postprocess
 from gateway.volume import Volume
 
 __all__ = ["Prediction", "Predictor", "axis_transform", "gaussian_weights", "orientation_code", "window_steps"]
@@ -144,8 +144,8 @@ class Predictor:
         model_input = _normalise(_resample_linear(hu, factors), spec)
         decided = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)))
         # Clean up on the (small) model grid, then map the bits to the CT grid.
-        grid = _ModelGrid(_model_affine(volume.affine, order, flips, factors, hu.shape), order.index(0))
-        bits = _postprocess(decided, self.manifest.labels, grid, self.manifest.output.kind)
+        grid = ModelGrid(model_affine(volume.affine, order, flips, factors, hu.shape), order.index(0))
+        bits = postprocess(decided, self.manifest.labels, grid, self.manifest.output.kind)
         bits = _unoriented(_back_to_grid(bits, hu.shape, factors), order, flips)
         values = {label.name: label.value for label in self.manifest.labels}
         voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
@@ -260,79 +260,3 @@ def _back_to_grid(classes: np.ndarray, shape: Sequence[int], factors: Sequence[f
                for n, factor, m in zip(shape, factors, classes.shape, strict=True)]
     grid: np.ndarray = classes[np.ix_(*indices)]
     return grid
-
-
-@dataclass(frozen=True)
-class _ModelGrid:
-    """The model's voxel grid: its affine to patient LPS, and which axis runs along the CT's slices."""
-
-    affine: np.ndarray
-    slice_axis: int
-
-
-def _model_affine(affine: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool],
-                  factors: Sequence[float], oriented_shape: Sequence[int]) -> np.ndarray:
-    """Affine from model-grid indices to patient LPS: model index m is oriented scan index m / factor."""
-    to_scan = np.zeros((4, 4))
-    to_scan[3, 3] = 1.0
-    for axis, (source, flip, factor) in enumerate(zip(order, flips, factors, strict=True)):
-        to_scan[source, axis] = (-1.0 if flip else 1.0) / factor
-        to_scan[source, 3] = oriented_shape[axis] - 1 if flip else 0.0
-    model: np.ndarray = affine @ to_scan
-    return model
-
-
-def _postprocess(decided: np.ndarray, specs: Sequence[Label], grid: _ModelGrid, kind: str) -> np.ndarray:
-    """Per label: its raw mask, the side of the midline, the largest component, holes, minimum volume."""
-    out = np.zeros(decided.shape, dtype=np.uint8 if len(specs) <= 8 else np.uint32)
-    voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
-    for spec in specs:
-        mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
-        if spec.side is not None and mask.any():
-            mask = _one_side(mask, grid.affine, spec.side)
-        if (spec.keep_largest_component or spec.min_component_ml) and mask.any():
-            mask = _components(mask, spec.keep_largest_component, spec.min_component_ml / voxel_ml)
-        if spec.fill_holes:  # per axial slice, as contours are drawn: a hole open at the scan's end still fills
-            planes = np.moveaxis(mask, grid.slice_axis, 0)
-            mask = np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, grid.slice_axis)
-        if spec.min_volume_ml and mask.sum() * voxel_ml < spec.min_volume_ml:
-            mask[:] = False
-        out |= mask.astype(out.dtype) << (spec.value - 1)
-    return out
-
-
-def _components(mask: np.ndarray, largest_only: bool, min_voxels: float) -> np.ndarray:
-    components, _count = ndimage.label(mask)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    if largest_only:
-        keep = np.zeros_like(sizes, dtype=bool)
-        keep[int(np.argmax(sizes))] = True
-    else:
-        keep = sizes >= min_voxels
-        keep[0] = False
-    kept: np.ndarray = keep[components]
-    return kept
-
-
-def _one_side(mask: np.ndarray, affine: np.ndarray, side: str) -> np.ndarray:
-    """The part of *mask* on the patient's left (+x in LPS) or right of the mask's own centre.
-
-    x is affine-linear in the voxel indices, so its mean over the mask comes from per-axis
-    counts, and only the axes x actually varies along are broadcast (no full-size float array).
-    """
-    total = int(mask.sum())
-    middle = float(affine[0, 3])
-    x: np.ndarray = np.full((1, 1, 1), affine[0, 3], dtype=np.float32)
-    for axis in range(3):
-        coefficient = float(affine[0, axis])
-        if abs(coefficient) < 1e-9:
-            continue
-        others = tuple(a for a in range(3) if a != axis)
-        counts = mask.sum(axis=others)
-        middle += coefficient * float(np.dot(np.arange(mask.shape[axis]), counts)) / total
-        shape = [1, 1, 1]
-        shape[axis] = mask.shape[axis]
-        x = x + np.float32(coefficient) * np.arange(mask.shape[axis], dtype=np.float32).reshape(shape)
-    half: np.ndarray = mask & (x > middle if side == "left" else x <= middle)
-    return half
