@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage import measure
 
-__all__ = ["Contour", "format_ds", "mask_contours", "plane_contours"]
+__all__ = ["Contour", "format_ds", "keyholed", "mask_contours", "plane_contours"]
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,45 @@ def plane_contours(mask: np.ndarray, tolerance_px: float) -> list[tuple[np.ndarr
     return out
 
 
-def mask_contours(mask: np.ndarray, affine: np.ndarray, tolerance_mm: float = 0.5) -> list[Contour]:
-    """Every contour of a 3D mask ``(slices, rows, columns)`` with the volume *affine* (voxel -> LPS mm)."""
+def _inside(point: np.ndarray, polygon: np.ndarray) -> bool:
+    """Even-odd ray casting along +column."""
+    rows, cols = polygon[:, 0], polygon[:, 1]
+    next_rows, next_cols = np.roll(rows, -1), np.roll(cols, -1)
+    crosses = (rows > point[0]) != (next_rows > point[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = cols + (point[0] - rows) * (next_cols - cols) / (next_rows - rows)
+    return bool(np.count_nonzero(crosses & (point[1] < at)) % 2)
+
+
+def keyholed(contours: list[tuple[np.ndarray, bool]]) -> list[tuple[np.ndarray, bool]]:
+    """Join every hole to the outer contour around it by a zero-width cut (the "keyhole" convention).
+
+    For readers that fill each contour on its own instead of combining inner contours by XOR.
+    """
+    outers = [points for points, hole in contours if not hole]
+    for hole_points in (points for points, hole in contours if hole):
+        owner = next((i for i, outer in enumerate(outers) if _inside(hole_points[0], outer)), None)
+        if owner is None:
+            continue
+        outer = outers[owner]
+        distances = np.linalg.norm(outer[:, None, :] - hole_points[None, :, :], axis=2)
+        a, b = np.unravel_index(int(np.argmin(distances)), distances.shape)
+        loop = np.roll(hole_points, -b, axis=0)
+        outers[owner] = np.vstack([outer[: a + 1], loop, loop[:1], outer[a:]])
+    return [(points, False) for points in outers]
+
+
+def mask_contours(mask: np.ndarray, affine: np.ndarray, tolerance_mm: float = 0.5, *,
+                  keyhole: bool = False) -> list[Contour]:
+    """Every contour of a 3D mask ``(slices, rows, columns)`` with the volume *affine* (voxel -> LPS mm).
+
+    Holes are separate inner contours, or with *keyhole* cut into their outer contour.
+    """
     pixel_mm = min(float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2])))
     contours = []
     for index in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
-        for points, hole in plane_contours(mask[index], tolerance_mm / pixel_mm):
+        planar = plane_contours(mask[index], tolerance_mm / pixel_mm)
+        for points, hole in keyholed(planar) if keyhole else planar:
             voxels = np.column_stack([np.full(len(points), float(index)), points, np.ones(len(points))])
             contours.append(Contour(int(index), (affine @ voxels.T).T[:, :3], hole))
     return contours

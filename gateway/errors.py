@@ -10,6 +10,7 @@
     ├── ReidentificationError             a result could not be mapped back completely
     ├── VolumeError (ValueError)           a series cannot become a volume (reason code)
     ├── InferenceError                    a model could not run or returned nonsense
+    ├── StructureSetError                 no RT Structure Set can be written (all empty, no frame of reference)
     ├── JobNotFoundError (LookupError)    no job with that id
     └── SendError                         a C-STORE to a destination did not succeed
         ├── TransientSendError            worth retrying (refused, timeout, 0xA7xx)
@@ -33,6 +34,7 @@ __all__ = [
     "SendError",
     "SpoolError",
     "StartupError",
+    "StructureSetError",
     "TransientSendError",
     "VolumeError",
 ]
@@ -78,6 +80,10 @@ class VolumeError(GatewayError, ValueError):
 
 class InferenceError(GatewayError):
     """A model could not be loaded or run, or its output was malformed (shape, NaN, infinity)."""
+
+
+class StructureSetError(GatewayError):
+    """No RT Structure Set can be written: every structure is empty, or the CT lacks a frame of reference."""
 
 
 class JobNotFoundError(GatewayError, LookupError):

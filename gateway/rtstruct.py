@@ -1,0 +1,195 @@
+"""Label masks -> RT Structure Set Storage dataset referencing the CT it was computed on (PS3.3 A.19).
+
+The reference chain uses the SOP Instance UIDs of the CT datasets actually used:
+Referenced Frame of Reference -> RT Referenced Study -> RT Referenced Series -> Contour Image
+(every slice), and every contour names its own slice. Contours are CLOSED_PLANAR at the slice's
+position, holes as separate inner contours (Eclipse and RayStation combine them by XOR),
+islands as separate contours. Approval is UNAPPROVED and every ROI says AUTOMATIC and which
+model made it: the contours are for a clinician to review.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import structlog
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+
+from gateway import __version__
+from gateway.contours import Contour, format_ds, mask_contours
+from gateway.errors import StructureSetError
+from gateway.manifest import Label, ModelManifest
+from gateway.volume import Volume
+
+__all__ = ["StructureSetInput", "build_structure_set"]
+
+log = structlog.get_logger(__name__)
+
+MANUFACTURER = "Contour Gateway"
+_COPIED_FROM_CT = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+)
+
+
+@dataclass(frozen=True)
+class StructureSetInput:
+    """What a structure set is built from: the CT it refers to, the masks, and the model that made them."""
+
+    volume: Volume
+    ct: Sequence[Dataset]  # the CT datasets of the series (any order), for the reference chain
+    masks: Mapping[str, np.ndarray]  # label name -> boolean mask on the volume grid
+    manifest: ModelManifest
+    tolerance_mm: float = 0.5
+    #: ``separate``: holes as inner contours (Eclipse, RayStation: XOR); ``keyhole``: cut into the outer one.
+    holes: Literal["separate", "keyhole"] = "separate"
+
+
+def build_structure_set(source: StructureSetInput, *, now: dt.datetime | None = None) -> Dataset:
+    """Return the RT Structure Set dataset; empty structures are left out (and logged).
+
+    Raises
+    ------
+    StructureSetError
+        If every structure is empty, or the CT lacks a Frame of Reference.
+    """
+    now = now or dt.datetime.now()
+    first = source.ct[0]
+    if not str(first.get("FrameOfReferenceUID", "")):
+        raise StructureSetError("the CT has no Frame of Reference UID")
+    rois = _rois(source)
+    if not rois:
+        raise StructureSetError("every structure is empty")
+    ds = _header(first, source.manifest, now)
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_frame_reference(source)])
+    ds.StructureSetROISequence = DicomSequence(
+        [_structure_set_roi(number, name, first.FrameOfReferenceUID, source.manifest) for number, name, _ in rois])
+    slices = _ordered(source)
+    normal = source.volume.affine[:3, 0] / np.linalg.norm(source.volume.affine[:3, 0])
+    axial = bool(abs(abs(float(normal[2])) - 1) < 1e-6)
+    ds.ROIContourSequence = DicomSequence(
+        [_roi_contour(number, _colour(source.manifest, name), contours, slices, axial)
+         for number, name, contours in rois])
+    ds.RTROIObservationsSequence = DicomSequence(
+        [_observation(number, _label(source.manifest, name).interpreted_type) for number, name, _ in rois])
+    return ds
+
+
+def _label(manifest: ModelManifest, name: str) -> Label:
+    return next(label for label in manifest.labels if label.name == name)
+
+
+def _colour(manifest: ModelManifest, name: str) -> list[int]:
+    return list(_label(manifest, name).colour)
+
+
+def _rois(source: StructureSetInput) -> list[tuple[int, str, list[Contour]]]:
+    rois: list[tuple[int, str, list[Contour]]] = []
+    for label in source.manifest.labels:
+        mask = source.masks.get(label.name)
+        contours = (mask_contours(mask, source.volume.affine, source.tolerance_mm, keyhole=source.holes == "keyhole")
+                    if mask is not None else [])
+        if not contours:
+            log.warning("structure_empty", structure=label.name)
+            continue
+        rois.append((len(rois) + 1, label.name, contours))
+    return rois
+
+
+def _header(ct: Dataset, manifest: ModelManifest, now: dt.datetime) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for keyword in _COPIED_FROM_CT:
+        if keyword in ct:
+            ds[keyword] = ct[keyword]
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")  # type 2: present, empty when unknown
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    model = f"{manifest.model.name} {manifest.model.version}"
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), 9001
+    ds.SeriesDescription = f"AUTO {manifest.model.name}: REVIEW REQUIRED"[:64]
+    ds.OperatorsName = ""
+    ds.Manufacturer, ds.ManufacturerModelName = MANUFACTURER, "contour-gateway"
+    ds.SoftwareVersions = [f"contour-gateway {__version__}", f"model {model}"]
+    ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ""
+    ds.InstanceNumber, ds.InstanceCreationDate, ds.InstanceCreationTime = 1, date, time
+    ds.StructureSetLabel = "AUTO CONTOURS"
+    ds.StructureSetName = manifest.model.name[:64]
+    ds.StructureSetDescription = f"Automatic contours by {model}; not approved, clinical review required"[:1024]
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+    ds.ApprovalStatus = "UNAPPROVED"
+    return ds
+
+
+def _frame_reference(source: StructureSetInput) -> Dataset:
+    first = source.ct[0]
+    images = []
+    for ds in _ordered(source):
+        image = Dataset()
+        image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        images.append(image)
+    series = Dataset()
+    series.SeriesInstanceUID, series.ContourImageSequence = first.SeriesInstanceUID, DicomSequence(images)
+    study = Dataset()
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, as TPSs expect)
+    study.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study.RTReferencedSeriesSequence = DicomSequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = first.FrameOfReferenceUID, DicomSequence([study])
+    return frame
+
+
+def _ordered(source: StructureSetInput) -> list[Dataset]:
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source.ct}
+    return [by_uid[uid] for uid in source.volume.sop_instance_uids]
+
+
+def _structure_set_roi(number: int, name: str, frame_uid: str, manifest: ModelManifest) -> Dataset:
+    roi = Dataset()
+    roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = number, frame_uid, name
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = f"{manifest.model.name} {manifest.model.version}"[:64]
+    return roi
+
+
+def _roi_contour(number: int, colour: list[int], contours: list[Contour], slices: list[Dataset],
+                 axial: bool) -> Dataset:
+    item = Dataset()
+    item.ReferencedROINumber, item.ROIDisplayColor = number, colour
+    sequence = []
+    for contour in contours:
+        ct = slices[contour.slice_index]
+        entry = Dataset()
+        image = Dataset()
+        image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = ct.SOPClassUID, ct.SOPInstanceUID
+        entry.ContourImageSequence = DicomSequence([image])
+        entry.ContourGeometricType = "CLOSED_PLANAR"
+        entry.NumberOfContourPoints = len(contour.points)
+        values = [format_ds(value) for value in contour.points.ravel()]
+        if axial:  # z exactly as the slice's Image Position (Patient) says, so a TPS matches the slice
+            values[2::3] = [str(ct.ImagePositionPatient[2]).strip()] * len(contour.points)
+        entry.ContourData = values
+        sequence.append(entry)
+    item.ContourSequence = DicomSequence(sequence)
+    return item
+
+
+def _observation(number: int, interpreted_type: str) -> Dataset:
+    observation = Dataset()
+    observation.ObservationNumber, observation.ReferencedROINumber = number, number
+    observation.RTROIInterpretedType, observation.ROIInterpreter = interpreted_type, ""
+    return observation
