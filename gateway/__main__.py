@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from gateway.manifest import check_route_models
 
-            check_route_models(config.inference.models_dir, [route.model for route in config.routes])
+            check_route_models(config.inference.models_dir, config.routes)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG

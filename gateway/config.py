@@ -40,6 +40,7 @@ __all__ = [
     "Retention",
     "Retry",
     "Route",
+    "StructureTemplate",
     "load_config",
 ]
 
@@ -178,6 +179,22 @@ def _check_match(value: Mapping[str, str]) -> Mapping[str, str]:
     return value
 
 
+def _check_structure_name(value: str) -> str:
+    if not 1 <= len(value) <= 16 or value != value.strip() or "\\" in value:
+        raise ValueError("must be 1-16 characters (TG-263), no leading/trailing spaces or backslash")
+    return value
+
+
+class StructureTemplate(_Model):
+    """How a site wants one of the model's structures written; unset fields come from the manifest."""
+
+    name: Annotated[str, AfterValidator(_check_structure_name)] | None = None
+    colour: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)] | None = None
+    interpreted_type: str | None = None
+    order: int | None = None  # structures are written in ascending order, then the manifest's
+    write_if_empty: bool = False  # an ROI with no contour instead of leaving the structure out
+
+
 class Route(_Model):
     """Which series go to which model and destinations; the first matching route wins."""
 
@@ -185,6 +202,8 @@ class Route(_Model):
     match: Annotated[dict[str, str], AfterValidator(_check_match)] = Field(default_factory=dict)
     model: Name
     destinations: Annotated[list[Name], Field(min_length=1)]
+    #: Site template, keyed by the model's label names (checked against the manifest at start-up).
+    structures: dict[str, StructureTemplate] = Field(default_factory=dict)
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
         """Return whether every ``match`` entry fits *attributes* (exact value or ``/regex/``)."""

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.config import Route
 from gateway.errors import ConfigError
 
 __all__ = ["Label", "ModelManifest", "ModelPackage", "check_route_models", "load_model_package"]
@@ -196,18 +198,25 @@ class ModelPackage(_Model):
     manifest: ModelManifest
 
 
-def check_route_models(models_dir: Path, names: list[str]) -> None:
-    """Load every model package that a route names; raise one :class:`ConfigError` listing all problems."""
+def check_route_models(models_dir: Path, routes: Sequence[Route]) -> None:
+    """Load every model package a route names and check its template; one :class:`ConfigError` lists all."""
     problems = []
-    for name in dict.fromkeys(names):
-        folder = models_dir / name
+    for index, route in enumerate(routes):
+        folder = models_dir / route.model
         if not folder.is_dir():
-            problems.append(f"routes: model {name!r} has no package folder {folder}")
+            problems.append(f"routes[{index}]: model {route.model!r} has no package folder {folder}")
             continue
         try:
-            load_model_package(folder)
+            package = load_model_package(folder)
         except ConfigError as exc:
-            problems += [f"model {name!r}: {problem}" for problem in exc.problems]
+            problems += [f"model {route.model!r}: {problem}" for problem in exc.problems]
+            continue
+        labels = {label.name for label in package.manifest.labels}
+        for key, template in route.structures.items():
+            if key not in labels:
+                problems.append(f"routes[{index}].structures: {key!r} is not a label of model {route.model!r}")
+            if template.interpreted_type is not None and template.interpreted_type not in _INTERPRETED_TYPES:
+                problems.append(f"routes[{index}].structures.{key}.interpreted_type: not an RT ROI Interpreted Type")
     if problems:
         raise ConfigError(str(models_dir), problems)
 

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import structlog
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from gateway import __version__
+from gateway.config import StructureTemplate
 from gateway.contours import Contour, format_ds, mask_contours
 from gateway.errors import StructureSetError
-from gateway.manifest import Label, ModelManifest
+from gateway.manifest import ModelManifest
 from gateway.volume import Volume
 
 __all__ = ["StructureSetInput", "build_structure_set"]
@@ -32,6 +35,7 @@ __all__ = ["StructureSetInput", "build_structure_set"]
 log = structlog.get_logger(__name__)
 
 MANUFACTURER = "Contour Gateway"
+_CONTOUR_DATA = 0x30060050
 _COPIED_FROM_CT = (
     "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
@@ -51,6 +55,8 @@ class StructureSetInput:
     tolerance_mm: float = 0.5
     #: ``separate``: holes as inner contours (Eclipse, RayStation: XOR); ``keyhole``: cut into the outer one.
     holes: Literal["separate", "keyhole"] = "separate"
+    #: The route's site template, keyed by the model's label names.
+    template: Mapping[str, StructureTemplate] = field(default_factory=dict)
 
 
 def build_structure_set(source: StructureSetInput, *, now: dt.datetime | None = None) -> Dataset:
@@ -66,42 +72,47 @@ def build_structure_set(source: StructureSetInput, *, now: dt.datetime | None = 
     if not str(first.get("FrameOfReferenceUID", "")):
         raise StructureSetError("the CT has no Frame of Reference UID")
     rois = _rois(source)
-    if not rois:
+    if not any(roi.contours for roi in rois):
         raise StructureSetError("every structure is empty")
     ds = _header(first, source.manifest, now)
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([_frame_reference(source)])
     ds.StructureSetROISequence = DicomSequence(
-        [_structure_set_roi(number, name, first.FrameOfReferenceUID, source.manifest) for number, name, _ in rois])
+        [_structure_set_roi(roi, first.FrameOfReferenceUID, source.manifest) for roi in rois])
     slices = _ordered(source)
     normal = source.volume.affine[:3, 0] / np.linalg.norm(source.volume.affine[:3, 0])
     axial = bool(abs(abs(float(normal[2])) - 1) < 1e-6)
-    ds.ROIContourSequence = DicomSequence(
-        [_roi_contour(number, _colour(source.manifest, name), contours, slices, axial)
-         for number, name, contours in rois])
-    ds.RTROIObservationsSequence = DicomSequence(
-        [_observation(number, _label(source.manifest, name).interpreted_type) for number, name, _ in rois])
+    ds.ROIContourSequence = DicomSequence([_roi_contour(roi, slices, axial) for roi in rois])
+    ds.RTROIObservationsSequence = DicomSequence([_observation(roi) for roi in rois])
     return ds
 
 
-def _label(manifest: ModelManifest, name: str) -> Label:
-    return next(label for label in manifest.labels if label.name == name)
+@dataclass(frozen=True)
+class _ROI:
+    number: int
+    name: str
+    colour: list[int]
+    interpreted_type: str
+    contours: list[Contour]
 
 
-def _colour(manifest: ModelManifest, name: str) -> list[int]:
-    return list(_label(manifest, name).colour)
-
-
-def _rois(source: StructureSetInput) -> list[tuple[int, str, list[Contour]]]:
-    rois: list[tuple[int, str, list[Contour]]] = []
-    for label in source.manifest.labels:
+def _rois(source: StructureSetInput) -> list[_ROI]:
+    """The structures to write, named, coloured and ordered by the site template over the manifest."""
+    planned = []
+    for position, label in enumerate(source.manifest.labels):
+        template = source.template.get(label.name, StructureTemplate())
         mask = source.masks.get(label.name)
         contours = (mask_contours(mask, source.volume.affine, source.tolerance_mm, keyhole=source.holes == "keyhole")
                     if mask is not None else [])
         if not contours:
-            log.warning("structure_empty", structure=label.name)
-            continue
-        rois.append((len(rois) + 1, label.name, contours))
-    return rois
+            log.warning("structure_empty", structure=label.name, written=template.write_if_empty)
+            if not template.write_if_empty:
+                continue
+        order = template.order if template.order is not None else 10_000 + position
+        planned.append((order, template.name or label.name, list(template.colour or label.colour),
+                        template.interpreted_type or label.interpreted_type, contours))
+    planned.sort(key=lambda item: item[0])
+    return [_ROI(number, name, colour, kind, contours)
+            for number, (_order, name, colour, kind, contours) in enumerate(planned, start=1)]
 
 
 def _header(ct: Dataset, manifest: ModelManifest, now: dt.datetime) -> Dataset:
@@ -158,20 +169,21 @@ def _ordered(source: StructureSetInput) -> list[Dataset]:
     return [by_uid[uid] for uid in source.volume.sop_instance_uids]
 
 
-def _structure_set_roi(number: int, name: str, frame_uid: str, manifest: ModelManifest) -> Dataset:
+def _structure_set_roi(source: _ROI, frame_uid: str, manifest: ModelManifest) -> Dataset:
     roi = Dataset()
-    roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = number, frame_uid, name
+    roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = source.number, frame_uid, source.name
     roi.ROIGenerationAlgorithm = "AUTOMATIC"
     roi.ROIGenerationDescription = f"{manifest.model.name} {manifest.model.version}"[:64]
     return roi
 
 
-def _roi_contour(number: int, colour: list[int], contours: list[Contour], slices: list[Dataset],
-                 axial: bool) -> Dataset:
+def _roi_contour(roi: _ROI, slices: list[Dataset], axial: bool) -> Dataset:
     item = Dataset()
-    item.ReferencedROINumber, item.ROIDisplayColor = number, colour
+    item.ReferencedROINumber, item.ROIDisplayColor = roi.number, roi.colour
+    if not roi.contours:
+        return item  # Contour Sequence is type 3: an ROI the site wants listed even when empty
     sequence = []
-    for contour in contours:
+    for contour in roi.contours:
         ct = slices[contour.slice_index]
         entry = Dataset()
         image = Dataset()
@@ -182,14 +194,22 @@ def _roi_contour(number: int, colour: list[int], contours: list[Contour], slices
         values = [format_ds(value) for value in contour.points.ravel()]
         if axial:  # z exactly as the slice's Image Position (Patient) says, so a TPS matches the slice
             values[2::3] = [str(ct.ImagePositionPatient[2]).strip()] * len(contour.points)
-        entry.ContourData = values
+        entry[_CONTOUR_DATA] = _raw_ds(_CONTOUR_DATA, values)
         sequence.append(entry)
     item.ContourSequence = DicomSequence(sequence)
     return item
 
 
-def _observation(number: int, interpreted_type: str) -> Dataset:
+def _raw_ds(tag: int, values: list[str]) -> RawDataElement:
+    # Already valid DS text: stored as written, skipping pydicom's per-value conversion (most of the time).
+    raw = "\\".join(values).encode("ascii")
+    if len(raw) % 2:
+        raw += b" "
+    return RawDataElement(BaseTag(tag), "DS", len(raw), raw, 0, False, True)
+
+
+def _observation(roi: _ROI) -> Dataset:
     observation = Dataset()
-    observation.ObservationNumber, observation.ReferencedROINumber = number, number
-    observation.RTROIInterpretedType, observation.ROIInterpreter = interpreted_type, ""
+    observation.ObservationNumber, observation.ReferencedROINumber = roi.number, roi.number
+    observation.RTROIInterpretedType, observation.ROIInterpreter = roi.interpreted_type, ""
     return observation

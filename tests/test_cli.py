@@ -131,7 +131,7 @@ def test_serve_refuses_a_route_naming_a_missing_or_invalid_model(tmp_path: Path)
                     '\n[[routes]]\nname = "other"\nmodel = "broken"\ndestinations = ["tps"]\n')
     result = cli(config, "serve")
     assert result.returncode == 2
-    assert "model 'absent' has no package folder" in result.stderr
+    assert "routes[0]: model 'absent' has no package folder" in result.stderr
     assert "model 'broken': model.onnx: missing" in result.stderr
     assert "model 'broken': manifest.toml input: Field required" in result.stderr
 
@@ -141,4 +141,4 @@ def test_the_embedded_default_configuration_names_a_valid_model() -> None:
     from gateway.manifest import check_route_models
 
     config = load_config(REPO / "config" / "gateway.toml")
-    check_route_models(config.inference.models_dir, [route.model for route in config.routes])
+    check_route_models(config.inference.models_dir, config.routes)

@@ -93,3 +93,10 @@ def test_decimal_strings(value: float, text: str) -> None:
 def test_decimal_string_out_of_range() -> None:
     with pytest.raises(ValueError, match="out of range"):
         format_ds(1e16)
+
+
+def test_self_crossing_polygons_are_detected() -> None:
+    from gateway.contours import _is_simple
+
+    assert _is_simple(np.array([[0, 0], [0, 2], [2, 2], [2, 0]], dtype=float))
+    assert not _is_simple(np.array([[0, 0], [0, 2], [2, 0], [2, 2]], dtype=float))
