@@ -12,7 +12,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import dcmtk_env, free_port, make_ct_series, require_tool
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -21,6 +20,7 @@ from gateway.config import Destination, GatewayConfig, parse_config
 from gateway.errors import PermanentSendError, SendError, TransientSendError
 from gateway.jobs import JobState, JobStore
 from gateway.send import Sender, classify_status, deliver_for_job
+from tests.conftest import dcmtk_env, free_port, make_ct_series, require_tool
 
 
 def _config(port: int, *, attempts: int = 1, backoff: float = 0.5,
