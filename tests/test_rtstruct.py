@@ -145,3 +145,40 @@ def test_nothing_to_write_is_an_error() -> None:
     empty = {name: np.zeros_like(mask) for name, mask in masks.items()}
     with pytest.raises(StructureSetError, match="every structure is empty"):
         build_structure_set(StructureSetInput(volume, slices, empty, MANIFEST))
+
+
+def test_site_template_names_orders_colours_and_keeps_empty_structures(tmp_path: Path) -> None:
+    from gateway.config import StructureTemplate
+
+    slices, volume, masks, _ = _build("HFS")
+    template = {
+        "Ring": StructureTemplate(name="Ring_Site", colour=[1, 2, 3], order=2),
+        "Islands": StructureTemplate(order=1, interpreted_type="AVOIDANCE"),
+        "Empty": StructureTemplate(name="Empty_Kept", write_if_empty=True),
+    }
+    ds = build_structure_set(StructureSetInput(volume, slices, masks, MANIFEST, template=template))
+    assert [r.ROIName for r in ds.StructureSetROISequence] == ["Islands", "Ring_Site", "Empty_Kept"]
+    assert [int(r.ROINumber) for r in ds.StructureSetROISequence] == [1, 2, 3]
+    assert list(ds.ROIContourSequence[1].ROIDisplayColor) == [1, 2, 3]
+    assert ds.RTROIObservationsSequence[0].RTROIInterpretedType == "AVOIDANCE"
+    assert "ContourSequence" not in ds.ROIContourSequence[2]
+    ds.save_as(tmp_path / "rs.dcm", enforce_file_format=True)
+    report = subprocess.run([require_tool("dciodvfy"), str(tmp_path / "rs.dcm")], capture_output=True, text=True,
+                            timeout=60)
+    assert "Error" not in report.stdout + report.stderr
+
+
+def test_templates_must_name_labels_of_the_model(tmp_path: Path) -> None:
+    from gateway.config import parse_config
+    from gateway.errors import ConfigError
+    from gateway.manifest import check_route_models
+    from tests.conftest import REPO
+
+    config = parse_config({
+        "destinations": [{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 104}],
+        "routes": [{"name": "ct", "model": "default", "destinations": ["tps"],
+                    "structures": {"Liver": {"name": "LIVER"}, "External": {"interpreted_type": "BODY"}}}]})
+    with pytest.raises(ConfigError) as info:
+        check_route_models(REPO / "models", config.routes)
+    assert "routes[0].structures: 'Liver' is not a label of model 'default'" in info.value.problems
+    assert any("External.interpreted_type" in p for p in info.value.problems)
