@@ -204,6 +204,10 @@ class Route(_Model):
     destinations: Annotated[list[Name], Field(min_length=1)]
     #: Site template, keyed by the model's label names (checked against the manifest at start-up).
     structures: dict[str, StructureTemplate] = Field(default_factory=dict)
+    #: Holes in RTSTRUCT contours: separate inner contours (Eclipse, RayStation) or keyholes.
+    holes: Literal["separate", "keyhole"] = "separate"
+    #: Also send a DICOM Segmentation of the same structures.
+    segmentation: bool = False
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
         """Return whether every ``match`` entry fits *attributes* (exact value or ``/regex/``)."""

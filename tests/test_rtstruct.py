@@ -182,3 +182,23 @@ def test_templates_must_name_labels_of_the_model(tmp_path: Path) -> None:
         check_route_models(REPO / "models", config.routes)
     assert "routes[0].structures: 'Liver' is not a label of model 'default'" in info.value.problems
     assert any("External.interpreted_type" in p for p in info.value.problems)
+
+
+def test_dicom_segmentation_twin(tmp_path: Path) -> None:
+    import highdicom as hd
+
+    from gateway.seg import build_segmentation
+
+    slices, volume, masks, _ = _build("FFS")
+    seg = build_segmentation(StructureSetInput(volume, slices, masks, MANIFEST))
+    seg.save_as(tmp_path / "seg.dcm")
+    report = subprocess.run([require_tool("dciodvfy"), str(tmp_path / "seg.dcm")], capture_output=True, text=True,
+                            timeout=60)
+    assert "Error" not in report.stdout + report.stderr
+    read = hd.seg.segread(tmp_path / "seg.dcm")
+    assert [item.SegmentLabel for item in read.SegmentSequence] == ["Ring", "Islands"]
+    pixels = read.get_pixels_by_source_instance(list(volume.sop_instance_uids), segment_numbers=[1, 2],
+                                                ignore_spatial_locations=True)
+    np.testing.assert_array_equal(pixels[..., 0] > 0, masks["Ring"])
+    np.testing.assert_array_equal(pixels[..., 1] > 0, masks["Islands"])
+    assert read.FrameOfReferenceUID == slices[0].FrameOfReferenceUID
