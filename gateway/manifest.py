@@ -44,8 +44,8 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.config import Route
 from gateway.errors import ConfigError
+from gateway.routes import Route
 
 __all__ = ["Label", "ModelManifest", "ModelPackage", "check_route_models", "load_model_package"]
 

@@ -24,10 +24,10 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from gateway import __version__
-from gateway.config import StructureTemplate
 from gateway.contours import Contour, format_ds, mask_contours
 from gateway.errors import StructureSetError
 from gateway.manifest import ModelManifest
+from gateway.routes import StructureTemplate
 from gateway.volume import Volume
 
 __all__ = ["StructureSetInput", "build_structure_set"]

@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from gateway import __version__
-from gateway.config import StructureTemplate
 from gateway.errors import StructureSetError
+from gateway.routes import StructureTemplate
 from gateway.rtstruct import MANUFACTURER, StructureSetInput
 
 __all__ = ["build_segmentation"]

@@ -1,0 +1,86 @@
+"""Routes: which series go to which model, template and destinations (the ``[[routes]]`` of the config)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydicom.datadict import keyword_dict
+
+__all__ = ["Route", "StructureTemplate"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_match(value: Mapping[str, str]) -> Mapping[str, str]:
+    problems = []
+    for keyword, pattern in value.items():
+        if keyword not in keyword_dict:
+            problems.append(f"{keyword!r} is not a DICOM keyword")
+        elif len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
+            try:
+                re.compile(pattern[1:-1])
+            except re.error as exc:
+                problems.append(f"{keyword}: invalid regular expression ({exc})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value
+
+
+def _check_structure_name(value: str) -> str:
+    if not 1 <= len(value) <= 16 or value != value.strip() or "\\" in value:
+        raise ValueError("must be 1-16 characters (TG-263), no leading/trailing spaces or backslash")
+    return value
+
+
+class StructureTemplate(_Model):
+    """How a site wants one of the model's structures written; unset fields come from the manifest."""
+
+    name: Annotated[str, AfterValidator(_check_structure_name)] | None = None
+    colour: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)] | None = None
+    interpreted_type: str | None = None
+    order: int | None = None  # structures are written in ascending order, then the manifest's
+    write_if_empty: bool = False  # an ROI with no contour instead of leaving the structure out
+
+
+class Route(_Model):
+    """Which series go to which model and destinations; the first matching route wins."""
+
+    name: Name
+    match: Annotated[dict[str, str], AfterValidator(_check_match)] = Field(default_factory=dict)
+    model: Name
+    destinations: Annotated[list[Name], Field(min_length=1)]
+    #: Site template, keyed by the model's label names (checked against the manifest at start-up).
+    structures: dict[str, StructureTemplate] = Field(default_factory=dict)
+    #: Holes in RTSTRUCT contours: separate inner contours (Eclipse, RayStation) or keyholes.
+    holes: Literal["separate", "keyhole"] = "separate"
+    #: Also send a DICOM Segmentation of the same structures.
+    segmentation: bool = False
+
+    def matches(self, attributes: Mapping[str, str]) -> bool:
+        """Return whether every ``match`` entry fits *attributes* (exact value or ``/regex/``)."""
+        for keyword, pattern in self.match.items():
+            value = attributes.get(keyword)
+            if value is None:
+                return False
+            if len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
+                if re.fullmatch(pattern[1:-1], value) is None:
+                    return False
+            elif value != pattern:
+                return False
+        return True
