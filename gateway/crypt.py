@@ -42,6 +42,11 @@ _NONCE_BYTES = 12
 _KEY_BYTES = 32
 
 
+def _derive(key: bytes, purpose: str) -> bytes:
+    """A 32-byte key for *purpose* from *key* (HKDF-SHA-256)."""
+    return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=purpose.encode()).derive(key)
+
+
 def _nonce() -> bytes:
     return secrets.token_bytes(_NONCE_BYTES)
 
@@ -88,8 +93,7 @@ class MasterKey:
 
     def derive(self, purpose: str) -> bytes:
         """A 32-byte secret for *purpose*, derived with HKDF-SHA-256."""
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=purpose.encode())
-        return hkdf.derive(self._key)
+        return _derive(self._key, purpose)
 
     def wrap(self, data_key: bytes, job_id: str) -> bytes:
         """Encrypt *data_key* for storage, bound to *job_id*."""
@@ -166,8 +170,7 @@ class Sealer:
             fresh = self._master.wrap(AESGCM.generate_key(bit_length=256), job_id)
             wrapped = self._keys.store_data_key(job_id, fresh)
         data_key = self._master.unwrap(wrapped, job_id)
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=purpose.value.encode())
-        key = hkdf.derive(data_key)
+        key = _derive(data_key, purpose.value)
         with self._lock:
             if len(self._cache) > 1024:
                 self._cache.clear()
