@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.config import GatewayConfig, load_config
+from gateway.config import Destination, GatewayConfig, load_config
 from gateway.errors import ConfigError, GatewayError, SendError
 from gateway.logs import configure_logging
 
@@ -79,6 +79,9 @@ def _echo(config: GatewayConfig, name: str) -> int:
     except KeyError:
         known = ", ".join(d.name for d in config.destinations) or "none configured"
         print(f"unknown destination {name!r} (known: {known})", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(destination, Destination):
+        print(f"{name!r} is a folder destination: nothing to echo", file=sys.stderr)
         return EXIT_CONFIG
     try:
         Sender(config).echo(destination)

@@ -18,7 +18,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,13 +31,16 @@ from gateway.routes import Name, Route, StructureTemplate
 
 __all__ = [
     "MAX_AGE_CEILING_SECONDS",
+    "AnyDestination",
     "Destination",
     "Encryption",
+    "FolderDestination",
     "GatewayConfig",
     "Inference",
     "Logging",
     "Node",
     "Peer",
+    "Pipeline",
     "Retention",
     "Retry",
     "Route",
@@ -144,6 +149,7 @@ class Retry(_Model):
 class Destination(_Model):
     """Where results go by C-STORE (a TPS, a PACS)."""
 
+    type: Literal["dicom"] = "dicom"
     name: Name
     ae_title: AETitle
     host: str
@@ -153,6 +159,39 @@ class Destination(_Model):
     acse_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     retry: Retry = Retry()
+
+
+class FolderDestination(_Model):
+    """Results written as DICOM files into ``<data_dir>/export/<name>/``, shredded with the study.
+
+    For a node without a TPS yet, or a TPS that imports from a folder; the files are the one
+    plaintext copy the node makes (owner-only, random file names), and retention deletes them.
+    """
+
+    type: Literal["folder"]
+    name: Name
+    retry: Retry = Retry()
+
+
+def _destination_type(value: Any) -> str:
+    kind = value.get("type", "dicom") if isinstance(value, dict) else getattr(value, "type", "dicom")
+    return str(kind)
+
+
+_DESTINATION_TYPES = ("dicom", "folder")
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dicom")] | Annotated[FolderDestination, Tag("folder")],
+    Discriminator(_destination_type),
+]
+
+
+class Pipeline(_Model):
+    """How completed studies are processed."""
+
+    #: Jobs processed at once, off the receiving processes; inference uses every core on its own.
+    workers: Annotated[int, Field(ge=1, le=16)] = 1
+    #: How often the job table is checked for work that is due (deliveries to retry, restarts).
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
 class Retention(_Model):
@@ -204,8 +243,9 @@ class GatewayConfig(_Model):
 
     node: Node = Node()
     peers: list[Peer] = Field(default_factory=list)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
+    pipeline: Pipeline = Pipeline()
     retention: Retention = Retention()
     encryption: Encryption = Encryption()
     inference: Inference = Inference()
@@ -232,7 +272,7 @@ class GatewayConfig(_Model):
         """The master key file, defaulting to ``<data_dir>/keys/master.key``."""
         return self.encryption.master_key_file or self.node.data_dir / "keys" / "master.key"
 
-    def destination(self, name: str) -> Destination:
+    def destination(self, name: str) -> Destination | FolderDestination:
         """Return the destination called *name*."""
         for dest in self.destinations:
             if dest.name == name:
@@ -261,11 +301,13 @@ def _address_in(address: str, network: str) -> bool:
 
 def _format_location(loc: tuple[int | str, ...]) -> str:
     text = ""
-    for part in loc:
+    for index, part in enumerate(loc):
         if isinstance(part, int):
             text += f"[{part}]"
         elif part.startswith(("function-after", "function-before", "constrained")):
             continue
+        elif loc[0] == "destinations" and index == 2 and part in _DESTINATION_TYPES:
+            continue  # the union's tag: the entry's own ``type``
         else:
             text += f".{part}" if text else part
     return text or "(top level)"

@@ -20,58 +20,31 @@ from enum import StrEnum
 from pathlib import Path
 
 from gateway.errors import JobNotFoundError
+from gateway.schema import SCHEMA, SCHEMA_VERSION
 
 __all__ = ["Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
 
-_SCHEMA_VERSION = 3
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    study_key TEXT NOT NULL,
-    peer TEXT NOT NULL,
-    quiet_seconds REAL NOT NULL,
-    state TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    completed_at REAL,
-    instance_count INTEGER NOT NULL DEFAULT 0,
-    reason TEXT,
-    previous_job_id TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_receiving_job_per_study ON jobs(study_key)
-    WHERE state = 'receiving';
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS instances (
-    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
-    sop_key TEXT NOT NULL,
-    file_id TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    PRIMARY KEY (job_id, sop_key)
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
-    file_id TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    quarantined_at REAL NOT NULL,
-    PRIMARY KEY (job_id, file_id)
-);
-CREATE TABLE IF NOT EXISTS data_keys (
-    job_id TEXT PRIMARY KEY,
-    wrapped BLOB NOT NULL
-);
-"""
-
-
 class JobState(StrEnum):
-    """Where a job stands; later stages add their own states after ``complete``."""
+    """Where a job (a study) or one of its tasks (a series) stands, in the order of the stages."""
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
     PSEUDONYMISED = "pseudonymised"
+    INFERRED = "inferred"
+    STRUCTURED = "structured"
+    REIDENTIFIED = "reidentified"
+    SENT = "sent"
     FAILED = "failed"
     DEAD_LETTER = "dead_letter"
-    SENT = "sent"
+    NO_ROUTE = "no_route"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether nothing more will happen (until retention shreds it)."""
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobState.SENT, JobState.FAILED, JobState.DEAD_LETTER, JobState.NO_ROUTE})
 
 
 class RecordOutcome(StrEnum):
@@ -124,7 +97,7 @@ class JobStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
+        self._db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL when this is the last one)."""
@@ -132,7 +105,14 @@ class JobStore:
             self._db.close()
 
     @contextmanager
-    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, held by this thread, for reads."""
+        with self._lock:
+            yield self._db
+
+    @contextmanager
+    def transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed on exit, rolled back on an exception."""
         with self._lock:
             if durable:
                 self._db.execute("PRAGMA synchronous=FULL")
@@ -159,13 +139,13 @@ class JobStore:
                 "SELECT job_id FROM jobs WHERE study_key = ? AND state = 'receiving'", (study_key,)
             ).fetchone()
         if row is not None:
-            with self._write() as db:
+            with self.transaction() as db:
                 cur = db.execute(
                     "UPDATE jobs SET last_received_at = max(last_received_at, ?) "
                     "WHERE job_id = ? AND state = 'receiving'", (now, row["job_id"]))
                 if cur.rowcount == 1:
                     return Reservation(row["job_id"], False, None)
-        with self._write(durable=True) as db:
+        with self.transaction(durable=True) as db:
             row = db.execute(
                 "SELECT job_id FROM jobs WHERE study_key = ? AND state = 'receiving'", (study_key,)
             ).fetchone()
@@ -194,7 +174,7 @@ class JobStore:
 
     def record_instance(self, job_id: str, sop_key: str, file_id: str, size: int, now: float) -> RecordOutcome:
         """Register a durably written instance file with its job."""
-        with self._write() as db:
+        with self.transaction() as db:
             state = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if state is None or state["state"] != JobState.RECEIVING:
                 return RecordOutcome.JOB_CLOSED
@@ -210,7 +190,7 @@ class JobStore:
 
     def complete_due(self, now: float) -> list[Job]:
         """Close every receiving job that has been quiet for its peer's ``quiet_seconds``."""
-        with self._write() as db:
+        with self.transaction() as db:
             rows = db.execute(
                 "UPDATE jobs SET state = 'complete', completed_at = ? WHERE state = 'receiving' "
                 "AND last_received_at + quiet_seconds <= ? RETURNING *", (now, now)).fetchall()
@@ -218,7 +198,7 @@ class JobStore:
 
     def force_complete(self, job_id: str, now: float) -> Job:
         """Close a receiving job now, whatever its quiet period; other states are left alone."""
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("UPDATE jobs SET state = 'complete', completed_at = ? "
                        "WHERE job_id = ? AND state = 'receiving'", (now, job_id))
             row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -228,7 +208,7 @@ class JobStore:
 
     def set_state(self, job_id: str, state: JobState, reason: str | None = None) -> None:
         """Move a job to *state*, recording *reason* (a code, never patient data)."""
-        with self._write() as db:
+        with self.transaction() as db:
             cur = db.execute("UPDATE jobs SET state = ?, reason = ? WHERE job_id = ?", (state, reason, job_id))
         if cur.rowcount == 0:
             raise JobNotFoundError(job_id)
@@ -256,7 +236,7 @@ class JobStore:
 
     def quarantine(self, job_id: str, file_id: str, reason: str, now: float) -> None:
         """Record that an instance must not be processed, and why (a reason code)."""
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO quarantine (job_id, file_id, reason, quarantined_at) "
                        "VALUES (?, ?, ?, ?)", (job_id, file_id, reason, now))
 
@@ -274,14 +254,14 @@ class JobStore:
 
     def store_data_key(self, job_id: str, wrapped: bytes) -> bytes:
         """Store *wrapped* durably unless the job has a key already; return the stored key."""
-        with self._write(durable=True) as db:
+        with self.transaction(durable=True) as db:
             db.execute("INSERT OR IGNORE INTO data_keys (job_id, wrapped) VALUES (?, ?)", (job_id, wrapped))
             row = db.execute("SELECT wrapped FROM data_keys WHERE job_id = ?", (job_id,)).fetchone()
         return bytes(row["wrapped"])
 
     def forget_instance(self, job_id: str, file_id: str) -> None:
         """Drop the row of an instance whose file is gone (start-up reconciliation)."""
-        with self._write() as db:
+        with self.transaction() as db:
             cur = db.execute("DELETE FROM instances WHERE job_id = ? AND file_id = ?", (job_id, file_id))
             if cur.rowcount:
                 db.execute("UPDATE jobs SET instance_count = instance_count - ? WHERE job_id = ?",

@@ -1,21 +1,25 @@
-"""The stages a completed job goes through, each committed before the next starts.
+"""The stages that see identity: pseudonymisation (with routing) and re-identification.
 
-This issue brings the first: pseudonymisation. Later stages (volume, inference, RTSTRUCT,
-re-identification, sending) join it here.
+Both are the only code, with :mod:`gateway.reidentify`, that reaches the vault. The stages in
+between (:mod:`gateway.processing`) see pseudonymised data only.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pydicom
 import structlog
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
 
-from gateway.crypt import Purpose, Sealer
-from gateway.jobs import JobState, JobStore
+from gateway.crypt import Purpose
+from gateway.jobs import JobState
+from gateway.processing import StageContext, load_results, result_name
 from gateway.pseudonymise import (
     DEFAULT_UNWANTED_IMAGE_TYPES,
     ReidentificationRecord,
@@ -26,26 +30,16 @@ from gateway.pseudonymise import (
     pseudonymise,
     quarantine_reason,
 )
-from gateway.spool import Spool
+from gateway.reidentify import reidentify
+from gateway.routes import Route
+from gateway.tasks import NewTask
 from gateway.vault import Vault
 
-__all__ = ["PseudonymisedJob", "StageContext", "pseudonymise_job"]
+__all__ = ["PseudonymisedJob", "StageContext", "pseudonymise_job", "reidentify_task", "route_for"]
 
 log = structlog.get_logger(__name__)
 
-
-@dataclass(frozen=True)
-class StageContext:
-    """What every stage works with."""
-
-    spool: Spool
-    jobs: JobStore
-    sealer: Sealer
-
-    @property
-    def vault(self) -> Vault:
-        """The re-identification vault (for the stages that may use it)."""
-        return Vault(self.spool, self.sealer)
+NO_ROUTE = "no_route"
 
 
 @dataclass(frozen=True)
@@ -55,21 +49,46 @@ class PseudonymisedJob:
     job_id: str
     instances: int
     quarantined: int
+    series: int
     duration_ms: int
+    state: JobState
 
 
-def pseudonymise_job(ctx: StageContext, job_id: str, *,
+def route_for(ds: Dataset, routes: Sequence[Route]) -> Route | None:
+    """The first route whose ``match`` fits the series of *ds* (multi-valued attributes joined by ``\\``)."""
+    for route in routes:
+        attributes = {}
+        for keyword in route.match:
+            value = ds.get(keyword)
+            if value is not None:
+                attributes[keyword] = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+        if route.matches(attributes):
+            return route
+    return None
+
+
+@dataclass
+class _SeriesFiles:
+    route: Route | None
+    files: list[str]
+
+
+def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (), *,
                      unwanted_image_types: Iterable[str] = DEFAULT_UNWANTED_IMAGE_TYPES) -> PseudonymisedJob:
-    """Pseudonymise every received instance of *job_id* into ``work/``; store the vault entry.
+    """Pseudonymise every received instance of *job_id* into ``work/``, one task per series.
 
-    Instances that must not be processed are quarantined (recorded with a reason, never
-    pseudonymised). If nothing is left, the job fails with ``all_instances_quarantined``.
+    Each series is routed on its original attributes (the first matching route); instances
+    that must not be processed are quarantined (recorded with a reason, never pseudonymised).
+    The vault entry is stored before the tasks are committed. If nothing is left, the job
+    fails with ``all_instances_quarantined``.
     """
     started = time.monotonic()
     ctx.spool.remove_work(job_id)  # a stage interrupted by a crash is redone from the start
+    ctx.tasks.start_over(job_id)
     uids, pseudonym = UIDMap(), new_pseudonym()
     identity: bytes | None = None
-    written = quarantined = 0
+    series: dict[str, _SeriesFiles] = {}
+    quarantined = 0
     for file_id in sorted(ctx.jobs.instance_files(job_id)):
         plaintext = ctx.sealer.open(job_id, Purpose.RECEIVED, ctx.spool.read_instance(job_id, file_id))
         ds = pydicom.dcmread(io.BytesIO(plaintext))
@@ -80,16 +99,35 @@ def pseudonymise_job(ctx: StageContext, job_id: str, *,
             quarantined += 1
             continue
         identity = identity or identity_of(ds)
+        group = series.setdefault(str(ds.get("SeriesInstanceUID", "")), _SeriesFiles(route_for(ds, routes), []))
         encoded = encode(pseudonymise(ds, uids, pseudonym))
-        ctx.spool.write_work(job_id, ctx.sealer.seal(job_id, Purpose.PSEUDONYMISED, [encoded]))
-        written += 1
+        group.files.append(ctx.spool.write_work(job_id, ctx.sealer.seal(job_id, Purpose.PSEUDONYMISED, [encoded])))
+    duration_ms = int((time.monotonic() - started) * 1000)
+    written = sum(len(group.files) for group in series.values())
     if identity is None:
-        ctx.jobs.set_state(job_id, JobState.FAILED, reason="all_instances_quarantined")
-        log.error("job_failed", job_id=job_id, reason="all_instances_quarantined", quarantined=quarantined)
+        state = JobState.FAILED
+        ctx.jobs.set_state(job_id, state, reason="all_instances_quarantined")
     else:
-        ctx.vault.store(job_id, ReidentificationRecord(uids.reverse(), identity, pseudonym))
-        ctx.jobs.set_state(job_id, JobState.PSEUDONYMISED)
-    result = PseudonymisedJob(job_id, written, quarantined, int((time.monotonic() - started) * 1000))
-    log.info("job_pseudonymised", job_id=job_id, instances=written, quarantined=quarantined,
-             duration_ms=result.duration_ms)
-    return result
+        Vault(ctx.spool, ctx.sealer).store(job_id, ReidentificationRecord(uids.reverse(), identity, pseudonym))
+        tasks = [NewTask(group.route.name if group.route else None, group.files,
+                         None if group.route else NO_ROUTE) for group in series.values()]
+        state = ctx.tasks.create(job_id, tasks, duration_ms=duration_ms, now=time.time())
+    return PseudonymisedJob(job_id, written, quarantined, len(series), duration_ms, state)
+
+
+def reidentify_task(ctx: StageContext, job_id: str, task_no: int) -> int:
+    """Re-identify the task's results into its outbox (sealed Part 10 files); return how many.
+
+    The outbox is what is sent, so every retry and every restart sends the same instances
+    (same SOP Instance UIDs). Raises :class:`~gateway.errors.ReidentificationError` if a
+    pseudo UID would survive.
+    """
+    record = Vault(ctx.spool, ctx.sealer).load(job_id)
+    results = load_results(ctx, job_id, task_no, "pseudo")
+    for index, raw in enumerate(results):
+        ds = reidentify(pydicom.dcmread(io.BytesIO(raw)), record)
+        buffer = io.BytesIO()
+        dcmwrite(buffer, ds, enforce_file_format=True)
+        ctx.spool.write_result(job_id, result_name(task_no, f"out{index}"),
+                               ctx.sealer.seal(job_id, Purpose.RESULT, [buffer.getvalue()]))
+    return len(results)

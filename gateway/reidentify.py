@@ -3,7 +3,8 @@
 Every UID that is a pseudo UID of the job (at any depth, in any UI element, file meta
 included) is replaced by its original; the identity attributes (Patient and General Study
 modules, Frame of Reference) are restored byte for byte from the vault record; the
-de-identification markers are removed. A pseudo UID that survives is an error, never sent.
+de-identification markers are removed. An identity attribute the original lacks stays
+present but empty (the result's IOD may require it, type 2). A pseudo UID that survives is an error, never sent.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def reidentify(result: Dataset, record: ReidentificationRecord) -> Dataset:
     _map_uids(result, record.uids)
     if hasattr(result, "file_meta"):
         _map_uids(result.file_meta, record.uids)
-    for keyword in (*IDENTITY_KEYWORDS, *_DEIDENTIFICATION_MARKERS):
+    for keyword in _DEIDENTIFICATION_MARKERS:
         if keyword in result:
             delattr(result, keyword)
+    for keyword in IDENTITY_KEYWORDS:  # emptied, not removed: type 2 ones must stay present
+        if keyword in result:
+            result[keyword].value = [] if result[keyword].VR == "SQ" else None
     identity = read_dataset(io.BytesIO(record.identity), False, True)
     for element in identity:
         result[element.tag] = element

@@ -21,11 +21,10 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from gateway.config import Destination, GatewayConfig
-from gateway.errors import PermanentSendError, SendError, TransientSendError
-from gateway.jobs import JobState, JobStore
+from gateway.errors import PermanentSendError, TransientSendError
 from gateway.receive import VERIFICATION
 
-__all__ = ["Sender", "classify_status", "deliver_for_job"]
+__all__ = ["Sender", "classify_status"]
 
 log = structlog.get_logger(__name__)
 
@@ -182,19 +181,3 @@ class Sender:
         finally:
             if assoc.is_established:
                 assoc.abort()
-
-
-def deliver_for_job(sender: Sender, jobs: JobStore, job_id: str, dataset: Dataset,
-                    destination: Destination) -> bool:
-    """Deliver a job's result; on final failure move the job to dead letter with the reason.
-
-    Returns ``True`` when the destination confirmed the instance.
-    """
-    try:
-        sender.deliver(dataset, destination)
-    except SendError as exc:
-        jobs.set_state(job_id, JobState.DEAD_LETTER, reason=f"{destination.name}: {exc.reason}")
-        log.error("job_dead_letter", job_id=job_id, destination=destination.name, reason=exc.reason)
-        return False
-    jobs.set_state(job_id, JobState.SENT)
-    return True

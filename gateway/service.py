@@ -1,4 +1,4 @@
-"""Wiring of the running node: spool, job table, receivers, and the completion timer."""
+"""Wiring of the running node: spool, job table, receivers, the completion timer and the job runner."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import structlog
 from gateway import __version__
 from gateway.assembly import Assembler, complete_due
 from gateway.config import GatewayConfig
-from gateway.crypt import MasterKey
+from gateway.crypt import MasterKey, Sealer
 from gateway.errors import StartupError
 from gateway.jobs import JobStore
 from gateway.listener import Listener
+from gateway.processing import StageContext
+from gateway.runner import Runner
 from gateway.spool import Spool
 
 __all__ = ["Node", "serve"]
@@ -34,6 +36,7 @@ class Node:
         self._listener = Listener(config)
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        self._runner: Runner | None = None
 
     def start(self) -> None:
         """Recover state, then accept associations and run the completion timer.
@@ -56,29 +59,35 @@ class Node:
             self._listener.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {node.bind}:{node.port} ({exc.strerror})") from exc
+        self._runner = Runner(self.config, StageContext(self.spool, self._jobs, Sealer(master, self._jobs)))
+        self._runner.start()  # resumes every unfinished job where it stopped
         self._timer = threading.Thread(target=self._complete_loop, args=(self._jobs,), name="completion",
                                        daemon=True)
         self._timer.start()
         host, port = self._listener.address
         log.info("node_started", version=__version__, ae_title=node.ae_title, bind=host, port=port,
                  receive_workers=node.receive_workers, max_associations=node.max_associations,
-                 peers=len(self.config.peers), destinations=len(self.config.destinations))
+                 peers=len(self.config.peers), destinations=len(self.config.destinations),
+                 routes=len(self.config.routes), pipeline_workers=self.config.pipeline.workers)
 
     def _complete_loop(self, jobs: JobStore) -> None:
         interval = self.config.node.completion_check_seconds
         while not self._stop.wait(interval):
             try:
-                complete_due(jobs, time.time())
+                if complete_due(jobs, time.time()) and self._runner is not None:
+                    self._runner.wake()
             except Exception as exc:  # keep the timer alive; the next tick retries
                 log.error("completion_check_failed", exc_info=exc)
 
     def stop(self) -> None:
-        """Stop accepting, finish associations in flight, stop the timer, close the database."""
+        """Stop accepting, finish associations in flight, stop the timer, let stages in progress commit."""
         log.info("node_stopping")
         self._stop.set()
         self._listener.stop()
         if self._timer is not None:
             self._timer.join(timeout=10)
+        if self._runner is not None:
+            self._runner.stop()
         if self._jobs is not None:
             self._jobs.close()
         log.info("node_stopped")

@@ -8,6 +8,8 @@ Layout (every name is a server-generated random hex id, never a UID or patient d
         spool/<job_id>/<file_id>.dcm   received instances (sealed)
         work/<job_id>/<file_id>.dcm    pseudonymised instances (sealed)
         vault/<job_id>.vault           re-identification entry (sealed; gateway.vault only)
+        results/<job_id>/t<n>.<kind>   stage outputs of task n: masks, structure sets, outbox (sealed)
+        export/<destination>/<file_id>.dcm   results for a folder destination (plaintext, owner-only)
         <folder>/.<random>.tmp         while being written; removed at start-up
 
 A file is durable when its write returns: written to a temporary file in the same
@@ -29,6 +31,8 @@ __all__ = ["Spool"]
 
 _ID = re.compile(r"^[0-9a-f]{16,64}$")
 _SUFFIX = ".dcm"
+_RESULT = re.compile(r"^t[0-9]{1,4}\.[a-z0-9-]{1,24}$")
+_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,6 +112,8 @@ class Spool:
         self.root = data_dir / "spool"
         self.work_root = data_dir / "work"
         self.vault_root = data_dir / "vault"
+        self.results_root = data_dir / "results"
+        self.export_root = data_dir / "export"
         self.database_path = data_dir / "gateway.db"
 
     def prepare(self) -> None:
@@ -164,6 +170,27 @@ class Spool:
         """The (sealed) re-identification entry of *job_id*."""
         return (self.vault_root / f"{_check_id(job_id)}.vault").read_bytes()
 
+    def write_result(self, job_id: str, name: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write (durably, replacing) the stage output *name* (``t<task>.<kind>``) of *job_id*."""
+        if not _RESULT.match(name):
+            raise ValueError(f"not a result name: {name!r}")
+        _durable_write(_make_dir(self.results_root / _check_id(job_id), self.results_root), name, parts)
+
+    def read_result(self, job_id: str, name: str) -> bytes:
+        """A stage output of *job_id* (sealed); ``FileNotFoundError`` if it was never written."""
+        if not _RESULT.match(name):
+            raise ValueError(f"not a result name: {name!r}")
+        return (self.results_root / _check_id(job_id) / name).read_bytes()
+
+    def write_export(self, folder: str, parts: Iterable[bytes | bytearray | memoryview]) -> str:
+        """Write one result file for the folder destination *folder*; return its file id."""
+        if not _FOLDER.match(folder):
+            raise ValueError(f"not a destination name: {folder!r}")
+        file_id = secrets.token_hex(16)
+        _durable_write(_make_dir(self.export_root / folder, _make_dir(self.export_root, self.data_dir)),
+                       f"{file_id}{_SUFFIX}", parts)
+        return file_id
+
     def read_instance(self, job_id: str, file_id: str) -> bytes:
         """The stored (sealed) bytes of an instance."""
         return self.instance_path(job_id, file_id).read_bytes()
@@ -186,7 +213,7 @@ class Spool:
     def remove_temporaries(self) -> int:
         """Delete leftovers of writes interrupted by a crash; return how many."""
         removed = 0
-        for pattern in ("spool/*/.*.tmp", "work/*/.*.tmp", "vault/.*.tmp"):
+        for pattern in ("spool/*/.*.tmp", "work/*/.*.tmp", "vault/.*.tmp", "results/*/.*.tmp", "export/*/.*.tmp"):
             for path in self.data_dir.glob(pattern):
                 path.unlink(missing_ok=True)
                 removed += 1

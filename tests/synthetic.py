@@ -187,3 +187,28 @@ def couch_phantom(seed: int = 0, shape: tuple[int, int, int] = (60, 256, 256),
     affine[:3, 3] = [-(shape[2] / 2) * spacing[2], -(shape[1] / 2) * spacing[1], -(shape[0] / 2) * spacing[0]]
     volume = Volume(np.round(hu).astype(np.int16), affine, tuple(map(str, range(shape[0]))), "1.2.3", "HFS")
     return volume, {"External": body, "Lung_L": lung_l, "Lung_R": lung_r}
+
+
+def write_volume_series(folder: Path, volume: Volume, *, study_uid: str | None = None,
+                        patient: tuple[str, str] = (CANARY_NAME, CANARY_ID),
+                        series_description: str = "Thorax 3mm") -> CTSeries:
+    """Write an axial HFS *volume* (as from :func:`couch_phantom`) as a CT series with canary patient data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    rows, columns = volume.shape[1:]
+    sop_uids, files = [], []
+    for index in range(volume.shape[0]):
+        ds = ct_slice(study_uid, series_uid, frame_uid, index, rows, np.random.default_rng(0))
+        ds.PatientName, ds.PatientID = patient
+        ds.SeriesDescription, ds.Columns = series_description, columns
+        ds.ImagePositionPatient = [float(v) for v in volume.affine[:3, 3] + index * volume.affine[:3, 0]]
+        ds.PixelSpacing = [float(volume.affine[1, 1]), float(volume.affine[0, 2])]
+        ds.SliceThickness = float(volume.affine[2, 0])
+        ds.RescaleIntercept = 0.0
+        ds.PixelData = np.ascontiguousarray(volume.hu[index], dtype=np.int16).tobytes()
+        path = folder / f"slice{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sop_uids.append(str(ds.SOPInstanceUID))
+        files.append(path)
+    return CTSeries(folder, study_uid, series_uid, sop_uids, files)

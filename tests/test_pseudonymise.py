@@ -22,6 +22,7 @@ from gateway.jobs import JobState, JobStore
 from gateway.pipeline import StageContext, pseudonymise_job
 from gateway.pseudonymise import UIDMap, new_pseudonym, pseudonymise, quarantine_reason
 from gateway.reidentify import reidentify
+from gateway.routes import Route
 from gateway.spool import Spool
 from gateway.vault import Vault
 from tests.conftest import NodeProcess, dcmtk_env, require_tool
@@ -88,6 +89,8 @@ def _dose_report(study: str, instance: str) -> Dataset:
     ds.Modality, ds.ValueType, ds.PatientName = "SR", "CONTAINER", "CANARY^DOSE^REPORT"
     return ds
 
+CT_ROUTE = Route(name="ct", match={"Modality": "CT"}, model="default", destinations=["tps"])
+
 
 @dataclass
 class Pseudonymised:
@@ -114,7 +117,7 @@ def pseudonymised(node_factory: Callable[..., NodeProcess], canary_study: Canary
     ctx = StageContext(spool, jobs, Sealer(MasterKey.load(parse_config({"node": {"data_dir": str(node.data_dir)}})),
                                           jobs))
     with capture_logs() as logs:
-        pseudonymise_job(ctx, job_id)
+        pseudonymise_job(ctx, job_id, [CT_ROUTE])
     datasets = [pydicom.dcmread(io.BytesIO(ctx.sealer.open(job_id, Purpose.PSEUDONYMISED,
                                                            spool.read_work(job_id, file_id))))
                 for file_id in spool.work_file_ids(job_id)]

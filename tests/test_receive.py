@@ -62,7 +62,8 @@ class TestStoreAndAssemble:
         completed = node.wait_for("job_complete", timeout=15)
         assert completed["instances"] == 12
         assert completed["trigger"] == "quiet_period"
-        assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("complete", 12)]
+        node.wait_for("job_done", timeout=15)  # no route configured: nothing to run
+        assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("no_route", 12)]
         assert not list((node.data_dir / "spool").glob("*/.*.tmp"))
 
     def test_three_associations_out_of_order_with_duplicates_make_one_job(
@@ -80,7 +81,8 @@ class TestStoreAndAssemble:
         stored = spooled_by_sop(node.data_dir)
         assert sorted(stored) == sorted(series.sop_uids)
         node.wait_for("job_complete", timeout=15)
-        assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("complete", 30)]
+        node.wait_for("job_done", timeout=15)  # no route configured: nothing to run
+        assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("no_route", 30)]
 
     def test_more_instances_after_completion_start_a_new_job(
             self, node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries]) -> None:
@@ -265,7 +267,8 @@ def test_completion_timer_survives_a_restart(node_factory: Callable[..., NodePro
     time.sleep(2.5)
     again = node_factory(config_path=node.config_path)
     again.wait_for("job_complete", timeout=10)
-    assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("complete", 3)]
+    again.wait_for("job_done", timeout=15)  # no route configured: nothing to run
+    assert [(state, count) for _, state, count in jobs_table(node.data_dir)] == [("no_route", 3)]
 
 
 def test_a_dead_receiver_process_is_replaced(node_factory: Callable[..., NodeProcess],

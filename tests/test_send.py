@@ -18,8 +18,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from gateway.config import Destination, GatewayConfig, parse_config
 from gateway.errors import PermanentSendError, SendError, TransientSendError
-from gateway.jobs import JobState, JobStore
-from gateway.send import Sender, classify_status, deliver_for_job
+from gateway.send import Sender, classify_status
 from tests.conftest import dcmtk_env, free_port, make_ct_series, require_tool
 
 
@@ -209,22 +208,6 @@ class TestDcmtkStoreSCP:
         assert sender.echo(destination) is None
         assert list(peer.folder.iterdir()) == []
 
-    def test_deliver_for_job_marks_the_job_sent(self, storescp: Callable[..., StoreSCP],
-                                                ct_dataset: Dataset, tmp_path: Path) -> None:
-        """A confirmed delivery moves the job to ``sent``."""
-        peer = storescp()
-        sender, destination, _ = _sender(_config(peer.port))
-        jobs = JobStore(tmp_path / "jobs.db")
-        try:
-            job_id = jobs.reserve("a" * 64, "local", 1.0, time.time()).job_id
-            assert deliver_for_job(sender, jobs, job_id, ct_dataset, destination) is True
-            job = jobs.get(job_id)
-            assert job.state is JobState.SENT
-            assert job.reason is None
-        finally:
-            jobs.close()
-        assert len(list(peer.folder.iterdir())) == 1
-
     def test_refused_association_is_permanent(self, storescp: Callable[..., StoreSCP],
                                               ct_dataset: Dataset) -> None:
         """``storescp --refuse`` sends A-ASSOCIATE-RJ permanent (service user): no retry."""
@@ -274,23 +257,6 @@ class TestUnreachable:
         sender, destination, _ = _sender(_config(free_port()))
         with pytest.raises(TransientSendError, match="connection failed"):
             sender.echo(destination)
-
-    def test_deliver_for_job_dead_letters_with_the_reason(self, ct_dataset: Dataset,
-                                                          tmp_path: Path) -> None:
-        """After the last transient failure the job is dead-lettered with destination and cause."""
-        sender, destination, sleeps = _sender(_config(free_port(), attempts=3, backoff=0.5))
-        jobs = JobStore(tmp_path / "jobs.db")
-        try:
-            job_id = jobs.reserve("b" * 64, "local", 1.0, time.time()).job_id
-            assert deliver_for_job(sender, jobs, job_id, ct_dataset, destination) is False
-            job = jobs.get(job_id)
-        finally:
-            jobs.close()
-        assert job.state is JobState.DEAD_LETTER
-        assert job.reason is not None
-        assert job.reason.startswith("tps: ")
-        assert "connection failed" in job.reason
-        assert sleeps == [0.5, 1.0]
 
 
 class TestAssociationRejected:

@@ -1,0 +1,81 @@
+"""Delivery of a task's outbox: each result to each of its route's destinations, with retries that survive restarts.
+
+Every attempt is counted in the job database before the next one is planned, so a restart
+neither forgets a failure nor retries early. The outbox files are sent as they are: a retry,
+or a resend after a crash between the peer's confirmation and our commit, carries the same
+SOP Instance UID, which a TPS stores once.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import structlog
+
+from gateway.config import Destination, FolderDestination, GatewayConfig
+from gateway.crypt import Purpose
+from gateway.errors import PermanentSendError, SendError, SpoolError, TransientSendError
+from gateway.jobs import JobState
+from gateway.processing import StageContext, result_name
+from gateway.send import Sender
+from gateway.tasks import Delivery
+
+__all__ = ["deliver_due", "outcome"]
+
+log = structlog.get_logger(__name__)
+
+
+def deliver_due(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id: str, task_no: int,
+                now: float) -> list[Delivery]:
+    """Attempt every delivery of the task that is due at *now*; return the task's deliveries afterwards."""
+    for delivery in ctx.tasks.deliveries(job_id, task_no):
+        if delivery.state is JobState.REIDENTIFIED and delivery.next_attempt_at <= now:
+            _attempt(ctx, config, sender, job_id, delivery, now)
+    return ctx.tasks.deliveries(job_id, task_no)
+
+
+def outcome(deliveries: list[Delivery]) -> tuple[JobState, str | None] | None:
+    """The task's final state once no delivery is pending (``sent`` only if all were), else ``None``."""
+    if any(d.state is JobState.REIDENTIFIED for d in deliveries):
+        return None
+    failed = [f"{d.destination}: {d.reason}" for d in deliveries if d.state is not JobState.SENT]
+    return (JobState.DEAD_LETTER, "; ".join(failed)) if failed else (JobState.SENT, None)
+
+
+def _attempt(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id: str, delivery: Delivery,
+             now: float) -> None:
+    attempt = delivery.attempts + 1
+    try:
+        destination = config.destination(delivery.destination)
+    except KeyError:
+        ctx.tasks.record_attempt(job_id, delivery, JobState.DEAD_LETTER, next_attempt_at=now,
+                                 reason="destination no longer configured")
+        log.error("send_failed", destination=delivery.destination, attempt=attempt, permanent=True,
+                  reason="destination no longer configured")
+        return
+    raw = ctx.sealer.open(job_id, Purpose.RESULT, ctx.spool.read_result(job_id, result_name(delivery.task_no,
+                                                                                       f"out{delivery.item}")))
+    try:
+        status = _send(ctx, sender, destination, raw)
+    except (TransientSendError, SpoolError) as exc:
+        reason = exc.reason if isinstance(exc, SendError) else str(exc)
+        last = attempt >= destination.retry.max_attempts
+        delay = destination.retry.delay(attempt)
+        ctx.tasks.record_attempt(job_id, delivery, JobState.DEAD_LETTER if last else JobState.REIDENTIFIED,
+                                 next_attempt_at=now + delay, reason=reason)
+        log.warning("send_failed", destination=destination.name, attempt=attempt, permanent=False, reason=reason,
+                    retry_in_seconds=None if last else delay)
+    except PermanentSendError as exc:
+        ctx.tasks.record_attempt(job_id, delivery, JobState.DEAD_LETTER, next_attempt_at=now, reason=exc.reason)
+        log.error("send_failed", destination=destination.name, attempt=attempt, permanent=True, reason=exc.reason)
+    else:
+        ctx.tasks.record_attempt(job_id, delivery, JobState.SENT, next_attempt_at=now)
+        log.info("send_succeeded", destination=destination.name, attempt=attempt, status=status)
+
+
+def _send(ctx: StageContext, sender: Sender, destination: Destination | FolderDestination, raw: bytes) -> str:
+    if isinstance(destination, FolderDestination):
+        ctx.spool.write_export(destination.name, [raw])
+        return "written"
+    return f"0x{sender.send_once(pydicom.dcmread(io.BytesIO(raw)), destination):04X}"

@@ -1,0 +1,84 @@
+"""The schema of the job database (:mod:`gateway.jobs`, :mod:`gateway.tasks`); no patient data in any column.
+
+Version 4 adds the pipeline: a job's tasks (one per series), the pseudonymised files of each
+task, the deliveries of each result, and the time every stage took.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 4
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    study_key TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    quiet_seconds REAL NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    completed_at REAL,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    previous_job_id TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_receiving_job_per_study ON jobs(study_key)
+    WHERE state = 'receiving';
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS instances (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    sop_key TEXT NOT NULL,
+    file_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (job_id, sop_key)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    file_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_at REAL NOT NULL,
+    PRIMARY KEY (job_id, file_id)
+);
+CREATE TABLE IF NOT EXISTS data_keys (
+    job_id TEXT PRIMARY KEY,
+    wrapped BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    task_no INTEGER NOT NULL,
+    route TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    instance_count INTEGER NOT NULL,
+    PRIMARY KEY (job_id, task_no)
+);
+CREATE TABLE IF NOT EXISTS task_files (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    task_no INTEGER NOT NULL,
+    file_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, file_id)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    task_no INTEGER NOT NULL,
+    item INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (job_id, task_no, item, destination)
+);
+CREATE TABLE IF NOT EXISTS stage_times (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    task_no INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (job_id, task_no, stage)
+);
+"""
+
+

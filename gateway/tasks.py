@@ -1,0 +1,176 @@
+"""The tasks of a job: one per series, each going through the stages on its own.
+
+A task's state takes the :class:`~gateway.jobs.JobState` values from ``pseudonymised`` on.
+The job's state follows its tasks, in the same transaction as every task transition: the
+least advanced unfinished task, and once all are finished the outcome: ``dead_letter`` if a
+delivery was given up, else ``failed`` if a task failed, else ``sent`` if a result was
+delivered, else ``no_route``. Every column holds counts, codes and random ids only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.jobs import JobState, JobStore
+
+__all__ = ["JOB_STAGE", "Delivery", "NewTask", "StageTime", "Task", "TaskStore"]
+
+#: The task number under which job-wide stages (pseudonymisation) record their time.
+JOB_STAGE = 0
+_ORDER = list(JobState)
+_RESUMABLE = (JobState.PSEUDONYMISED, JobState.INFERRED, JobState.STRUCTURED)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A series found while pseudonymising: the route that takes it (or why none does) and its files."""
+
+    route: str | None
+    files: Sequence[str]
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One series of a job on its way through the stages."""
+
+    job_id: str
+    task_no: int
+    route: str | None
+    state: JobState
+    reason: str | None
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One result (``item``) of a task, owed to one destination."""
+
+    task_no: int
+    item: int
+    destination: str
+    state: JobState  # reidentified (pending), sent or dead_letter
+    attempts: int
+    next_attempt_at: float
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """How long one stage of a task (or of the job: task 0) took."""
+
+    task_no: int
+    stage: str
+    duration_ms: int
+
+
+class TaskStore:
+    """Task, delivery and timing rows of the job database (same connection as the job table)."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self._jobs = jobs
+
+    def start_over(self, job_id: str) -> None:
+        """Forget the tasks of *job_id* (its pseudonymisation is being redone)."""
+        with self._jobs.transaction() as db:
+            for table in ("tasks", "task_files", "deliveries", "stage_times"):
+                db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+
+    def create(self, job_id: str, tasks: Sequence[NewTask], *, duration_ms: int, now: float) -> JobState:
+        """Record the tasks found by pseudonymisation and move the job on; return its new state."""
+        with self._jobs.transaction(durable=True) as db:
+            for task_no, task in enumerate(tasks, start=1):
+                state = JobState.PSEUDONYMISED if task.route else JobState.NO_ROUTE
+                db.execute("INSERT INTO tasks (job_id, task_no, route, state, reason, instance_count) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (job_id, task_no, task.route, state, task.reason,
+                                                         len(task.files)))
+                db.executemany("INSERT INTO task_files (job_id, task_no, file_id) VALUES (?, ?, ?)",
+                               [(job_id, task_no, file_id) for file_id in task.files])
+            _record_time(db, job_id, JOB_STAGE, "pseudonymise", duration_ms, now)
+            return _settle(db, job_id)
+
+    def tasks(self, job_id: str) -> list[Task]:
+        """The tasks of *job_id* in series order."""
+        with self._jobs.reading() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE job_id = ? ORDER BY task_no", (job_id,)).fetchall()
+        return [Task(row["job_id"], row["task_no"], row["route"], JobState(row["state"]), row["reason"],
+                     row["instance_count"]) for row in rows]
+
+    def files(self, job_id: str, task_no: int) -> list[str]:
+        """The pseudonymised files of one task."""
+        with self._jobs.reading() as db:
+            rows = db.execute("SELECT file_id FROM task_files WHERE job_id = ? AND task_no = ? ORDER BY file_id",
+                              (job_id, task_no)).fetchall()
+        return [row["file_id"] for row in rows]
+
+    def advance(self, job_id: str, task_no: int, state: JobState, *, stage: str | None, duration_ms: int, now: float,
+                reason: str | None = None, deliveries: Sequence[tuple[int, str]] = ()) -> JobState:
+        """Commit a task's new *state* (with the stage's time, and the deliveries it now owes); return the job's."""
+        with self._jobs.transaction(durable=True) as db:
+            db.execute("UPDATE tasks SET state = ?, reason = ? WHERE job_id = ? AND task_no = ?",
+                       (state, reason, job_id, task_no))
+            db.executemany("INSERT OR IGNORE INTO deliveries (job_id, task_no, item, destination, state, "
+                           "next_attempt_at) VALUES (?, ?, ?, ?, 'reidentified', ?)",
+                           [(job_id, task_no, item, name, now) for item, name in deliveries])
+            if stage is not None:
+                _record_time(db, job_id, task_no, stage, duration_ms, now)
+            return _settle(db, job_id)
+
+    def deliveries(self, job_id: str, task_no: int) -> list[Delivery]:
+        """What one task owes to its destinations, and how each stands."""
+        with self._jobs.reading() as db:
+            rows = db.execute("SELECT * FROM deliveries WHERE job_id = ? AND task_no = ? ORDER BY item, destination",
+                              (job_id, task_no)).fetchall()
+        return [Delivery(row["task_no"], row["item"], row["destination"], JobState(row["state"]), row["attempts"],
+                         row["next_attempt_at"], row["reason"]) for row in rows]
+
+    def record_attempt(self, job_id: str, delivery: Delivery, state: JobState, *, next_attempt_at: float,
+                       reason: str | None = None) -> None:
+        """Count one delivery attempt and its outcome (``sent``, ``dead_letter``, or still pending)."""
+        with self._jobs.transaction(durable=True) as db:
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?, reason = ? "
+                       "WHERE job_id = ? AND task_no = ? AND item = ? AND destination = ?",
+                       (state, next_attempt_at, reason, job_id, delivery.task_no, delivery.item,
+                        delivery.destination))
+
+    def runnable(self, now: float) -> list[str]:
+        """Jobs with work that can be done now, oldest first."""
+        resumable = ", ".join(f"'{state.value}'" for state in _RESUMABLE)
+        with self._jobs.reading() as db:
+            rows = db.execute(
+                "SELECT job_id FROM jobs WHERE state = 'complete' OR job_id IN ("
+                f" SELECT job_id FROM tasks WHERE state IN ({resumable})"
+                " UNION SELECT t.job_id FROM tasks t WHERE t.state = 'reidentified' AND ("
+                "  SELECT coalesce(min(d.next_attempt_at), 0) FROM deliveries d WHERE d.job_id = t.job_id"
+                "  AND d.task_no = t.task_no AND d.state = 'reidentified') <= ?"
+                ") ORDER BY created_at", (now,)).fetchall()
+        return [row["job_id"] for row in rows]
+
+    def stage_times(self, job_id: str) -> list[StageTime]:
+        """Every stage time recorded for *job_id*, in the order they finished."""
+        with self._jobs.reading() as db:
+            rows = db.execute("SELECT task_no, stage, duration_ms FROM stage_times WHERE job_id = ? "
+                              "ORDER BY finished_at", (job_id,)).fetchall()
+        return [StageTime(row["task_no"], row["stage"], row["duration_ms"]) for row in rows]
+
+
+def _record_time(db: sqlite3.Connection, job_id: str, task_no: int, stage: str, duration_ms: int,
+                 now: float) -> None:
+    db.execute("INSERT OR REPLACE INTO stage_times (job_id, task_no, stage, duration_ms, finished_at) "
+               "VALUES (?, ?, ?, ?, ?)", (job_id, task_no, stage, duration_ms, now))
+
+
+def _settle(db: sqlite3.Connection, job_id: str) -> JobState:
+    rows = db.execute("SELECT task_no, state, reason FROM tasks WHERE job_id = ?", (job_id,)).fetchall()
+    states = [JobState(row["state"]) for row in rows]
+    unfinished = [state for state in states if not state.terminal]
+    reasons = [f"series {row['task_no']}: {row['reason']}" for row in rows if row["reason"]]
+    if unfinished:
+        state = min(unfinished, key=_ORDER.index)
+    else:
+        state = next((s for s in (JobState.DEAD_LETTER, JobState.FAILED, JobState.SENT) if s in states),
+                     JobState.NO_ROUTE)
+    db.execute("UPDATE jobs SET state = ?, reason = ? WHERE job_id = ?", (state, "; ".join(reasons) or None, job_id))
+    return state
