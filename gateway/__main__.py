@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("serve", "run the node in the foreground"),
-                       ("status", "list jobs: id, state, instances, age (no patient data)")):
+                       ("status", "list jobs, their series, stage times and deliveries (no patient data)")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", required=True)
     echo = commands.add_parser("echo", help="C-ECHO a configured destination")
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def _status(config: GatewayConfig) -> int:
     from gateway.jobs import JobStore
     from gateway.spool import Spool
+    from gateway.status import status_lines
 
     spool = Spool(config.node.data_dir)
     if not spool.database_path.exists():
@@ -44,14 +45,10 @@ def _status(config: GatewayConfig) -> int:
         return EXIT_OK
     jobs = JobStore(spool.database_path)
     try:
-        rows = jobs.jobs()
+        for line in status_lines(jobs, time.time()):
+            print(line)
     finally:
         jobs.close()
-    now = time.time()
-    print(f"{'JOB ID':<18}{'STATE':<13}{'INSTANCES':>10}{'AGE S':>10}  {'PEER':<16}REASON")
-    for job in rows:
-        print(f"{job.job_id:<18}{job.state.value:<13}{job.instance_count:>10}{now - job.created_at:>10.0f}  "
-              f"{job.peer:<16}{job.reason or ''}")
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ import structlog
 from gateway.config import Destination, FolderDestination, GatewayConfig
 from gateway.crypt import Purpose
 from gateway.errors import PermanentSendError, SendError, SpoolError, TransientSendError
+from gateway.failpoints import failpoint
 from gateway.jobs import JobState
 from gateway.processing import StageContext, result_name
 from gateway.send import Sender
@@ -70,6 +71,7 @@ def _attempt(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id: s
         ctx.tasks.record_attempt(job_id, delivery, JobState.DEAD_LETTER, next_attempt_at=now, reason=exc.reason)
         log.error("send_failed", destination=destination.name, attempt=attempt, permanent=True, reason=exc.reason)
     else:
+        failpoint("delivered")
         ctx.tasks.record_attempt(job_id, delivery, JobState.SENT, next_attempt_at=now)
         log.info("send_succeeded", destination=destination.name, attempt=attempt, status=status)
 

@@ -14,8 +14,6 @@ and an ``alert`` event; nothing is sent for it.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from gateway.errors import (
     StructureSetError,
     VolumeError,
 )
+from gateway.failpoints import failpoint
 from gateway.infer import Prediction, Predictor
 from gateway.jobs import JobState
 from gateway.logs import bind_job
@@ -52,20 +51,12 @@ from gateway.processing import (
 from gateway.send import Sender
 from gateway.tasks import Task
 
-__all__ = ["FAILPOINT_ENV", "Runner"]
+__all__ = ["Runner"]
 
 log = structlog.get_logger(__name__)
 
-#: Test hook: ``before:<stage>`` or ``after:<stage>`` (work done, not committed) kills the node with SIGKILL.
-FAILPOINT_ENV = "CONTOUR_GW_FAILPOINT"
 #: How long a job waits after a stage could not write (disk full, I/O error) before it is tried again.
 _DEFER_SECONDS = 30.0
-
-
-def _failpoint(point: str) -> None:
-    if os.environ.get(FAILPOINT_ENV) == point:
-        log.warning("failpoint_kill", point=point)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _NEXT_STAGE = {JobState.PSEUDONYMISED: "infer", JobState.INFERRED: "structure", JobState.STRUCTURED: "reidentify",
@@ -152,13 +143,13 @@ class Runner:
             self._wake.set()
 
     def _pseudonymise(self, job_id: str) -> None:
-        _failpoint("before:pseudonymise")
+        failpoint("before:pseudonymise")
         result = pseudonymise_job(self._ctx, job_id, self._config.routes)
         log.info("stage_done", stage="pseudonymise", duration_ms=result.duration_ms, instances=result.instances,
                  quarantined=result.quarantined, series=result.series, outcome=result.state.value)
         if result.state is JobState.FAILED:
             log.error("alert", stage="pseudonymise", reason="all_instances_quarantined")
-        _failpoint("after:pseudonymise")
+        failpoint("after:pseudonymise")
 
     def _run_task(self, task: Task) -> None:
         route = next((r for r in self._config.routes if r.name == task.route), None)
@@ -169,7 +160,7 @@ class Runner:
                 raise _TaskFailed("route_not_configured")
             if state is JobState.PSEUDONYMISED:
                 started = time.monotonic()
-                _failpoint("before:infer")
+                failpoint("before:infer")
                 series = self._load(task)
                 prediction = self._infer(route, series)
                 save_masks(self._ctx, task.job_id, task.task_no, prediction)
@@ -180,7 +171,7 @@ class Runner:
                 state = self._structure(task, route, series, masks)
             if state is JobState.STRUCTURED:
                 started = time.monotonic()
-                _failpoint("before:reidentify")
+                failpoint("before:reidentify")
                 count = self._reidentify(task)
                 deliveries = [(item, name) for item in range(count) for name in route.destinations]
                 state = self._commit(task, JobState.REIDENTIFIED, "reidentify", started, deliveries=deliveries,
@@ -197,7 +188,7 @@ class Runner:
     def _structure(self, task: Task, route: Route, series: Series | None,
                    masks: dict[str, np.ndarray] | None) -> JobState:
         started = time.monotonic()
-        _failpoint("before:structure")
+        failpoint("before:structure")
         series = series or self._load(task)
         loaded = masks if masks is not None else load_masks(self._ctx, task.job_id, task.task_no)
         try:
@@ -211,7 +202,7 @@ class Runner:
 
     def _commit(self, task: Task, state: JobState, stage: str, started: float, *,
                 deliveries: list[tuple[int, str]] | None = None, **counts: int) -> JobState:
-        _failpoint(f"after:{stage}")
+        failpoint(f"after:{stage}")
         duration_ms = int((time.monotonic() - started) * 1000)
         self._ctx.tasks.advance(task.job_id, task.task_no, state, stage=stage, duration_ms=duration_ms,
                                 now=self._clock(), deliveries=deliveries or ())
@@ -238,13 +229,13 @@ class Runner:
 
     def _send(self, task: Task) -> None:
         started = time.monotonic()
-        _failpoint("before:send")
+        failpoint("before:send")
         deliveries = deliver_due(self._ctx, self._config, self._sender, task.job_id, task.task_no, self._clock())
         final = outcome(deliveries)
         if final is None:
             return
         state, reason = final
-        _failpoint("after:send")
+        failpoint("after:send")
         duration_ms = int((time.monotonic() - started) * 1000)
         self._ctx.tasks.advance(task.job_id, task.task_no, state, stage="send", duration_ms=duration_ms,
                                 now=self._clock(), reason=reason)

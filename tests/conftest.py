@@ -68,19 +68,32 @@ def ct_series(tmp_path: Path) -> Callable[..., CTSeries]:
     return factory
 
 
+def toml_value(value: Any) -> str:
+    """*value* as a TOML value (inline tables for dicts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
 def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[str, Any]] | None = None,
-                 destinations: list[dict[str, Any]] | None = None, extra_node: str = "",
-                 max_associations: int = 8) -> Path:
-    """Write a gateway TOML for tests; peers default to any AE on loopback with a 1 s quiet period."""
+                 destinations: list[dict[str, Any]] | None = None, routes: list[dict[str, Any]] | None = None,
+                 extra_node: str = "", extra: str = "", max_associations: int = 8) -> Path:
+    """Write a gateway TOML for tests; peers default to any AE on loopback with a 1 s quiet period.
+
+    Models come from the repository's ``models/``; *extra* is appended as raw TOML.
+    """
     peers = peers if peers is not None else [{"name": "local", "ae_title": "*", "host": "127.0.0.1",
                                               "quiet_seconds": 1}]
     lines = ["[node]", 'ae_title = "CONTOUR_GW"', 'bind = "127.0.0.1"', f"port = {port}",
              f'data_dir = "{data_dir}"', f"max_associations = {max_associations}", extra_node, ""]
-    for peer in peers:
-        lines += ["[[peers]]", *(f"{k} = {json.dumps(v)}" for k, v in peer.items()), ""]
-    for dest in destinations or []:
-        lines += ["[[destinations]]", *(f"{k} = {json.dumps(v)}" for k, v in dest.items()), ""]
-    lines += ["[logging]", 'level = "debug"']
+    for name, entries in (("peers", peers), ("destinations", destinations or []), ("routes", routes or [])):
+        for entry in entries:
+            lines += [f"[[{name}]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items()), ""]
+    lines += ["[inference]", f'models_dir = "{REPO / "models"}"', "", "[logging]", 'level = "debug"', extra]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -138,9 +151,9 @@ class NodeProcess:
         self.process.wait(timeout=10)
 
 
-def start_node(config_path: Path, log_path: Path) -> NodeProcess:
-    """Start a node from *config_path* and wait until it accepts associations."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_node(config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> NodeProcess:
+    """Start a node from *config_path* (extra environment *env*) and wait until it accepts associations."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     offset = log_path.stat().st_size if log_path.exists() else 0
     with log_path.open("ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
@@ -157,11 +170,12 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Factory starting real node processes; every one is stopped (or killed) at teardown."""
     started: list[NodeProcess] = []
 
-    def factory(config_path: Path | None = None, **config_kwargs: Any) -> NodeProcess:
+    def factory(config_path: Path | None = None, env: dict[str, str] | None = None,
+                **config_kwargs: Any) -> NodeProcess:
         data_dir = config_kwargs.pop("data_dir", tmp_path / "var")
         if config_path is None:
             config_path = write_config(tmp_path / "gateway.toml", data_dir, **config_kwargs)
-        node = start_node(config_path, tmp_path / "node.log")
+        node = start_node(config_path, tmp_path / "node.log", env)
         node.data_dir = data_dir
         started.append(node)
         return node

@@ -38,7 +38,8 @@ class TestEmbeddedDefault:
         assert config.node.port == 11112
         assert config.node.data_dir == (REPO / "var").resolve()
         assert config.retention.max_age_seconds <= MAX_AGE_CEILING_SECONDS
-        assert [r.destinations for r in config.routes] == [["tps"]]
+        assert [r.destinations for r in config.routes] == [["folder"]]
+        assert [d.type for d in config.destinations] == ["folder", "dicom"]
 
     def test_valid_mapping_round_trips(self) -> None:
         config = parse_config(_valid())
