@@ -196,6 +196,13 @@ class JobStore:
                 "AND last_received_at + quiet_seconds <= ? RETURNING *", (now, now)).fetchall()
         return [_job(row) for row in rows]
 
+    def next_completion_at(self) -> float | None:
+        """When the earliest receiving job's quiet period ends (it may still move later), or ``None``."""
+        with self._lock:
+            row = self._db.execute("SELECT min(last_received_at + quiet_seconds) AS due FROM jobs "
+                                   "WHERE state = 'receiving'").fetchone()
+        return None if row["due"] is None else float(row["due"])
+
     def force_complete(self, job_id: str, now: float) -> Job:
         """Close a receiving job now, whatever its quiet period; other states are left alone."""
         with self.transaction() as db:

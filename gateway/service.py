@@ -72,12 +72,17 @@ class Node:
 
     def _complete_loop(self, jobs: JobStore) -> None:
         interval = self.config.node.completion_check_seconds
-        while not self._stop.wait(interval):
+        wait = interval
+        while not self._stop.wait(wait):
             try:
                 if complete_due(jobs, time.time()) and self._runner is not None:
                     self._runner.wake()
+                due = jobs.next_completion_at()
             except Exception as exc:  # keep the timer alive; the next tick retries
                 log.error("completion_check_failed", exc_info=exc)
+                due = None
+            # Wake when the earliest quiet period ends, not up to a whole interval later.
+            wait = interval if due is None else min(interval, max(0.02, due - time.time()))
 
     def stop(self) -> None:
         """Stop accepting, finish associations in flight, stop the timer, let stages in progress commit."""

@@ -81,10 +81,11 @@ def toml_value(value: Any) -> str:
 
 def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[str, Any]] | None = None,
                  destinations: list[dict[str, Any]] | None = None, routes: list[dict[str, Any]] | None = None,
-                 extra_node: str = "", extra: str = "", max_associations: int = 8) -> Path:
+                 extra_node: str = "", extra: str = "", max_associations: int = 8,
+                 models_dir: Path = REPO / "models") -> Path:
     """Write a gateway TOML for tests; peers default to any AE on loopback with a 1 s quiet period.
 
-    Models come from the repository's ``models/``; *extra* is appended as raw TOML.
+    Models come from *models_dir* (the repository's ``models/``); *extra* is appended as raw TOML.
     """
     peers = peers if peers is not None else [{"name": "local", "ae_title": "*", "host": "127.0.0.1",
                                               "quiet_seconds": 1}]
@@ -93,7 +94,7 @@ def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[
     for name, entries in (("peers", peers), ("destinations", destinations or []), ("routes", routes or [])):
         for entry in entries:
             lines += [f"[[{name}]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items()), ""]
-    lines += ["[inference]", f'models_dir = "{REPO / "models"}"', "", "[logging]", 'level = "debug"', extra]
+    lines += ["[inference]", f'models_dir = "{models_dir}"', "", "[logging]", 'level = "debug"', extra]
     path.write_text("\n".join(lines) + "\n")
     return path
 

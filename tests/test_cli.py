@@ -122,7 +122,7 @@ def test_serve_reports_a_damaged_master_key(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_a_route_naming_a_missing_or_invalid_model(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "gateway.toml", tmp_path / "var", destinations=[
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var", models_dir=tmp_path / "models", destinations=[
         {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 4242}])
     (tmp_path / "models" / "broken").mkdir(parents=True)
     (tmp_path / "models" / "broken" / "manifest.toml").write_text("[model]\nname = 'x'\n")

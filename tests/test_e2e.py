@@ -326,3 +326,21 @@ def test_embedded_default_config_contours_into_its_folder(tmp_path: Path) -> Non
         assert [roi.ROIName for roi in rtstruct.StructureSetROISequence] == ["External", "Lung_L", "Lung_R"]
     finally:
         node.stop()
+
+
+def test_each_series_of_a_study_gets_its_own_rtstruct(node_factory: Callable[..., NodeProcess], tps: Orthanc,
+                                                      tmp_path: Path) -> None:
+    first = phantom(tmp_path / "first")
+    second = phantom(tmp_path / "second", study_uid=first.study_uid, series_description="Thorax 2mm recon")
+    node = node_factory(destinations=[tps_destination(tps)], routes=[route("tps")])
+    send(node, [*first.files, *second.files])
+    done = node.wait_for("job_done", timeout=90)
+    assert (done["state"], done["series"], done["sent"]) == ("sent", 2, 2)
+    rtstructs = rtstructs_of(tps, first.study_uid)
+    assert len(rtstructs) == 2
+    referenced = {}
+    for rtstruct in rtstructs:
+        series = rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+            .RTReferencedSeriesSequence[0]
+        referenced[series.SeriesInstanceUID] = {image.ReferencedSOPInstanceUID for image in series.ContourImageSequence}
+    assert referenced == {first.series_uid: set(first.sop_uids), second.series_uid: set(second.sop_uids)}
