@@ -18,6 +18,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 
 from gateway.crypt import Purpose
+from gateway.failpoints import failpoint
 from gateway.jobs import JobState
 from gateway.processing import StageContext, load_results, result_name
 from gateway.pseudonymise import (
@@ -111,6 +112,7 @@ def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (
         Vault(ctx.spool, ctx.sealer).store(job_id, ReidentificationRecord(uids.reverse(), identity, pseudonym))
         tasks = [NewTask(group.route.name if group.route else None, group.files,
                          None if group.route else NO_ROUTE) for group in series.values()]
+        failpoint("after:pseudonymise")
         state = ctx.tasks.create(job_id, tasks, duration_ms=duration_ms, now=time.time())
     return PseudonymisedJob(job_id, written, quarantined, len(series), duration_ms, state)
 

@@ -57,6 +57,8 @@ log = structlog.get_logger(__name__)
 
 #: How long a job waits after a stage could not write (disk full, I/O error) before it is tried again.
 _DEFER_SECONDS = 30.0
+#: Unexpected errors (a bug, a damaged file) after which a job is failed instead of tried again.
+_MAX_ERRORS = 3
 
 
 _NEXT_STAGE = {JobState.PSEUDONYMISED: "infer", JobState.INFERRED: "structure", JobState.STRUCTURED: "reidentify",
@@ -81,6 +83,7 @@ class Runner:
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._deferred: dict[str, float] = {}
+        self._errors: dict[str, int] = {}
         self._predictors: dict[str, Predictor] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -103,12 +106,12 @@ class Runner:
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before looking: a wake-up during the look is not lost
             try:
                 self._dispatch()
             except Exception as exc:  # keep dispatching; the next poll retries
                 log.error("dispatch_failed", exc_info=exc)
             self._wake.wait(self._config.pipeline.poll_seconds)
-            self._wake.clear()
 
     def _dispatch(self) -> None:
         now = self._clock()
@@ -129,18 +132,33 @@ class Runner:
                 if not task.state.terminal and not self._stop.is_set():
                     self._run_task(task)
             self._finish(job_id)
-        except SpoolError as exc:
+        except SpoolError as exc:  # disk full or I/O error: nothing was committed, try again later
             log.warning("stage_deferred", reason=str(exc), retry_in_seconds=_DEFER_SECONDS)
             with self._lock:
                 self._deferred[job_id] = self._clock() + _DEFER_SECONDS
         except Exception as exc:
             log.error("job_error", exc_info=exc)
-            with self._lock:
-                self._deferred[job_id] = self._clock() + _DEFER_SECONDS
+            self._on_error(job_id)
         finally:
             with self._lock:
                 self._busy.discard(job_id)
             self._wake.set()
+
+    def _on_error(self, job_id: str) -> None:
+        """An unexpected error: try again later, and after a few tries fail the job rather than loop."""
+        with self._lock:
+            errors = self._errors[job_id] = self._errors.get(job_id, 0) + 1
+            self._deferred[job_id] = self._clock() + _DEFER_SECONDS
+        if errors < _MAX_ERRORS:
+            return
+        if self._ctx.jobs.get(job_id).state is JobState.COMPLETE:
+            self._ctx.jobs.set_state(job_id, JobState.FAILED, reason="internal_error")
+        for task in self._ctx.tasks.tasks(job_id):
+            if not task.state.terminal:
+                self._ctx.tasks.advance(job_id, task.task_no, JobState.FAILED, stage=None, duration_ms=0,
+                                        now=self._clock(), reason="internal_error")
+        log.error("alert", outcome="failed", reason="internal_error", errors=errors)
+        self._finish(job_id)
 
     def _pseudonymise(self, job_id: str) -> None:
         failpoint("before:pseudonymise")
@@ -149,7 +167,6 @@ class Runner:
                  quarantined=result.quarantined, series=result.series, outcome=result.state.value)
         if result.state is JobState.FAILED:
             log.error("alert", stage="pseudonymise", reason="all_instances_quarantined")
-        failpoint("after:pseudonymise")
 
     def _run_task(self, task: Task) -> None:
         route = next((r for r in self._config.routes if r.name == task.route), None)
