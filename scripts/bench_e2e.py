@@ -67,6 +67,7 @@ from bench_ingest import (  # noqa: E402 - the process helpers of the ingest ben
     dcmtk_tool,
     group_cpu_ticks,
     group_hwm_kib,
+    raise_interrupt,
     spawn,
     wait_until,
 )
@@ -370,13 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # clean up on SIGTERM as on Ctrl-C
     try:
         result = bench(args)
     except (BenchError, AssertionError) as exc:  # tests.orthanc reports a failed start as AssertionError

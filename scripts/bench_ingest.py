@@ -461,13 +461,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "gateway": gateway.info, "orthanc": orthanc.info, "results": summary, "peak_rss": rss}
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
+def raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # clean up on SIGTERM as on Ctrl-C
     try:
         figures = bench(args)
     except BenchError as exc:
