@@ -1,4 +1,4 @@
-"""Command line: ``python -m gateway {serve,echo,status,complete} --config FILE``."""
+"""Command line: ``python -m gateway {serve,status,complete,echo,shred,audit verify} --config FILE``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,59 @@ def _parser() -> argparse.ArgumentParser:
     complete = commands.add_parser("complete", help="force a receiving job to complete now")
     complete.add_argument("--config", required=True)
     complete.add_argument("job_id")
+    shred = commands.add_parser("shred", help="run a retention sweep now and print what it deleted")
+    shred.add_argument("--config", required=True)
+    shred.add_argument("--dry-run", action="store_true", help="print what is due without deleting anything")
+    audit = commands.add_parser("audit", help="the audit trail")
+    verify = audit.add_subparsers(dest="audit_command", required=True).add_parser(
+        "verify", help="check the hash chain and every study's receipt-to-deletion age")
+    verify.add_argument("--config", required=True)
     return parser
+
+
+def _shred(config: GatewayConfig, dry_run: bool) -> int:
+    from gateway.audit import AuditLog
+    from gateway.jobs import JobStore
+    from gateway.retention import Shredder
+    from gateway.spool import Spool
+
+    spool = Spool(config.node.data_dir)
+    spool.prepare()
+    jobs = JobStore(spool.database_path)
+    try:
+        audit = AuditLog(spool.audit_path, syslog_address=config.audit.syslog_address)
+        report = Shredder(spool, jobs, config.retention, audit).sweep(dry_run=dry_run)
+    finally:
+        jobs.close()
+    verb = "due" if dry_run else "shredded"
+    for job in report.jobs:
+        print(f"{verb}: job {job.job_id} ({job.state}, {job.why}, {job.age_seconds / 3600:.1f} h old)")
+    for export in report.exports:
+        print(f"{verb}: export {export.destination}/{export.file_id} of job {export.job_id}")
+    for orphan in report.orphans:
+        print(f"{verb}: orphaned files of job {orphan}")
+    print(f"{len(report.jobs)} job(s), {len(report.exports)} export(s), {len(report.orphans)} orphan(s) {verb}")
+    return EXIT_OK
+
+
+def _audit_verify(config: GatewayConfig) -> int:
+    from gateway.audit import verify
+    from gateway.spool import Spool
+
+    path = Spool(config.node.data_dir).audit_path
+    ceiling = config.retention.max_age_seconds
+    result = verify(path, ceiling, time.time())
+    for job in result.jobs.values():
+        age = job.age(time.time())
+        held = "deleted" if job.deleted_at is not None else "HELD"
+        verdict = "OVER CEILING" if job.job_id in result.over_ceiling else "ok"
+        print(f"{job.job_id}  study {job.study or '-'}  {held} after "
+              f"{'-' if age is None else f'{age / 3600:.2f} h'}  {verdict}")
+    for number in result.broken_links:
+        print(f"chain broken at line {number}", file=sys.stderr)
+    print(f"{result.records} record(s), {len(result.jobs)} job(s), ceiling {ceiling} s: "
+          f"{'OK' if result.ok else 'FAILED'}")
+    return EXIT_OK if result.ok else EXIT_FAILURE
 
 
 def _status(config: GatewayConfig) -> int:
@@ -113,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(config)
         if args.command == "complete":
             return _complete(config, args.job_id)
+        if args.command == "shred":
+            return _shred(config, args.dry_run)
+        if args.command == "audit":
+            return _audit_verify(config)
         return _echo(config, args.destination)
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)

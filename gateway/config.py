@@ -18,20 +18,28 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from gateway.destinations import (
+    DESTINATION_TYPES,
+    AETitle,
+    AnyDestination,
+    Destination,
+    FolderDestination,
+    Retry,
+    check_ae_title,
+)
 from gateway.errors import ConfigError
 from gateway.routes import Name, Route, StructureTemplate
 
 __all__ = [
     "MAX_AGE_CEILING_SECONDS",
     "AnyDestination",
+    "Audit",
     "Destination",
     "Encryption",
     "FolderDestination",
@@ -53,21 +61,6 @@ MAX_AGE_CEILING_SECONDS = 86_400
 
 
 
-def _check_ae_title(value: str) -> str:
-    """PS3.5 6.2: AE is 1-16 characters of the default repertoire, no backslash or controls."""
-    if not 1 <= len(value) <= 16:
-        raise ValueError("must be 1 to 16 characters")
-    if not value.strip(" "):
-        raise ValueError("must not be only spaces")
-    if value != value.strip(" "):
-        raise ValueError("must not start or end with a space")
-    if value == "*":
-        raise ValueError("'*' (any AE title) is allowed only in [[peers]]")
-    if any(ch == "\\" or not (0x20 <= ord(ch) < 0x7F) for ch in value):
-        raise ValueError("may contain only printable ASCII characters and no backslash")
-    return value
-
-
 def _check_host(value: str) -> str:
     try:
         ipaddress.ip_network(value, strict=False)
@@ -76,9 +69,7 @@ def _check_host(value: str) -> str:
     return value
 
 
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 HostOrNetwork = Annotated[str, AfterValidator(_check_host)]
-Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class _Model(BaseModel):
@@ -124,65 +115,13 @@ class Peer(_Model):
     @field_validator("ae_title")
     @classmethod
     def _ae_or_wildcard(cls, value: str) -> str:
-        return value if value == "*" else _check_ae_title(value)
+        return value if value == "*" else check_ae_title(value)
 
     def admits(self, calling_ae: str, address: str) -> bool:
         """Return whether this peer entry covers *calling_ae* connecting from *address*."""
         if self.ae_title != "*" and calling_ae.strip() != self.ae_title:
             return False
         return _address_in(address, self.host)
-
-
-class Retry(_Model):
-    """Retry policy for transient send failures: exponential backoff, then dead letter."""
-
-    max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
-    initial_backoff_seconds: Annotated[float, Field(ge=0, le=3600)] = 2.0
-    max_backoff_seconds: Annotated[float, Field(ge=0, le=86_400)] = 300.0
-    multiplier: Annotated[float, Field(ge=1, le=10)] = 2.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number *attempt* (1-based)."""
-        return float(min(self.max_backoff_seconds, self.initial_backoff_seconds * self.multiplier ** (attempt - 1)))
-
-
-class Destination(_Model):
-    """Where results go by C-STORE (a TPS, a PACS)."""
-
-    type: Literal["dicom"] = "dicom"
-    name: Name
-    ae_title: AETitle
-    host: str
-    port: Port
-    calling_ae_title: AETitle | None = None  # defaults to node.ae_title
-    connect_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
-    acse_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
-    dimse_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
-    retry: Retry = Retry()
-
-
-class FolderDestination(_Model):
-    """Results written as DICOM files into ``<data_dir>/export/<name>/``, shredded with the study.
-
-    For a node without a TPS yet, or a TPS that imports from a folder; the files are the one
-    plaintext copy the node makes (owner-only, random file names), and retention deletes them.
-    """
-
-    type: Literal["folder"]
-    name: Name
-    retry: Retry = Retry()
-
-
-def _destination_type(value: Any) -> str:
-    kind = value.get("type", "dicom") if isinstance(value, dict) else getattr(value, "type", "dicom")
-    return str(kind)
-
-
-_DESTINATION_TYPES = ("dicom", "folder")
-AnyDestination = Annotated[
-    Annotated[Destination, Tag("dicom")] | Annotated[FolderDestination, Tag("folder")],
-    Discriminator(_destination_type),
-]
 
 
 class Pipeline(_Model):
@@ -199,12 +138,33 @@ class Retention(_Model):
 
     max_age_seconds: Annotated[int, Field(ge=60, le=MAX_AGE_CEILING_SECONDS)] = MAX_AGE_CEILING_SECONDS
     sweep_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
+    #: After the TPS confirmed a study's results, keep its data this long (0: shred at once).
+    keep_after_delivery_seconds: Annotated[int, Field(ge=0, le=MAX_AGE_CEILING_SECONDS)] = 0
 
     @model_validator(mode="after")
     def _sweep_fits(self) -> Self:
         if self.sweep_interval_seconds >= self.max_age_seconds:
             raise ValueError("sweep_interval_seconds must be smaller than max_age_seconds")
+        if self.keep_after_delivery_seconds >= self.max_age_seconds:
+            raise ValueError("keep_after_delivery_seconds must be smaller than max_age_seconds")
         return self
+
+
+class Audit(_Model):
+    """The audit trail (``<data_dir>/audit/audit.jsonl``, always written) and its optional syslog copy."""
+
+    #: ``/dev/log`` (local syslog socket) or ``host:port`` (UDP); unset: no syslog copy.
+    syslog_address: str | None = None
+
+    @field_validator("syslog_address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("/"):
+            return value
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be a socket path such as /dev/log, or host:port")
+        return value
 
 
 class Encryption(_Model):
@@ -247,6 +207,7 @@ class GatewayConfig(_Model):
     routes: list[Route] = Field(default_factory=list)
     pipeline: Pipeline = Pipeline()
     retention: Retention = Retention()
+    audit: Audit = Audit()
     encryption: Encryption = Encryption()
     inference: Inference = Inference()
     logging: Logging = Logging()
@@ -306,7 +267,7 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
             text += f"[{part}]"
         elif part.startswith(("function-after", "function-before", "constrained")):
             continue
-        elif loc[0] == "destinations" and index == 2 and part in _DESTINATION_TYPES:
+        elif loc[0] == "destinations" and index == 2 and part in DESTINATION_TYPES:
             continue  # the union's tag: the entry's own ``type``
         else:
             text += f".{part}" if text else part

@@ -9,10 +9,12 @@ SOP Instance UID, which a TPS stores once.
 from __future__ import annotations
 
 import io
+import secrets
 
 import pydicom
 import structlog
 
+from gateway.audit import AuditLog
 from gateway.config import Destination, FolderDestination, GatewayConfig
 from gateway.crypt import Purpose
 from gateway.errors import PermanentSendError, SendError, SpoolError, TransientSendError
@@ -20,7 +22,7 @@ from gateway.failpoints import failpoint
 from gateway.jobs import JobState
 from gateway.processing import StageContext, result_name
 from gateway.send import Sender
-from gateway.tasks import Delivery
+from gateway.tasks import Delivery, Export
 
 __all__ = ["deliver_due", "outcome"]
 
@@ -28,12 +30,33 @@ log = structlog.get_logger(__name__)
 
 
 def deliver_due(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id: str, task_no: int,
-                now: float) -> list[Delivery]:
-    """Attempt every delivery of the task that is due at *now*; return the task's deliveries afterwards."""
-    for delivery in ctx.tasks.deliveries(job_id, task_no):
+                now: float, *, audit: AuditLog | None = None) -> list[Delivery]:
+    """Attempt every delivery of the task that is due at *now*; return the task's deliveries afterwards.
+
+    Each delivery that ends here (sent, or given up) is written to the *audit* trail.
+    """
+    before = ctx.tasks.deliveries(job_id, task_no)
+    for delivery in before:
         if delivery.state is JobState.REIDENTIFIED and delivery.next_attempt_at <= now:
             _attempt(ctx, config, sender, job_id, delivery, now)
-    return ctx.tasks.deliveries(job_id, task_no)
+    after = ctx.tasks.deliveries(job_id, task_no)
+    if audit is not None:
+        ended = [d for d, b in zip(after, before, strict=False) if d.state.terminal and not b.state.terminal]
+        for delivery in ended:
+            audit.append("exported", now, job_id=job_id, study=ctx.jobs.get(job_id).study, series=task_no,
+                         destination=delivery.destination, sop_class=_sop_class(ctx, job_id, delivery),
+                         outcome=delivery.state.value, attempts=delivery.attempts, reason=delivery.reason)
+    return after
+
+
+def _sop_class(ctx: StageContext, job_id: str, delivery: Delivery) -> str:
+    ds = pydicom.dcmread(io.BytesIO(_outbox(ctx, job_id, delivery)), stop_before_pixels=True)
+    return str(ds.SOPClassUID.name)
+
+
+def _outbox(ctx: StageContext, job_id: str, delivery: Delivery) -> bytes:
+    sealed = ctx.spool.read_result(job_id, result_name(delivery.task_no, f"out{delivery.item}"))
+    return ctx.sealer.open(job_id, Purpose.RESULT, sealed)
 
 
 def outcome(deliveries: list[Delivery]) -> tuple[JobState, str | None] | None:
@@ -55,10 +78,9 @@ def _attempt(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id: s
         log.error("send_failed", destination=delivery.destination, attempt=attempt, permanent=True,
                   reason="destination no longer configured")
         return
-    raw = ctx.sealer.open(job_id, Purpose.RESULT, ctx.spool.read_result(job_id, result_name(delivery.task_no,
-                                                                                       f"out{delivery.item}")))
+    raw = _outbox(ctx, job_id, delivery)
     try:
-        status = _send(ctx, sender, destination, raw)
+        status = _send(ctx, sender, destination, job_id, raw)
     except (TransientSendError, SpoolError) as exc:
         reason = exc.reason if isinstance(exc, SendError) else str(exc)
         last = attempt >= destination.retry.max_attempts
@@ -76,8 +98,12 @@ def _attempt(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id: s
         log.info("send_succeeded", destination=destination.name, attempt=attempt, status=status)
 
 
-def _send(ctx: StageContext, sender: Sender, destination: Destination | FolderDestination, raw: bytes) -> str:
+def _send(ctx: StageContext, sender: Sender, destination: Destination | FolderDestination, job_id: str,
+          raw: bytes) -> str:
     if isinstance(destination, FolderDestination):
-        ctx.spool.write_export(destination.name, [raw])
+        job = ctx.jobs.get(job_id)
+        export = Export(secrets.token_hex(16), destination.name, job_id, job.study, job.created_at)
+        ctx.tasks.record_export(export)  # first: retention must know every file that may exist
+        ctx.spool.write_export(destination.name, export.file_id, [raw])
         return "written"
     return f"0x{sender.send_once(pydicom.dcmread(io.BytesIO(raw)), destination):04X}"

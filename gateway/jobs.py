@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from gateway.errors import JobNotFoundError
-from gateway.schema import SCHEMA, SCHEMA_VERSION
+from gateway.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 
 __all__ = ["Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
 
@@ -69,6 +70,7 @@ class Job:
     instance_count: int
     reason: str | None
     previous_job_id: str | None
+    finished_at: float | None = None
 
     @property
     def study(self) -> str:
@@ -98,6 +100,14 @@ class JobStore:
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        with self.transaction() as db:
+            for table, column, declaration in ADDED_COLUMNS:
+                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL when this is the last one)."""
@@ -213,10 +223,12 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return _job(row)
 
-    def set_state(self, job_id: str, state: JobState, reason: str | None = None) -> None:
-        """Move a job to *state*, recording *reason* (a code, never patient data)."""
+    def set_state(self, job_id: str, state: JobState, reason: str | None = None, *, now: float | None = None) -> None:
+        """Move a job to *state*, recording *reason* (a code, never patient data) and, if final, when."""
+        finished = (now if now is not None else time.time()) if state.terminal else None
         with self.transaction() as db:
-            cur = db.execute("UPDATE jobs SET state = ?, reason = ? WHERE job_id = ?", (state, reason, job_id))
+            cur = db.execute("UPDATE jobs SET state = ?, reason = ?, finished_at = ? WHERE job_id = ?",
+                             (state, reason, finished, job_id))
         if cur.rowcount == 0:
             raise JobNotFoundError(job_id)
 
@@ -227,6 +239,11 @@ class JobStore:
         if row is None:
             raise JobNotFoundError(job_id)
         return _job(row)
+
+    def exists(self, job_id: str) -> bool:
+        """Whether *job_id* is still in the table (not shredded)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is not None
 
     def jobs(self) -> list[Job]:
         """Return every job, oldest first."""
@@ -280,5 +297,5 @@ def _job(row: sqlite3.Row) -> Job:
         job_id=row["job_id"], study_key=row["study_key"], peer=row["peer"], state=JobState(row["state"]),
         created_at=row["created_at"], last_received_at=row["last_received_at"],
         completed_at=row["completed_at"], instance_count=row["instance_count"], reason=row["reason"],
-        previous_job_id=row["previous_job_id"],
+        previous_job_id=row["previous_job_id"], finished_at=row["finished_at"],
     )

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import structlog
 
+from gateway.audit import AuditLog
 from gateway.config import GatewayConfig, Route
 from gateway.delivery import deliver_due, outcome
 from gateway.errors import (
@@ -34,7 +35,7 @@ from gateway.errors import (
 )
 from gateway.failpoints import failpoint
 from gateway.infer import Prediction, Predictor
-from gateway.jobs import JobState
+from gateway.jobs import Job, JobState
 from gateway.logs import bind_job
 from gateway.manifest import load_model_package
 from gateway.pipeline import pseudonymise_job, reidentify_task
@@ -74,9 +75,12 @@ class _TaskFailed(Exception):
 class Runner:
     """Runs jobs on ``pipeline.workers`` threads; :meth:`wake` when a job may have become runnable."""
 
-    def __init__(self, config: GatewayConfig, ctx: StageContext, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: GatewayConfig, ctx: StageContext, audit: AuditLog, *,
+                 on_done: Callable[[Job], None] | None = None, clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._ctx = ctx
+        self._audit = audit
+        self._on_done = on_done
         self._clock = clock
         self._sender = Sender(config)
         self._pool = ThreadPoolExecutor(config.pipeline.workers, thread_name_prefix="pipeline")
@@ -85,6 +89,7 @@ class Runner:
         self._deferred: dict[str, float] = {}
         self._errors: dict[str, int] = {}
         self._predictors: dict[str, Predictor] = {}
+        self._models_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
@@ -122,12 +127,17 @@ class Runner:
                 self._busy.add(job_id)
             self._pool.submit(self._run, job_id)
 
+    def is_busy(self, job_id: str) -> bool:
+        """Whether a worker is on *job_id* right now."""
+        with self._lock:
+            return job_id in self._busy
+
     def _run(self, job_id: str) -> None:
         try:
             job = self._ctx.jobs.get(job_id)
             bind_job(job_id, job.study)
             if job.state is JobState.COMPLETE:
-                self._pseudonymise(job_id)
+                self._pseudonymise(job)
             for task in self._ctx.tasks.tasks(job_id):
                 if not task.state.terminal and not self._stop.is_set():
                     self._run_task(task)
@@ -137,6 +147,9 @@ class Runner:
             with self._lock:
                 self._deferred[job_id] = self._clock() + _DEFER_SECONDS
         except Exception as exc:
+            if not self._ctx.jobs.exists(job_id):  # shredded at its deadline while a stage ran
+                log.info("job_gone", reason="shredded")
+                return
             log.error("job_error", exc_info=exc)
             self._on_error(job_id)
         finally:
@@ -160,11 +173,17 @@ class Runner:
         log.error("alert", outcome="failed", reason="internal_error", errors=errors)
         self._finish(job_id)
 
-    def _pseudonymise(self, job_id: str) -> None:
+    def _pseudonymise(self, job: Job) -> None:
+        self._audit.append("received", self._clock(), job_id=job.job_id, study=job.study,
+                           first_instance_at=job.created_at, last_instance_at=job.last_received_at,
+                           instances=job.instance_count, peer=job.peer)
         failpoint("before:pseudonymise")
-        result = pseudonymise_job(self._ctx, job_id, self._config.routes)
+        result = pseudonymise_job(self._ctx, job.job_id, self._config.routes)
         log.info("stage_done", stage="pseudonymise", duration_ms=result.duration_ms, instances=result.instances,
                  quarantined=result.quarantined, series=result.series, outcome=result.state.value)
+        self._audit.append("pseudonymised", self._clock(), job_id=job.job_id, study=job.study,
+                           instances=result.instances, quarantined=result.quarantined, series=result.series,
+                           outcome=result.state.value)
         if result.state is JobState.FAILED:
             log.error("alert", stage="pseudonymise", reason="all_instances_quarantined")
 
@@ -247,7 +266,8 @@ class Runner:
     def _send(self, task: Task) -> None:
         started = time.monotonic()
         failpoint("before:send")
-        deliveries = deliver_due(self._ctx, self._config, self._sender, task.job_id, task.task_no, self._clock())
+        deliveries = deliver_due(self._ctx, self._config, self._sender, task.job_id, task.task_no, self._clock(),
+                                 audit=self._audit)
         final = outcome(deliveries)
         if final is None:
             return
@@ -263,7 +283,7 @@ class Runner:
             log.error("alert", stage="send", outcome=state.value, reason=reason)
 
     def _predictor(self, route: Route) -> Predictor:
-        with self._lock:
+        with self._models_lock:  # loading a model takes a while: not under the dispatcher's lock
             predictor = self._predictors.get(route.model)
             if predictor is None:
                 inference = self._config.inference
@@ -282,3 +302,5 @@ class Runner:
                  sent=sum(t.state is JobState.SENT for t in tasks),
                  latency_ms=int((now - job.last_received_at) * 1000),
                  processing_ms=int((now - (job.completed_at or now)) * 1000))
+        if self._on_done is not None:
+            self._on_done(job)

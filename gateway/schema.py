@@ -1,14 +1,16 @@
 """The schema of the job database (:mod:`gateway.jobs`, :mod:`gateway.tasks`); no patient data in any column.
 
 Version 4 adds the pipeline: a job's tasks (one per series), the pseudonymised files of each
-task, the deliveries of each result, and the time every stage took.
+task, the deliveries of each result, and the time every stage took. Version 5 adds retention:
+when a job finished, and the files written for folder destinations (kept until the deadline
+even when the job's own data is shredded on delivery).
 """
 
 from __future__ import annotations
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["ADDED_COLUMNS", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -21,7 +23,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     completed_at REAL,
     instance_count INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
-    previous_job_id TEXT
+    previous_job_id TEXT,
+    finished_at REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_receiving_job_per_study ON jobs(study_key)
     WHERE state = 'receiving';
@@ -79,6 +82,14 @@ CREATE TABLE IF NOT EXISTS stage_times (
     finished_at REAL NOT NULL,
     PRIMARY KEY (job_id, task_no, stage)
 );
+CREATE TABLE IF NOT EXISTS exports (
+    file_id TEXT PRIMARY KEY,
+    destination TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    study TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
 """
 
-
+#: Columns added after a table was first created: ``(table, column, declaration)``.
+ADDED_COLUMNS = (("jobs", "finished_at", "REAL"),)

@@ -1,4 +1,4 @@
-"""Wiring of the running node: spool, job table, receivers, the completion timer and the job runner."""
+"""Wiring of the running node: spool, job table, receivers, completion timer, job runner, retention sweeps."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import structlog
 
 from gateway import __version__
 from gateway.assembly import Assembler, complete_due
+from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.crypt import MasterKey, Sealer
 from gateway.errors import StartupError
-from gateway.jobs import JobStore
+from gateway.jobs import Job, JobState, JobStore
 from gateway.listener import Listener
 from gateway.processing import StageContext
+from gateway.retention import Shredder, SweepSchedule
 from gateway.runner import Runner
 from gateway.spool import Spool
 
@@ -37,6 +39,8 @@ class Node:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self._runner: Runner | None = None
+        self._shredder: Shredder | None = None
+        self._schedule: SweepSchedule | None = None
 
     def start(self) -> None:
         """Recover state, then accept associations and run the completion timer.
@@ -55,12 +59,20 @@ class Node:
         master = MasterKey.load(self.config, create=True)
         Assembler(self.spool, self._jobs, master).reconcile()
         complete_due(self._jobs, time.time())  # quiet periods that ended while the node was down
+        audit = AuditLog(self.spool.audit_path, syslog_address=self.config.audit.syslog_address)
+        ctx = StageContext(self.spool, self._jobs, Sealer(master, self._jobs))
+        self._runner = Runner(self.config, ctx, audit, on_done=self._on_job_done)
+        self._shredder = Shredder(self.spool, self._jobs, self.config.retention, audit, busy=self._runner.is_busy)
+        caught_up = self._shredder.sweep()  # what fell due while the node was down, before anyone may connect
+        log.info("startup_sweep_done", jobs=len(caught_up.jobs), exports=len(caught_up.exports),
+                 orphans=len(caught_up.orphans))
         try:
             self._listener.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {node.bind}:{node.port} ({exc.strerror})") from exc
-        self._runner = Runner(self.config, StageContext(self.spool, self._jobs, Sealer(master, self._jobs)))
         self._runner.start()  # resumes every unfinished job where it stopped
+        self._schedule = SweepSchedule(self._shredder, self.config.retention.sweep_interval_seconds)
+        self._schedule.start()
         self._timer = threading.Thread(target=self._complete_loop, args=(self._jobs,), name="completion",
                                        daemon=True)
         self._timer.start()
@@ -69,6 +81,10 @@ class Node:
                  receive_workers=node.receive_workers, max_associations=node.max_associations,
                  peers=len(self.config.peers), destinations=len(self.config.destinations),
                  routes=len(self.config.routes), pipeline_workers=self.config.pipeline.workers)
+
+    def _on_job_done(self, job: Job) -> None:
+        if job.state is JobState.SENT and self._shredder is not None:
+            self._shredder.shred_delivered(job.job_id)  # the TPS has it: nothing to keep
 
     def _complete_loop(self, jobs: JobStore) -> None:
         interval = self.config.node.completion_check_seconds
@@ -93,6 +109,8 @@ class Node:
             self._timer.join(timeout=10)
         if self._runner is not None:
             self._runner.stop()
+        if self._schedule is not None:
+            self._schedule.stop()
         if self._jobs is not None:
             self._jobs.close()
         log.info("node_stopped")

@@ -10,6 +10,7 @@ Layout (every name is a server-generated random hex id, never a UID or patient d
         vault/<job_id>.vault           re-identification entry (sealed; gateway.vault only)
         results/<job_id>/t<n>.<kind>   stage outputs of task n: masks, structure sets, outbox (sealed)
         export/<destination>/<file_id>.dcm   results for a folder destination (plaintext, owner-only)
+        audit/audit.jsonl              the audit trail (no patient data; kept beyond retention)
         <folder>/.<random>.tmp         while being written; removed at start-up
 
 A file is durable when its write returns: written to a temporary file in the same
@@ -104,6 +105,18 @@ def _file_ids(folder: Path) -> list[str]:
             if p.name.endswith(_SUFFIX) and _ID.match(p.name[: -len(_SUFFIX)])]
 
 
+def _remove_folder(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    count = 0
+    for entry in os.scandir(folder):
+        os.unlink(entry.path)
+        count += 1
+    folder.rmdir()
+    _fsync_dir(folder.parent)
+    return count
+
+
 class Spool:
     """Durable per-job folders of received instances under ``data_dir``."""
 
@@ -115,6 +128,7 @@ class Spool:
         self.results_root = data_dir / "results"
         self.export_root = data_dir / "export"
         self.database_path = data_dir / "gateway.db"
+        self.audit_path = data_dir / "audit" / "audit.jsonl"
 
     def prepare(self) -> None:
         """Create the folders (owner-only) if missing."""
@@ -182,14 +196,53 @@ class Spool:
             raise ValueError(f"not a result name: {name!r}")
         return (self.results_root / _check_id(job_id) / name).read_bytes()
 
-    def write_export(self, folder: str, parts: Iterable[bytes | bytearray | memoryview]) -> str:
-        """Write one result file for the folder destination *folder*; return its file id."""
+    def write_export(self, folder: str, file_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write the result file *file_id* (recorded beforehand, so retention finds it) for a folder destination."""
         if not _FOLDER.match(folder):
             raise ValueError(f"not a destination name: {folder!r}")
-        file_id = secrets.token_hex(16)
         _durable_write(_make_dir(self.export_root / folder, _make_dir(self.export_root, self.data_dir)),
-                       f"{file_id}{_SUFFIX}", parts)
-        return file_id
+                       f"{_check_id(file_id)}{_SUFFIX}", parts)
+
+    def export_files(self) -> list[tuple[str, str]]:
+        """Every ``(destination, file_id)`` in ``export/``."""
+        if not self.export_root.is_dir():
+            return []
+        return [(folder.name, file_id) for folder in self.export_root.iterdir()
+                if folder.is_dir() and _FOLDER.match(folder.name) for file_id in _file_ids(folder)]
+
+    def remove_export(self, folder: str, file_id: str) -> bool:
+        """Overwrite (best effort: plaintext) and delete one export file; return whether it existed."""
+        path = self.export_root / folder / f"{_check_id(file_id)}{_SUFFIX}"
+        try:
+            with open(path, "r+b") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(0)
+                handle.write(bytes(size))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except FileNotFoundError:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+    def stored_job_ids(self) -> set[str]:
+        """Every job id that still has a folder or vault entry under ``data_dir``."""
+        ids = {entry.name for root in (self.root, self.work_root, self.results_root) if root.is_dir()
+               for entry in os.scandir(root) if entry.is_dir() and _ID.match(entry.name)}
+        if self.vault_root.is_dir():
+            ids |= {p.stem for p in self.vault_root.glob("*.vault") if _ID.match(p.stem)}
+        return ids
+
+    def remove_job(self, job_id: str) -> dict[str, int]:
+        """Delete every file of *job_id* (received, pseudonymised, stage outputs, vault); return counts by kind."""
+        removed = {}
+        for kind, folder in (("received", self.root), ("pseudonymised", self.work_root),
+                             ("results", self.results_root)):
+            removed[kind] = _remove_folder(folder / _check_id(job_id))
+        vault = self.vault_root / f"{job_id}.vault"
+        removed["vault"] = int(vault.exists())
+        vault.unlink(missing_ok=True)
+        return removed
 
     def read_instance(self, job_id: str, file_id: str) -> bytes:
         """The stored (sealed) bytes of an instance."""

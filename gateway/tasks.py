@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gateway.jobs import JobState, JobStore
 
-__all__ = ["JOB_STAGE", "Delivery", "NewTask", "StageTime", "Task", "TaskStore"]
+__all__ = ["JOB_STAGE", "Delivery", "Export", "NewTask", "StageTime", "Task", "TaskStore"]
 
 #: The task number under which job-wide stages (pseudonymisation) record their time.
 JOB_STAGE = 0
@@ -66,6 +66,17 @@ class StageTime:
     duration_ms: int
 
 
+@dataclass(frozen=True)
+class Export:
+    """A file written for a folder destination; it outlives its job's rows until the deadline."""
+
+    file_id: str
+    destination: str
+    job_id: str
+    study: str
+    received_at: float  # the first instance of the job: the retention deadline counts from it
+
+
 class TaskStore:
     """Task, delivery and timing rows of the job database (same connection as the job table)."""
 
@@ -89,7 +100,7 @@ class TaskStore:
                 db.executemany("INSERT INTO task_files (job_id, task_no, file_id) VALUES (?, ?, ?)",
                                [(job_id, task_no, file_id) for file_id in task.files])
             _record_time(db, job_id, JOB_STAGE, "pseudonymise", duration_ms, now)
-            return _settle(db, job_id)
+            return _settle(db, job_id, now)
 
     def tasks(self, job_id: str) -> list[Task]:
         """The tasks of *job_id* in series order."""
@@ -116,7 +127,7 @@ class TaskStore:
                            [(job_id, task_no, item, name, now) for item, name in deliveries])
             if stage is not None:
                 _record_time(db, job_id, task_no, stage, duration_ms, now)
-            return _settle(db, job_id)
+            return _settle(db, job_id, now)
 
     def deliveries(self, job_id: str, task_no: int) -> list[Delivery]:
         """What one task owes to its destinations, and how each stands."""
@@ -148,6 +159,25 @@ class TaskStore:
                 ") ORDER BY created_at", (now,)).fetchall()
         return [row["job_id"] for row in rows]
 
+    def record_export(self, export: Export) -> None:
+        """Record a folder-destination file durably, before it is written."""
+        with self._jobs.transaction(durable=True) as db:
+            db.execute("INSERT INTO exports (file_id, destination, job_id, study, received_at) VALUES (?, ?, ?, ?, ?)",
+                       (export.file_id, export.destination, export.job_id, export.study, export.received_at))
+
+    def exports(self, received_before: float | None = None) -> list[Export]:
+        """Recorded export files (only those received before *received_before*, if given)."""
+        with self._jobs.reading() as db:
+            rows = db.execute("SELECT * FROM exports WHERE received_at < ? ORDER BY received_at",
+                              (float("inf") if received_before is None else received_before,)).fetchall()
+        return [Export(row["file_id"], row["destination"], row["job_id"], row["study"], row["received_at"])
+                for row in rows]
+
+    def forget_export(self, file_id: str) -> None:
+        """Drop the record of a deleted export file."""
+        with self._jobs.transaction() as db:
+            db.execute("DELETE FROM exports WHERE file_id = ?", (file_id,))
+
     def stage_times(self, job_id: str) -> list[StageTime]:
         """Every stage time recorded for *job_id*, in the order they finished."""
         with self._jobs.reading() as db:
@@ -162,7 +192,7 @@ def _record_time(db: sqlite3.Connection, job_id: str, task_no: int, stage: str, 
                "VALUES (?, ?, ?, ?, ?)", (job_id, task_no, stage, duration_ms, now))
 
 
-def _settle(db: sqlite3.Connection, job_id: str) -> JobState:
+def _settle(db: sqlite3.Connection, job_id: str, now: float) -> JobState:
     rows = db.execute("SELECT task_no, state, reason FROM tasks WHERE job_id = ?", (job_id,)).fetchall()
     states = [JobState(row["state"]) for row in rows]
     unfinished = [state for state in states if not state.terminal]
@@ -172,5 +202,6 @@ def _settle(db: sqlite3.Connection, job_id: str) -> JobState:
     else:
         state = next((s for s in (JobState.DEAD_LETTER, JobState.FAILED, JobState.SENT) if s in states),
                      JobState.NO_ROUTE)
-    db.execute("UPDATE jobs SET state = ?, reason = ? WHERE job_id = ?", (state, "; ".join(reasons) or None, job_id))
+    db.execute("UPDATE jobs SET state = ?, reason = ?, finished_at = ? WHERE job_id = ?",
+               (state, "; ".join(reasons) or None, now if state.terminal else None, job_id))
     return state

@@ -9,6 +9,7 @@ end with exactly one RTSTRUCT per study at the TPS, or a clear reason why none w
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -84,6 +85,21 @@ def jobs_of(data_dir: Path) -> list[tuple[str, str, str | None]]:
         return list(db.execute("SELECT job_id, state, reason FROM jobs ORDER BY created_at"))
 
 
+def audit_records(data_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (data_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+
+
+def sent_once_then_shredded(node: NodeProcess) -> None:
+    """Exactly one job, delivered once, then shredded on delivery: the audit trail says so, the table is empty."""
+    node.wait_for("job_shredded", timeout=30, why="delivered")
+    data_dir = node.data_dir
+    records = audit_records(data_dir)
+    assert len({r["job_id"] for r in records}) == 1
+    assert [r["outcome"] for r in records if r["event"] == "exported"] == ["sent"]
+    assert [(r["state"], r["why"]) for r in records if r["event"] == "deleted"] == [("sent", "delivered")]
+    assert jobs_of(data_dir) == []
+
+
 def ui_values(ds: Dataset) -> list[str]:
     values = []
     for element in [*ds.iterall(), *ds.file_meta]:
@@ -103,7 +119,7 @@ def status(node: NodeProcess) -> str:
 def test_full_path_to_orthanc(node_factory: Callable[..., NodeProcess], tps: Orthanc, tmp_path: Path) -> None:
     ct = phantom(tmp_path / "ct")
     node = node_factory(destinations=[tps_destination(tps), {"name": "folder", "type": "folder"}],
-                        routes=[route("tps", "folder")])
+                        routes=[route("tps", "folder")], extra="[retention]\nkeep_after_delivery_seconds = 3600")
     send(node, ct.files)
     rtstruct = wait_rtstruct(tps, ct.study_uid)
     done = node.wait_for("job_done", timeout=60)
@@ -209,7 +225,7 @@ def test_kill9_in_a_stage_resumes_and_sends_once(point: str, node_factory: Calla
     again = node_factory(config_path=node.config_path)
     done = again.wait_for("job_done", timeout=90)
     assert done["state"] == "sent"
-    assert [state for _, state, _ in jobs_of(node.data_dir)] == ["sent"]
+    sent_once_then_shredded(again)
     assert len(rtstructs_of(tps, ct.study_uid)) == 1
     time.sleep(1.5)  # a second delivery, if any, would arrive now
     assert len(rtstructs_of(tps, ct.study_uid)) == 1
@@ -227,7 +243,7 @@ def test_kill9_while_receiving_then_resent(node_factory: Callable[..., NodeProce
     send(again, ct.files)
     done = again.wait_for("job_done", timeout=90)
     assert done["state"] == "sent"
-    assert [state for _, state, _ in jobs_of(node.data_dir)] == ["sent"]
+    sent_once_then_shredded(again)
     rtstruct = wait_rtstruct(tps, ct.study_uid)
     assert len(rtstructs_of(tps, ct.study_uid)) == 1
     refs = rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
+from gateway.audit import AuditLog
 from gateway.config import parse_config
 from gateway.crypt import MasterKey, Sealer
 from gateway.jobs import JobState, JobStore
@@ -25,7 +26,7 @@ def test_an_unexpected_error_fails_the_job_after_three_tries_instead_of_looping(
     jobs.record_instance(job_id, "e" * 64, "f" * 32, 10, time.time())  # its file is missing: reading it fails
     jobs.force_complete(job_id, time.time())
     clock = itertools.count(time.time(), 31.0)  # every look is past the 30 s deferral
-    runner = Runner(config, StageContext(spool, jobs, Sealer(MasterKey(bytes(32)), jobs)),
+    runner = Runner(config, StageContext(spool, jobs, Sealer(MasterKey(bytes(32)), jobs)), AuditLog(spool.audit_path),
                     clock=lambda: float(next(clock)))
     with capture_logs() as logs:
         runner.start()

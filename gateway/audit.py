@@ -1,0 +1,164 @@
+"""The audit trail: an append-only, hash-chained JSON lines file that documents the 24-hour promise.
+
+One record per study event (``received``, ``pseudonymised``, ``exported``, ``deleted``), with the
+job id and the pseudonymous study id only, so the file holds no patient data and is kept beyond
+the 24 hours. Each record carries the SHA-256 of the line before it (``prev``); the first one
+the hash of nothing. Appends from several processes (the node, ``python -m gateway shred``) are
+serialised with ``flock``. Records can also be forwarded to syslog.
+
+``verify`` re-computes the chain and, per job, the time from the first instance received to
+the deletion that left nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AuditLog", "JobAudit", "Verification", "verify"]
+
+_GENESIS = hashlib.sha256(b"").hexdigest()
+_TAIL = 65_536  # the last record is found in the file's last 64 KiB
+
+
+def _now_iso(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.UTC).isoformat(timespec="milliseconds")
+
+
+class AuditLog:
+    """Appends records to ``data_dir/audit/audit.jsonl`` (and optionally to syslog)."""
+
+    def __init__(self, path: Path, *, syslog_address: str | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._syslog: logging.Logger | None = None
+        if syslog_address:
+            self._syslog = _syslog_logger(syslog_address)
+
+    def append(self, event: str, when: float, **fields: Any) -> None:
+        """Append one record; *fields* must be codes, counts, times and random ids, never patient data."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._lock, open(self.path, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                prev = hashlib.sha256(_last_line(handle)).hexdigest() if handle.tell() else _GENESIS
+                line = json.dumps({"time": _now_iso(when), "event": event, **fields, "prev": prev},
+                                  separators=(",", ":"), sort_keys=False).encode("utf-8")
+                handle.write(line + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        if self._syslog is not None:
+            self._syslog.info(line.decode("utf-8"))
+
+
+def _last_line(handle: Any) -> bytes:
+    size = handle.seek(0, os.SEEK_END)
+    start = max(0, size - _TAIL)
+    handle.seek(start)
+    tail: bytes = handle.read()
+    handle.seek(0, os.SEEK_END)
+    return tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
+def _syslog_logger(address: str) -> logging.Logger:
+    target: str | tuple[str, int] = address
+    if not address.startswith("/"):
+        host, _, port = address.rpartition(":")
+        target = (host, int(port))
+    logger = logging.getLogger("contour_gateway.audit")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.handlers.SysLogHandler(target, facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV)
+    handler.setFormatter(logging.Formatter("contour-gateway-audit: %(message)s"))
+    logger.handlers = [handler]
+    return logger
+
+
+@dataclass
+class JobAudit:
+    """What the trail says about one job (one receipt of a study)."""
+
+    job_id: str
+    study: str | None = None
+    received_at: float | None = None  # the first instance
+    deleted_at: float | None = None  # the deletion that left nothing
+    deletions: int = 0
+    events: list[str] = field(default_factory=list)
+
+    def age(self, now: float) -> float | None:
+        """Seconds from receipt to the final deletion (or to *now* if data is still held)."""
+        if self.received_at is None:
+            return None
+        return (self.deleted_at if self.deleted_at is not None else now) - self.received_at
+
+
+@dataclass
+class Verification:
+    """The outcome of :func:`verify`."""
+
+    records: int
+    broken_links: list[int]  # line numbers whose ``prev`` does not match
+    jobs: dict[str, JobAudit]
+    over_ceiling: list[str]  # job ids held (or deleted) later than the ceiling
+
+    @property
+    def ok(self) -> bool:
+        """Chain intact and every job deleted within the ceiling."""
+        return not self.broken_links and not self.over_ceiling
+
+
+def verify(path: Path, ceiling_seconds: float, now: float) -> Verification:
+    """Check the chain of *path* and every job's receipt-to-deletion age against *ceiling_seconds*."""
+    broken: list[int] = []
+    jobs: dict[str, JobAudit] = {}
+    prev, count = _GENESIS, 0
+    for number, raw in _lines(path):
+        count += 1
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            broken.append(number)
+            prev = hashlib.sha256(raw).hexdigest()
+            continue
+        if record.get("prev") != prev:
+            broken.append(number)
+        prev = hashlib.sha256(raw).hexdigest()
+        _account(jobs, record)
+    over = [job.job_id for job in jobs.values()
+            if (age := job.age(now)) is not None and age >= ceiling_seconds]
+    return Verification(count, broken, jobs, over)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            yield number, line.rstrip(b"\n")
+
+
+def _account(jobs: dict[str, JobAudit], record: dict[str, Any]) -> None:
+    job_id = record.get("job_id")
+    if not isinstance(job_id, str):
+        return
+    job = jobs.setdefault(job_id, JobAudit(job_id))
+    job.study = record.get("study", job.study)
+    job.events.append(str(record.get("event")))
+    if record.get("event") == "received":
+        job.received_at = float(record["first_instance_at"])
+    elif record.get("event") == "deleted":
+        job.deletions += 1
+        if record.get("complete"):
+            job.deleted_at = dt.datetime.fromisoformat(record["time"]).timestamp()
