@@ -51,7 +51,8 @@ class AuditLog:
         with self._lock, open(self.path, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                prev = hashlib.sha256(_last_line(handle)).hexdigest() if handle.tell() else _GENESIS
+                size = handle.seek(0, os.SEEK_END)  # now, under the lock: another writer may have appended
+                prev = hashlib.sha256(_last_line(handle)).hexdigest() if size else _GENESIS
                 line = json.dumps({"time": _now_iso(when), "event": event, **fields, "prev": prev},
                                   separators=(",", ":"), sort_keys=False).encode("utf-8")
                 handle.write(line + b"\n")
@@ -160,5 +161,7 @@ def _account(jobs: dict[str, JobAudit], record: dict[str, Any]) -> None:
         job.received_at = float(record["first_instance_at"])
     elif record.get("event") == "deleted":
         job.deletions += 1
+        if job.received_at is None and "first_instance_at" in record:  # shredded before it was ever processed
+            job.received_at = float(record["first_instance_at"])
         if record.get("complete"):
             job.deleted_at = dt.datetime.fromisoformat(record["time"]).timestamp()

@@ -74,6 +74,7 @@ class Shredder:
         self._audit = audit
         self._busy = busy
         self._lock = threading.RLock()
+        self._depth = 0
 
     @property
     def lead_seconds(self) -> float:
@@ -89,12 +90,18 @@ class Shredder:
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         """One shredder at a time: threads of this process, and other processes (the ``shred`` command)."""
-        with self._lock, open(self._spool.data_dir / "sweep.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
+        with self._lock:
+            if self._depth:  # re-entered (a sweep shredding a job): the file lock is held already
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            with open(self._spool.data_dir / "sweep.lock", "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # per open file: taken once, by the outermost caller
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def sweep(self, now: float | None = None, *, dry_run: bool = False) -> SweepReport:
         """Shred every job and export file that is due at *now* (default: the current time)."""
