@@ -48,7 +48,7 @@ class AuditLog:
     def append(self, event: str, when: float, **fields: Any) -> None:
         """Append one record; *fields* must be codes, counts, times and random ids, never patient data."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with self._lock, open(self.path, "a+b") as handle:
+        with self._lock, os.fdopen(os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600), "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 size = handle.seek(0, os.SEEK_END)  # now, under the lock: another writer may have appended

@@ -121,6 +121,8 @@ class Shredder:
         if not dry_run:
             self._delete_exports(report.exports, now)
             self._delete_orphans(report.orphans, now)
+            with self._jobs.transaction() as db:  # a key made for a job shredded while an instance arrived
+                db.execute("DELETE FROM data_keys WHERE job_id NOT IN (SELECT job_id FROM jobs)")
             self._checkpoint()
         if report.jobs or report.exports or report.orphans:
             log.info("sweep_done", dry_run=dry_run, jobs=len(report.jobs), exports=len(report.exports),
