@@ -144,6 +144,10 @@ def _echo(config: GatewayConfig, name: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     args = _parser().parse_args(argv)
+    if sys.flags.optimize:
+        print("error: run without -O or PYTHONOPTIMIZE: pynetdicom checks received PDUs with assert statements",
+              file=sys.stderr)
+        return EXIT_CONFIG
     try:
         config = load_config(args.config)
         if args.command == "serve":

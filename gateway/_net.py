@@ -23,7 +23,9 @@ import select
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
@@ -37,7 +39,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from gateway._encoding import implicit_element, padded
 from gateway.config import Peer
-from gateway.policy import REJECTIONS, AssociationPolicy
+from gateway.policy import REJECTIONS, AssociationPolicy, AssociationSlots
 
 log = structlog.get_logger(__name__)
 
@@ -63,17 +65,44 @@ class _WakingQueue(queue.Queue[Any]):
             os.write(self._wakeup_fd, b"!")
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection may ask of a receiver before it is cut off."""
+
+    max_pdu_length: int  # P-DATA-TF: what we negotiated
+    max_other_pdu_length: int = 1024 * 1024  # A-ASSOCIATE-RQ and the rest (dcmtk's bound)
+    association_request_seconds: float = 10.0  # from connect to a complete A-ASSOCIATE-RQ
+    pdu_seconds: float = 30.0  # from the first byte of a PDU to its last, whatever the sender's pace
+
+
+#: A-ABORT, source service-provider (2), reason invalid-PDU-parameter value (6) (PS3.8 9.3.8).
+_ABORT_INVALID_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
+_P_DATA_TF = 0x04
+_PREALLOCATE = 256 * 1024  # PDUs up to this long are read into a buffer of their declared size
+
+
 class _FastSocket(AssociationSocket):
-    """AssociationSocket that waits for data or a wake-up, and reads whole PDUs at once.
+    """AssociationSocket that waits for data or a wake-up, reads whole PDUs at once, and bounds each PDU.
 
     pynetdicom's DUL polls ``ready`` with a zero timeout and sleeps 1 ms between polls;
     here ``ready`` blocks in ``select`` on the socket and the association's wake-up pipe,
     so a PDU or an outgoing primitive is handled at once and an idle association costs
     no CPU.
+
+    pynetdicom reads a PDU as ``recv(6)`` then ``recv(length)``, trusting the declared length
+    and waiting as long as the sender dribbles. Here a declared length above the limit for
+    its type is answered with A-ABORT before a byte of it is read, every PDU must arrive
+    within ``pdu_seconds`` of its first byte, and the A-ASSOCIATE-RQ within
+    ``association_request_seconds`` of the connection.
     """
 
-    def __init__(self, assoc: Any, client_socket: socket.socket, wakeup_fd: int) -> None:
+    def __init__(self, assoc: Any, client_socket: socket.socket, wakeup_fd: int, limits: ConnectionLimits) -> None:
         super().__init__(assoc, client_socket=client_socket)
+        self._limits = limits
+        self._connected_at = time.monotonic()
+        self._first_pdu_read = False
+        self._woken = False
+        self._pdu_deadline: float | None = None  # set while a PDU is being read
         self._wakeup_fd = wakeup_fd
         self._socket_fd = client_socket.fileno()
         self._poll = select.poll()  # poll, not select: no FD_SETSIZE limit
@@ -87,6 +116,11 @@ class _FastSocket(AssociationSocket):
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
+        if not self._first_pdu_read and time.monotonic() > self._request_deadline:
+            log.warning("connection_closed", reason="no_association_request_in_time")
+            self.event_queue.put("Evt18")  # as if ARTIM expired: the state machine closes the connection
+            self._first_pdu_read = True  # once
+            return False
         try:
             events = dict(self._poll.poll(_REACTOR_TICK_S * 1000))
         except OSError:
@@ -101,18 +135,93 @@ class _FastSocket(AssociationSocket):
         # POLLHUP/POLLERR: let recv() read what is left and see the end of the connection.
         return bool(socket_events)
 
+    def close(self) -> None:
+        super().close()
+        self._wake_acceptor()
+
+    def _wake_acceptor(self) -> None:
+        # Before association, the acceptor thread waits for the A-ASSOCIATE-RQ primitive for the
+        # whole ACSE timeout; once the connection is over none will come: wake it (None = timed out).
+        assoc = self.assoc
+        if not assoc.is_established and not assoc.is_released and not self._woken:
+            self._woken = True
+            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    @property
+    def _request_deadline(self) -> float:
+        return self._connected_at + self._limits.association_request_seconds
+
     def recv(self, nr_bytes: int) -> bytearray:
+        try:
+            data = self._recv_pdu_part(nr_bytes)
+        except OSError:
+            self._wake_acceptor()
+            raise
+        if len(data) < nr_bytes:  # the peer closed the connection
+            self._wake_acceptor()
+        return data
+
+    def _recv_pdu_part(self, nr_bytes: int) -> bytearray:
+        if self._pdu_deadline is None:  # the DUL asks for a PDU header: a new PDU starts
+            deadline = time.monotonic() + self._limits.pdu_seconds
+            self._pdu_deadline = deadline if self._first_pdu_read else min(deadline, self._request_deadline)
+            header = self._read(nr_bytes)
+            if len(header) == 6:
+                self._check_length(header[0], int.from_bytes(header[2:6], "big"))
+            else:
+                self._pdu_deadline = None
+            return header
+        try:
+            return self._read(nr_bytes)
+        finally:
+            self._pdu_deadline = None
+            self._first_pdu_read = True
+
+    def _check_length(self, pdu_type: int, length: int) -> None:
+        limit = self._limits.max_pdu_length if pdu_type == _P_DATA_TF else self._limits.max_other_pdu_length
+        if length <= limit:
+            return
+        self._pdu_deadline = None
+        log.warning("connection_aborted", reason="pdu_too_long", pdu_type=pdu_type, declared=length, limit=limit)
+        with contextlib.suppress(OSError):
+            cast(socket.socket, self.socket).sendall(_ABORT_INVALID_PARAMETER)
+        raise OSError("declared PDU length over the limit")  # the DUL closes the connection
+
+    def _read(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > _PREALLOCATE:
+            return self._read_growing(nr_bytes)
         sock: socket.socket = self.socket  # type: ignore[assignment]
+        assert self._pdu_deadline is not None
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         received = 0
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:], nr_bytes - received)
-            if not count:
-                del view
-                return buffer[:received]
-            received += count
-        del view
+        try:
+            while received < nr_bytes:
+                # A timeout per call (a TLS record is read whole, so waiting for readability is not enough).
+                sock.settimeout(max(0.001, self._pdu_deadline - time.monotonic()))
+                count = sock.recv_into(view[received:], nr_bytes - received)
+                if not count:
+                    return buffer[:received]
+                received += count
+        except TimeoutError:
+            self._pdu_deadline = None
+            log.warning("connection_closed", reason="pdu_too_slow", limit_seconds=self._limits.pdu_seconds)
+            raise
+        finally:
+            del view
+            sock.settimeout(self._limits.pdu_seconds)  # what our own sends may wait for a peer that does not read
+        return buffer
+
+    def _read_growing(self, nr_bytes: int) -> bytearray:
+        # A large declared length (up to the A-ASSOCIATE-RQ bound): memory follows the bytes that
+        # actually arrive, so a peer that declares much and sends little costs little.
+        buffer = bytearray()
+        while len(buffer) < nr_bytes:
+            wanted = min(_PREALLOCATE, nr_bytes - len(buffer))
+            chunk = self._read(wanted)
+            buffer += chunk
+            if len(chunk) < wanted:  # the connection ended
+                break
         return buffer
 
 
@@ -162,8 +271,12 @@ class _PolicyACSE(ACSE):
         called = str(getattr(rq, "called_ae_title", "")).strip()
         address = str(info.address) if info is not None else ""
         peer, reason = assoc.policy.decide(calling, called, address)
-        if peer is not None and assoc.over_limit:
-            peer, reason = None, "local_limit_exceeded"
+        if peer is not None and assoc.disk_low():
+            peer, reason = None, "disk_space_low"
+        elif peer is not None:
+            assoc.counted = assoc.slots.take()
+            if not assoc.counted:
+                peer, reason = None, "local_limit_exceeded"
         if peer is None:
             assert reason is not None
             log.warning("association_rejected", reason=reason, calling_ae=calling, called_ae=called,
@@ -181,12 +294,13 @@ class _PolicyACSE(ACSE):
 class _GatewayAssociation(Association):
     """Acceptor association with an event-driven reactor and the gateway's policy."""
 
-    def __init__(self, ae: Any, mode: str, policy: AssociationPolicy, over_limit: bool,
-                 on_finished: Callable[[], None]) -> None:
+    def __init__(self, ae: Any, mode: str, server: FdAssociationServer) -> None:
         super().__init__(ae, mode)
-        self.policy = policy
-        self.over_limit = over_limit
-        self._on_finished = on_finished
+        self.policy = server.policy
+        self.slots = server.slots
+        self.disk_low = server.disk_low
+        self.counted = False
+        self._on_finished = server.on_closed
         self.peer: Peer | None = None
         self.acse = _PolicyACSE(self)
         self.dimse = _GatewayDIMSE(self)
@@ -203,6 +317,8 @@ class _GatewayAssociation(Association):
             self.dul.join(timeout=5 * _REACTOR_TICK_S + 1)
             os.close(self.wakeup_read)
             os.close(self._wakeup_write)
+            if self.counted:
+                self.slots.give_back()
             self._on_finished()
 
     def _run_reactor(self) -> None:
@@ -253,12 +369,10 @@ class _RequestHandler(RequestHandler):
     server: FdAssociationServer
 
     def _create_association(self) -> Association:
-        over_limit = bool(getattr(self.request, "gateway_over_limit", False))
-        assoc = _GatewayAssociation(self.ae, "acceptor", self.server.policy, over_limit,
-                                    self.server.on_closed)
+        assoc = _GatewayAssociation(self.ae, "acceptor", self.server)
         assoc._server = self.server
         assoc.name = "AcceptorThread"
-        assoc.set_socket(_FastSocket(assoc, self.request, assoc.wakeup_read))
+        assoc.set_socket(_FastSocket(assoc, self.request, assoc.wakeup_read, self.server.limits))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local
@@ -275,20 +389,18 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
-class _ConnectedSocket(socket.socket):
-    """A socket handed over by the listener, carrying its admission decision."""
-
-    gateway_over_limit = False
-
-
 class FdAssociationServer(ThreadedAssociationServer):
     """A pynetdicom server fed with already-accepted sockets; it never binds or listens."""
 
     daemon_threads = True
 
-    def __init__(self, ae: Any, policy: AssociationPolicy, evt_handlers: list[Any],
-                 on_closed: Callable[[], None]) -> None:
+    def __init__(self, ae: Any, policy: AssociationPolicy, slots: AssociationSlots, limits: ConnectionLimits,
+                 evt_handlers: list[Any], on_closed: Callable[[], None],
+                 disk_low: Callable[[], bool] = lambda: False) -> None:
         self.policy = policy
+        self.slots = slots
+        self.limits = limits
+        self.disk_low = disk_low
         self.on_closed = on_closed
         super().__init__(ae, ("127.0.0.1", 0), ae.ae_title, ae.supported_contexts, None, evt_handlers,
                          request_handler=_RequestHandler)
@@ -299,10 +411,9 @@ class FdAssociationServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         pass
 
-    def submit(self, fd: int, over_limit: bool) -> None:
+    def submit(self, fd: int) -> None:
         """Serve the connected socket *fd* in a new thread."""
-        sock = _ConnectedSocket(fileno=fd)
-        sock.gateway_over_limit = over_limit
+        sock = socket.socket(fileno=fd)
         try:
             address = sock.getpeername()
         except OSError:

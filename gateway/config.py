@@ -93,6 +93,13 @@ class Node(_Model):
     dimse_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     network_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     completion_check_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    #: Connections not (yet) associated, beyond which new ones are closed at once.
+    max_pending_connections: Annotated[int, Field(ge=1, le=4096)] = 64
+    #: From connecting to a complete A-ASSOCIATE-RQ, and from a PDU's first byte to its last.
+    association_request_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    pdu_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    #: Below this much free space in data_dir, associations are refused (transient) and C-STORE answers 0xA700.
+    min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
 
     @field_validator("bind")
     @classmethod

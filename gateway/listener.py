@@ -3,9 +3,11 @@
 pynetdicom decodes PDUs in Python under the GIL, so parallel associations in one process
 slow each other down. The parent process accepts each TCP connection, refuses source
 addresses that match no peer before reading a byte, sets TCP_NODELAY, and passes the
-socket (``SCM_RIGHTS``) to the least busy receiver process. It also keeps the node-wide
-association count: past ``max_associations`` the receiver answers A-ASSOCIATE-RJ
-(transient, local limit exceeded).
+socket (``SCM_RIGHTS``) to the least busy receiver process. The receivers share the count of
+established associations (past ``max_associations`` they answer A-ASSOCIATE-RJ, transient,
+local limit exceeded); connections that have not associated yet are capped separately
+(``max_pending_connections``: further ones are closed at once), so idle or trickling sockets
+cannot use up the association limit.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ __all__ = ["Listener"]
 log = structlog.get_logger(__name__)
 
 MSG_ACCEPT = b"A"  # parent -> worker: serve this socket
-MSG_OVER_LIMIT = b"R"  # parent -> worker: reject this association (local limit)
 MSG_QUIT = b"Q"  # parent -> worker: finish what is in flight, then exit
 MSG_CLOSED = b"C"  # worker -> parent: one connection ended
 DRAIN_SECONDS = 30.0
@@ -58,6 +59,8 @@ class Listener:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+        #: Established associations per receiver, shared with them (see gateway.policy.AssociationSlots).
+        self._associated: Any = self._context.Array("i", config.node.receive_workers)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -87,7 +90,8 @@ class Listener:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent_end.settimeout(_HANDOVER_TIMEOUT_S)  # a stuck receiver must not stall accepting
         process = self._context.Process(
-            target=run_worker, args=(self._config, child_end, index), name=f"receiver-{index}", daemon=False
+            target=run_worker, args=(self._config, child_end, index, self._associated), name=f"receiver-{index}",
+            daemon=False
         )
         process.start()
         child_end.close()
@@ -133,11 +137,14 @@ class Listener:
             conn.close()
             log.error("connection_dropped", reason="no_receiver_process")
             return
+        pending = sum(w.active for w in live) - sum(int(n) for n in self._associated)
+        if pending >= self._config.node.max_pending_connections:
+            conn.close()
+            log.warning("connection_refused", reason="too_many_pending_connections", pending=pending)
+            return
         worker = min(live, key=lambda w: w.active)
-        total = sum(w.active for w in live)
-        message = MSG_OVER_LIMIT if total >= self._config.node.max_associations else MSG_ACCEPT
         try:
-            socket.send_fds(worker.control, [message], [conn.fileno()])
+            socket.send_fds(worker.control, [MSG_ACCEPT], [conn.fileno()])
             worker.active += 1
         except OSError:
             log.error("connection_dropped", reason="receiver_unreachable", worker=worker.index)
@@ -159,6 +166,9 @@ class Listener:
         self._selector.unregister(worker.control)
         worker.control.close()
         worker.alive = False
+        with self._associated.get_lock():  # its associations died with it
+            self._associated[worker.index] = 0
+        worker.active = 0
         if not self._stopping.is_set():
             worker.process.join(timeout=1)
             log.error("receiver_process_died", worker=worker.index, exitcode=worker.process.exitcode)

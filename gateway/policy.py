@@ -2,18 +2,59 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.config import GatewayConfig, Peer
 
-__all__ = ["REJECTIONS", "AssociationPolicy"]
+__all__ = ["REJECTIONS", "AssociationPolicy", "AssociationSlots", "disk_is_low"]
 
 #: Refusal reason -> A-ASSOCIATE-RJ (result, source, reason/diag.).
 REJECTIONS = {
     "calling_ae_not_recognised": (0x01, 0x01, 0x03),  # permanent, service user
     "called_ae_not_recognised": (0x01, 0x01, 0x07),  # permanent, service user
     "local_limit_exceeded": (0x02, 0x03, 0x02),  # transient, service provider (presentation)
+    "disk_space_low": (0x02, 0x03, 0x02),  # transient, service provider (presentation): local limit
 }
+
+
+def disk_is_low(config: GatewayConfig) -> bool:
+    """Whether ``data_dir``'s file system has less free space than ``node.min_free_disk_mb``."""
+    if config.node.min_free_disk_mb == 0:
+        return False
+    try:
+        free = shutil.disk_usage(config.node.data_dir).free
+    except OSError:
+        return True
+    return free < config.node.min_free_disk_mb * 1024 * 1024
+
+
+class AssociationSlots:
+    """The node-wide count of established associations, shared by the receiver processes.
+
+    One counter per receiver in a shared array (the parent zeroes a dead receiver's); only
+    associations that passed the policy count, so connections that never ask for one cannot
+    use up ``max_associations``.
+    """
+
+    def __init__(self, counters: Any, index: int, maximum: int) -> None:
+        self._counters = counters
+        self._index = index
+        self._maximum = maximum
+
+    def take(self) -> bool:
+        """Count one more association unless the node is at its maximum."""
+        with self._counters.get_lock():
+            if sum(self._counters) >= self._maximum:
+                return False
+            self._counters[self._index] += 1
+            return True
+
+    def give_back(self) -> None:
+        """One association counted by :meth:`take` has ended."""
+        with self._counters.get_lock():
+            self._counters[self._index] = max(0, self._counters[self._index] - 1)
 
 
 @dataclass(frozen=True)

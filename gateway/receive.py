@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, cast
@@ -166,6 +167,10 @@ def handle_store(event: evt.Event, assembler: Assembler) -> int:
     if request.DataSet is None or peer is None:
         log.error("store_refused", status="0xC000", reason="no_data_set_or_peer")
         return StoreStatus.CANNOT_UNDERSTAND
+    disk_low: Callable[[], bool] | None = getattr(event.assoc, "disk_low", None)
+    if disk_low is not None and disk_low():
+        log.warning("store_refused", status="0xA700", reason="disk_space_low")
+        return StoreStatus.OUT_OF_RESOURCES
     transfer_syntax = UID(event.context.transfer_syntax)
     data = request.DataSet.getbuffer()
     try:
@@ -205,8 +210,11 @@ def build_ae(config: GatewayConfig) -> AE:
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.maximum_pdu_size = node.max_pdu_size
-    ae.maximum_associations = node.max_associations
-    ae.acse_timeout = node.acse_timeout_seconds
+    # The node-wide limit is kept by gateway.policy.AssociationSlots, counting only associations
+    # that passed the policy; pynetdicom's own check would count connections that never associate.
+    ae.maximum_associations = node.max_associations + node.max_pending_connections
+    # As acceptor, the ACSE timeout is how long a connection may wait for its A-ASSOCIATE-RQ.
+    ae.acse_timeout = min(node.acse_timeout_seconds, node.association_request_seconds)
     ae.dimse_timeout = node.dimse_timeout_seconds
     ae.network_timeout = node.network_timeout_seconds
     ae.require_called_aet = True

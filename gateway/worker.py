@@ -9,17 +9,18 @@ import socket
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import structlog
 
-from gateway._net import FdAssociationServer
+from gateway._net import ConnectionLimits, FdAssociationServer
 from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
 from gateway.crypt import MasterKey
 from gateway.jobs import JobStore
-from gateway.listener import DRAIN_SECONDS, MSG_CLOSED, MSG_OVER_LIMIT, MSG_QUIT, ignore_interrupts
+from gateway.listener import DRAIN_SECONDS, MSG_CLOSED, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
-from gateway.policy import AssociationPolicy
+from gateway.policy import AssociationPolicy, AssociationSlots, disk_is_low
 from gateway.receive import build_ae, store_handlers
 from gateway.spool import Spool
 
@@ -31,7 +32,7 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
 _M_MMAP_THRESHOLD = -3
 
 
-def run_worker(config: GatewayConfig, control: socket.socket, index: int) -> None:
+def run_worker(config: GatewayConfig, control: socket.socket, index: int, counters: Any) -> None:
     """Entry point of receiver process *index*; returns when told to quit or orphaned."""
     ignore_interrupts()
     _keep_large_buffers()
@@ -54,7 +55,13 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int) -> Non
 
     ae = build_ae(config)
     assembler = Assembler(spool, jobs, MasterKey.load(config))
-    server = FdAssociationServer(ae, AssociationPolicy(config), store_handlers(assembler), _closed)
+    node = config.node
+    limits = ConnectionLimits(max_pdu_length=node.max_pdu_size,
+                              association_request_seconds=node.association_request_seconds,
+                              pdu_seconds=node.pdu_seconds)
+    slots = AssociationSlots(counters, index, node.max_associations)
+    server = FdAssociationServer(ae, AssociationPolicy(config), slots, limits, store_handlers(assembler), _closed,
+                                 disk_low=lambda: disk_is_low(config))
     try:
         _serve(control, server, quit_event)
     finally:
@@ -85,7 +92,7 @@ def _serve(control: socket.socket, server: FdAssociationServer, quit_event: thre
                 socket.socket(fileno=fd).close()
             return
         for fd in fds:
-            server.submit(fd, over_limit=message == MSG_OVER_LIMIT)
+            server.submit(fd)
 
 
 def _drain(ae: object) -> None:

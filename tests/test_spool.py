@@ -87,7 +87,7 @@ def test_full_disk_answers_out_of_resources_and_leaves_no_partial_file(
         node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries], tiny_disk: Path,
         tmp_path: Path) -> None:
     data_dir = tiny_disk / "var"
-    node = node_factory(data_dir=data_dir)
+    node = node_factory(data_dir=data_dir, extra_node="min_free_disk_mb = 0")  # no watermark: the write fails
     series = ct_series(12, size=512)  # 12 x 512 KB cannot fit in 4 MiB
     log = tmp_path / "storescu.log"
     _storescu(node.port, series.files, log).wait(timeout=120)
@@ -107,6 +107,26 @@ def test_full_disk_answers_out_of_resources_and_leaves_no_partial_file(
     echo = subprocess.run([require_tool("echoscu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
                            str(node.port)], capture_output=True, text=True, env=dcmtk_env(), timeout=30)
     assert echo.returncode == 0, "the node must stay up when its disk is full"
+
+
+def test_below_the_free_space_watermark_stores_and_associations_are_refused(
+        node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries], tiny_disk: Path,
+        tmp_path: Path) -> None:
+    data_dir = tiny_disk / "var"
+    node = node_factory(data_dir=data_dir, extra_node="min_free_disk_mb = 2")
+    series = ct_series(12, size=512)
+    log = tmp_path / "storescu.log"
+    _storescu(node.port, series.files, log).wait(timeout=120)
+    assert re.search(r"Refused: OutOfResources", log.read_text(errors="replace"), re.IGNORECASE)
+    refused = node.wait_for("store_refused", reason="disk_space_low")
+    assert refused["status"] == "0xA700"
+    assert not any(e["event"] == "store_failed" for e in node.events()), "refused before writing, not failed"
+    assert 0 < len(spooled_by_sop(data_dir)) < len(series.files)
+    echo = subprocess.run([require_tool("echoscu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
+                           str(node.port)], capture_output=True, text=True, env=dcmtk_env(), timeout=30)
+    assert echo.returncode != 0
+    assert "Rejected Transient" in echo.stdout + echo.stderr
+    assert node.wait_for("association_rejected", reason="disk_space_low")
 
 
 class TestWriteProtocol:

@@ -1,0 +1,219 @@
+"""Hostile and broken peers on loopback: oversized, slow, idle, malformed; the node stays up and bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pynetdicom import AE
+
+from tests.conftest import REPO, NodeProcess, write_config
+
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+FAST = 'association_request_seconds = 3\npdu_seconds = 2'
+
+
+def _item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def associate_rq(calling: bytes = b"PACS", called: bytes = b"CONTOUR_GW") -> bytes:
+    """A well-formed A-ASSOCIATE-RQ for Verification."""
+    context = _item(0x20, b"\x01\x00\x00\x00" + _item(0x30, VERIFICATION.encode()) + _item(0x40, IMPLICIT_LE.encode()))
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4"))
+    body = (b"\x00\x01\x00\x00" + called.ljust(16) + calling.ljust(16) + bytes(32)
+            + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def group_rss_kib(pgid: int) -> int:
+    """Resident memory of every process in the node's process group."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total
+
+
+def echo(node: NodeProcess, timeout: float = 5.0) -> bool:
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(VERIFICATION)
+    ae.acse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CONTOUR_GW")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and int(status.Status) == 0
+
+
+def connect(node: NodeProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the node closed *sock* (reading whatever it sent), or None if it did not."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - started < seconds:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+    return None
+
+
+def test_a_pdu_declaring_2_gib_is_aborted_before_it_is_read(node_factory: Callable[..., NodeProcess]) -> None:
+    node = node_factory(extra_node=FAST)
+    assert echo(node)
+    before = group_rss_kib(node.process.pid)
+    with connect(node) as sock:
+        sock.sendall(associate_rq())
+        assert sock.recv(6)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.recv(65536)
+        sock.sendall(struct.pack(">BBI", 0x04, 0, 2**31) + bytes(1024 * 1024))
+        sock.settimeout(5)
+        answer = b""
+        while len(answer) < 10:
+            chunk = sock.recv(10 - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+    assert answer[:1] == b"\x07", answer  # A-ABORT
+    assert answer[8:10] == b"\x02\x06"  # service provider, invalid PDU parameter value
+    assert node.wait_for("connection_aborted", reason="pdu_too_long")["declared"] == 2**31
+    assert group_rss_kib(node.process.pid) - before < 20 * 1024
+    assert echo(node)
+
+
+def test_an_association_request_over_1_mib_is_aborted(node_factory: Callable[..., NodeProcess]) -> None:
+    node = node_factory(extra_node=FAST)
+    with connect(node) as sock:
+        sock.sendall(struct.pack(">BBI", 0x01, 0, 2 * 1024 * 1024))
+        assert closed_within(sock, 3) is not None
+    assert node.wait_for("connection_aborted", reason="pdu_too_long")["limit"] == 1024 * 1024
+
+
+def test_idle_and_trickling_sockets_are_cut_off_and_do_not_deny_service(
+        node_factory: Callable[..., NodeProcess]) -> None:
+    node = node_factory(extra_node=FAST, max_associations=4)
+    idle = [connect(node) for _ in range(50)]
+    trickling = [connect(node) for _ in range(10)]
+    stop = threading.Event()
+
+    def trickle() -> None:  # an A-ASSOCIATE-RQ one byte every 0.5 s, on every trickling socket
+        request = associate_rq()
+        for index in range(len(request)):
+            for sock in trickling:
+                with contextlib.suppress(OSError):
+                    sock.send(request[index:index + 1])
+            if stop.wait(0.5):
+                return
+
+    dribbler = threading.Thread(target=trickle, daemon=True)
+    dribbler.start()
+    started = time.monotonic()
+    succeeded = sum(echo(node) for _ in range(100))
+    stop.set()
+    assert succeeded >= 99
+    # Every bad socket is closed by its deadline (3 s to an A-ASSOCIATE-RQ) + 1 s.
+    for sock in idle + trickling:
+        waited = closed_within(sock, max(0.1, started + 3 + 1 - time.monotonic()))
+        assert waited is not None, "a bad socket outlived its deadline"
+        sock.close()
+    reasons = [e.get("reason") for e in node.events() if e["event"] == "connection_closed"]
+    assert reasons.count("no_association_request_in_time") + reasons.count("pdu_too_slow") >= 60
+
+
+def test_a_pdu_dribbled_after_association_is_cut_off(node_factory: Callable[..., NodeProcess]) -> None:
+    node = node_factory(extra_node=FAST)
+    with connect(node) as sock:
+        sock.sendall(associate_rq())
+        assert sock.recv(6)[0] == 0x02
+        sock.recv(65536)
+        sock.sendall(struct.pack(">BBI", 0x04, 0, 100) + b"\x00")  # then nothing more
+        waited = closed_within(sock, 2 + 1.5)
+    assert waited is not None
+    assert node.wait_for("connection_closed", reason="pdu_too_slow")
+
+
+def _fuzz_pdu(rng: random.Random, valid: bytes) -> bytes:
+    choice = rng.randrange(6)
+    if choice == 0:  # random type and length, random body
+        body = rng.randbytes(rng.randrange(0, 64))
+        length = rng.choice([len(body), rng.randrange(2**32)])
+        return struct.pack(">BBI", rng.randrange(256), rng.randrange(256), length) + body
+    if choice == 1:  # a valid request with bytes flipped
+        mutated = bytearray(valid)
+        for _ in range(rng.randrange(1, 8)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        return bytes(mutated)
+    if choice == 2:  # truncated
+        return valid[:rng.randrange(len(valid))]
+    if choice == 3:  # declared longer than sent
+        return struct.pack(">BBI", rng.randrange(1, 8), 0, rng.randrange(100, 10**6)) + b"CANARY^FUZZ"
+    if choice == 4:  # P-DATA before association
+        return struct.pack(">BBI", 0x04, 0, 20) + b"CANARY^FUZZ" + bytes(9)
+    return rng.randbytes(rng.randrange(1, 300))  # noise
+
+
+def test_ten_thousand_malformed_pdus_leave_the_node_up_and_bounded(node_factory: Callable[..., NodeProcess]) -> None:
+    node = node_factory(extra_node=FAST + "\nmax_pending_connections = 256")
+    assert echo(node)
+    before = group_rss_kib(node.process.pid)
+    rng = random.Random(11)
+    valid = associate_rq(calling=b"FUZZER")
+    payloads = [_fuzz_pdu(rng, valid) for _ in range(10_000)]
+
+    def flood(part: list[bytes]) -> None:
+        for payload in part:
+            try:
+                with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)  # the node sees the end at once, as from a crashing peer
+            except OSError:
+                pass
+
+    senders = [threading.Thread(target=flood, args=(payloads[i::8],)) for i in range(8)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    started = time.monotonic()
+    while not echo(node):
+        assert time.monotonic() - started < 2, "no legitimate C-ECHO within 2 s of the flood"
+    assert time.monotonic() - started < 2
+    assert node.process.poll() is None
+    time.sleep(1)
+    assert group_rss_kib(node.process.pid) - before < 50 * 1024
+    assert "CANARY^FUZZ" not in node.log_text()
+
+
+def test_the_node_refuses_to_run_optimised(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var")
+    result = subprocess.run([sys.executable, "-O", "-m", "gateway", "serve", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "without -O" in result.stderr
