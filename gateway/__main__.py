@@ -152,8 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "serve":
             from gateway.manifest import check_route_models
+            from gateway.tls import check_certificates
 
             check_route_models(config.inference.models_dir, config.routes)
+            check_certificates(config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG

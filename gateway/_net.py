@@ -389,6 +389,20 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
+def _tls_failure(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or type(exc).__name__)
+    return "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
+class _HandedSocket(socket.socket):
+    """A socket handed over by the listener, saying whether it came in on the TLS port."""
+
+    gateway_tls = False
+
+
 class FdAssociationServer(ThreadedAssociationServer):
     """A pynetdicom server fed with already-accepted sockets; it never binds or listens."""
 
@@ -396,8 +410,10 @@ class FdAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: Any, policy: AssociationPolicy, slots: AssociationSlots, limits: ConnectionLimits,
                  evt_handlers: list[Any], on_closed: Callable[[], None],
-                 disk_low: Callable[[], bool] = lambda: False) -> None:
+                 disk_low: Callable[[], bool] = lambda: False,
+                 tls: tuple[ssl.SSLContext, float] | None = None) -> None:
         self.policy = policy
+        self.tls = tls
         self.slots = slots
         self.limits = limits
         self.disk_low = disk_low
@@ -405,15 +421,37 @@ class FdAssociationServer(ThreadedAssociationServer):
         super().__init__(ae, ("127.0.0.1", 0), ae.ae_title, ae.supported_contexts, None, evt_handlers,
                          request_handler=_RequestHandler)
 
+    def _handshake(self, sock: socket.socket, address: str) -> ssl.SSLSocket | None:
+        """The TLS handshake, in this connection's own thread, within ``handshake_seconds``."""
+        if self.tls is None:
+            sock.close()
+            return None
+        context, seconds = self.tls
+        tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        tls_sock.settimeout(seconds)
+        try:
+            tls_sock.do_handshake()
+        except OSError as exc:  # ssl.SSLError, a timeout, a reset
+            log.warning("tls_handshake_failed", reason=_tls_failure(exc), address=address)
+            with contextlib.suppress(OSError):
+                tls_sock.close()
+            return None
+        tls_sock.settimeout(None)
+        cipher = tls_sock.cipher()
+        log.debug("tls_established", version=tls_sock.version(), cipher=cipher[0] if cipher else None,
+                  client_certificate=tls_sock.getpeercert() is not None and bool(tls_sock.getpeercert()))
+        return tls_sock
+
     def server_bind(self) -> None:  # the parent process owns the listening socket
         pass
 
     def server_activate(self) -> None:
         pass
 
-    def submit(self, fd: int) -> None:
-        """Serve the connected socket *fd* in a new thread."""
-        sock = socket.socket(fileno=fd)
+    def submit(self, fd: int, *, tls: bool = False) -> None:
+        """Serve the connected socket *fd* in a new thread (after a TLS handshake, with *tls*)."""
+        sock = _HandedSocket(fileno=fd)
+        sock.gateway_tls = tls
         try:
             address = sock.getpeername()
         except OSError:
@@ -426,6 +464,11 @@ class FdAssociationServer(ThreadedAssociationServer):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # handle() only starts the association thread, which reports its own end.
         try:
+            if getattr(request, "gateway_tls", False):
+                request = self._handshake(request, str(client_address[0]))
+                if request is None:
+                    self.on_closed()
+                    return
             self.finish_request(request, client_address)
         except Exception as exc:
             log.error("connection_setup_failed", exc_info=exc)

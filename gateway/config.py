@@ -28,6 +28,7 @@ from gateway.destinations import (
     DESTINATION_TYPES,
     AETitle,
     AnyDestination,
+    ConfigPath,
     Destination,
     FolderDestination,
     Retry,
@@ -45,6 +46,7 @@ __all__ = [
     "FolderDestination",
     "GatewayConfig",
     "Inference",
+    "ListenerTLS",
     "Logging",
     "Node",
     "Peer",
@@ -76,13 +78,32 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ListenerTLS(_Model):
+    """DICOM TLS on the listener (PS3.15 B.1, BCP 195): its own port, optional mutual authentication."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 2762  # the registered DICOM TLS port; 0 = any free one
+    certificate_file: ConfigPath
+    private_key_file: ConfigPath
+    #: CA that signs the peers' client certificates (required when they must present one).
+    ca_file: ConfigPath | None = None
+    require_client_certificate: bool = True
+    #: A TLS handshake must complete within this; it runs in the connection's own thread.
+    handshake_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> Self:
+        if self.require_client_certificate and self.ca_file is None:
+            raise ValueError("require_client_certificate needs ca_file, the CA of the peers' certificates")
+        return self
+
+
 class Node(_Model):
     """This gateway's own DICOM node: where it listens and where it keeps its state."""
 
     ae_title: AETitle = "CONTOUR_GW"
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0 = pick a free port (tests)
-    data_dir: Path = Path("var")
+    data_dir: ConfigPath = Path("var")
     max_associations: Annotated[int, Field(ge=1, le=256)] = 8
     #: Largest P-DATA PDU we accept; 128 KiB is dcmtk's largest and measurably faster than 16 KiB.
     max_pdu_size: Annotated[int, Field(ge=4096, le=4 * 1024 * 1024)] = 131_072
@@ -94,12 +115,21 @@ class Node(_Model):
     network_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     completion_check_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
     #: Connections not (yet) associated, beyond which new ones are closed at once.
-    max_pending_connections: Annotated[int, Field(ge=1, le=4096)] = 64
+    max_pending_connections: Annotated[int, Field(ge=1, le=4096)] = 256
     #: From connecting to a complete A-ASSOCIATE-RQ, and from a PDU's first byte to its last.
     association_request_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     pdu_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     #: Below this much free space in data_dir, associations are refused (transient) and C-STORE answers 0xA700.
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
+    #: DICOM TLS listener; ``plain = false`` leaves it the only way in.
+    tls: ListenerTLS | None = None
+    plain: bool = True
+
+    @model_validator(mode="after")
+    def _something_to_listen_on(self) -> Self:
+        if not self.plain and self.tls is None:
+            raise ValueError("plain = false needs [node.tls]: the node would not listen at all")
+        return self
 
     @field_validator("bind")
     @classmethod
@@ -179,7 +209,7 @@ class Encryption(_Model):
 
     #: Key file (32 raw bytes, mode 0600, created on first start). Default: ``<data_dir>/keys/master.key``;
     #: keep it on another volume, or use the environment variable, so a copy of data_dir alone is unreadable.
-    master_key_file: Path | None = None
+    master_key_file: ConfigPath | None = None
     master_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] = "CONTOUR_GW_MASTER_KEY"
 
 
@@ -191,7 +221,7 @@ class Inference(_Model):
     """How models run: where their packages are, and on what."""
 
     #: Folder holding the model packages that ``[[routes]] model`` names.
-    models_dir: Path = Path("models")
+    models_dir: ConfigPath = Path("models")
     #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
     providers: Annotated[list[_Provider], Field(min_length=1)] = Field(default_factory=lambda: [_CPU])
     #: Threads per inference session; 0 lets onnxruntime choose.
@@ -290,25 +320,11 @@ def _problems(exc: ValidationError) -> list[str]:
 
 
 def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> GatewayConfig:
-    """Validate an already-parsed mapping; relative ``node.data_dir`` is resolved against *base_dir*."""
+    """Validate an already-parsed mapping; relative paths are resolved against *base_dir* (if given)."""
     try:
-        config = GatewayConfig.model_validate(raw)
+        return GatewayConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(source, _problems(exc)) from None
-    if base_dir is None:
-        return config
-    if not config.node.data_dir.is_absolute():
-        node = config.node.model_copy(update={"data_dir": (base_dir / config.node.data_dir).resolve()})
-        config = config.model_copy(update={"node": node})
-    if not config.inference.models_dir.is_absolute():
-        inference = config.inference.model_copy(
-            update={"models_dir": (base_dir / config.inference.models_dir).resolve()})
-        config = config.model_copy(update={"inference": inference})
-    key_file = config.encryption.master_key_file
-    if key_file is not None and not key_file.is_absolute():
-        encryption = config.encryption.model_copy(update={"master_key_file": (base_dir / key_file).resolve()})
-        config = config.model_copy(update={"encryption": encryption})
-    return config
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, model_validator
 
 from gateway.routes import Name
 
-__all__ = ["DESTINATION_TYPES", "AETitle", "AnyDestination", "Destination", "FolderDestination", "Port", "Retry",
-           "check_ae_title"]
+__all__ = ["DESTINATION_TYPES", "AETitle", "AnyDestination", "ConfigPath", "Destination", "DestinationTLS",
+           "FolderDestination", "Port", "Retry", "check_ae_title"]
 
 
 def check_ae_title(value: str) -> str:
@@ -31,6 +32,15 @@ AETitle = Annotated[str, AfterValidator(check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    return (base / value).resolve() if base is not None and not value.is_absolute() else value
+
+
+#: A path in the configuration: relative ones are relative to the configuration file's folder.
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,6 +58,21 @@ class Retry(_Model):
         return float(min(self.max_backoff_seconds, self.initial_backoff_seconds * self.multiplier ** (attempt - 1)))
 
 
+class DestinationTLS(_Model):
+    """DICOM TLS to a destination: its certificate must chain to ``ca_file`` and name ``server_name``."""
+
+    ca_file: ConfigPath
+    certificate_file: ConfigPath | None = None  # our client certificate, if the destination asks for one
+    private_key_file: ConfigPath | None = None
+    server_name: str | None = None  # the name its certificate must carry; default: the destination's host
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> DestinationTLS:
+        if (self.certificate_file is None) != (self.private_key_file is None):
+            raise ValueError("certificate_file and private_key_file go together")
+        return self
+
+
 class Destination(_Model):
     """Where results go by C-STORE (a TPS, a PACS)."""
 
@@ -61,6 +86,7 @@ class Destination(_Model):
     acse_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     retry: Retry = Retry()
+    tls: DestinationTLS | None = None
 
 
 class FolderDestination(_Model):

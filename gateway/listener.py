@@ -20,22 +20,39 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
 from gateway.config import GatewayConfig
+from gateway.errors import StartupError
 
 __all__ = ["Listener"]
 
 log = structlog.get_logger(__name__)
 
 MSG_ACCEPT = b"A"  # parent -> worker: serve this socket
+MSG_ACCEPT_TLS = b"T"  # parent -> worker: serve this socket with DICOM TLS
 MSG_QUIT = b"Q"  # parent -> worker: finish what is in flight, then exit
 MSG_CLOSED = b"C"  # worker -> parent: one connection ended
 DRAIN_SECONDS = 30.0
 _HANDOVER_TIMEOUT_S = 2.0
 _CRASH_LOOP_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class _Listening:
+    message: bytes  # what the receiver is told with each accepted socket
+
+
+_PLAIN, _TLS = _Listening(MSG_ACCEPT), _Listening(MSG_ACCEPT_TLS)
+
+
+def _bound(sock: socket.socket | None) -> tuple[str, int] | None:
+    if sock is None:
+        return None
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
 
 
 @dataclass
@@ -59,30 +76,45 @@ class Listener:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+        self._tls_socket: socket.socket | None = None
         #: Established associations per receiver, shared with them (see gateway.policy.AssociationSlots).
         self._associated: Any = self._context.Array("i", config.node.receive_workers)
 
     @property
-    def address(self) -> tuple[str, int]:
-        """The bound ``(host, port)``; the port is real even when the config asked for 0."""
-        assert self._socket is not None
-        host, port = self._socket.getsockname()[:2]
-        return str(host), int(port)
+    def address(self) -> tuple[str, int] | None:
+        """The plain TCP ``(host, port)`` (real even when the config asked for 0), or ``None``."""
+        return _bound(self._socket)
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """The DICOM TLS ``(host, port)``, or ``None``."""
+        return _bound(self._tls_socket)
 
     def start(self) -> None:
         """Bind, start the receiver processes, and start accepting in a background thread."""
         node = self._config.node
-        sock = socket.socket(socket.AF_INET6 if ":" in node.bind else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((node.bind, node.port))
-        sock.listen(128)
-        sock.setblocking(False)
-        self._socket = sock
-        self._selector.register(sock, selectors.EVENT_READ, None)
+        if node.plain:
+            self._socket = self._listen(node.port, _PLAIN)
+        if node.tls is not None:
+            self._tls_socket = self._listen(node.tls.port, _TLS)
         for index in range(node.receive_workers):
             self._spawn(index)
         self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
         self._thread.start()
+
+    def _listen(self, port: int, kind: _Listening) -> socket.socket:
+        bind = self._config.node.bind
+        sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind, port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {bind}:{port} ({exc.strerror})") from exc
+        sock.listen(128)
+        sock.setblocking(False)
+        self._selector.register(sock, selectors.EVENT_READ, kind)
+        return sock
 
     def _spawn(self, index: int) -> None:
         from gateway.worker import run_worker  # imported here: the child re-imports it by name
@@ -106,17 +138,16 @@ class Listener:
         while not self._stopping.is_set():
             try:
                 for key, _ in self._selector.select(timeout=0.5):
-                    if key.data is None:
-                        self._accept()
+                    if isinstance(key.data, _Listening):
+                        self._accept(cast(socket.socket, key.fileobj), key.data)
                     else:
                         self._on_worker_message(key.data)
             except Exception as exc:  # the node must keep accepting whatever one connection did
                 log.error("listener_error", exc_info=exc)
 
-    def _accept(self) -> None:
-        assert self._socket is not None
+    def _accept(self, listening: socket.socket, kind: _Listening) -> None:
         try:
-            conn, address = self._socket.accept()
+            conn, address = listening.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -129,9 +160,9 @@ class Listener:
             return
         conn.setblocking(True)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._dispatch(conn)
+        self._dispatch(conn, kind.message)
 
-    def _dispatch(self, conn: socket.socket) -> None:
+    def _dispatch(self, conn: socket.socket, message: bytes) -> None:
         live = [w for w in self._workers if w.alive]
         if not live:
             conn.close()
@@ -144,7 +175,7 @@ class Listener:
             return
         worker = min(live, key=lambda w: w.active)
         try:
-            socket.send_fds(worker.control, [MSG_ACCEPT], [conn.fileno()])
+            socket.send_fds(worker.control, [message], [conn.fileno()])
             worker.active += 1
         except OSError:
             log.error("connection_dropped", reason="receiver_unreachable", worker=worker.index)
@@ -181,9 +212,10 @@ class Listener:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._socket is not None:
-            self._selector.unregister(self._socket)
-            self._socket.close()
+        for sock in (self._socket, self._tls_socket):
+            if sock is not None:
+                self._selector.unregister(sock)
+                sock.close()
         for worker in self._workers:
             if worker.alive:
                 with contextlib.suppress(OSError):

@@ -23,6 +23,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from gateway.config import Destination, GatewayConfig
 from gateway.errors import PermanentSendError, TransientSendError
 from gateway.receive import VERIFICATION
+from gateway.tls import client_context
 
 __all__ = ["Sender", "classify_status"]
 
@@ -90,8 +91,13 @@ class Sender:
             connected.append(True)
             _set_nodelay(event)
 
+        tls_args = None
+        if destination.tls is not None:
+            tls = destination.tls
+            tls_args = (client_context(tls.ca_file, tls.certificate_file, tls.private_key_file),
+                        tls.server_name or destination.host)
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)], tls_args=tls_args)
         if assoc.is_established:
             return assoc
         name = destination.name

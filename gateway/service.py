@@ -69,15 +69,17 @@ class Node:
         try:
             self._listener.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {node.bind}:{node.port} ({exc.strerror})") from exc
+            raise StartupError(f"cannot start receiving ({exc.strerror})") from exc
         self._runner.start()  # resumes every unfinished job where it stopped
         self._schedule = SweepSchedule(self._shredder, self.config.retention.sweep_interval_seconds)
         self._schedule.start()
         self._timer = threading.Thread(target=self._complete_loop, args=(self._jobs,), name="completion",
                                        daemon=True)
         self._timer.start()
-        host, port = self._listener.address
-        log.info("node_started", version=__version__, ae_title=node.ae_title, bind=host, port=port,
+        plain, tls = self._listener.address, self._listener.tls_address
+        log.info("node_started", version=__version__, ae_title=node.ae_title, bind=node.bind,
+                 port=plain[1] if plain else None, tls_port=tls[1] if tls else None,
+                 mutual_tls=bool(node.tls and node.tls.require_client_certificate),
                  receive_workers=node.receive_workers, max_associations=node.max_associations,
                  peers=len(self.config.peers), destinations=len(self.config.destinations),
                  routes=len(self.config.routes), pipeline_workers=self.config.pipeline.workers)

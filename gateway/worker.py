@@ -18,11 +18,12 @@ from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
 from gateway.crypt import MasterKey
 from gateway.jobs import JobStore
-from gateway.listener import DRAIN_SECONDS, MSG_CLOSED, MSG_QUIT, ignore_interrupts
+from gateway.listener import DRAIN_SECONDS, MSG_ACCEPT_TLS, MSG_CLOSED, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
 from gateway.policy import AssociationPolicy, AssociationSlots, disk_is_low
 from gateway.receive import build_ae, store_handlers
 from gateway.spool import Spool
+from gateway.tls import server_context
 
 __all__ = ["run_worker"]
 
@@ -60,8 +61,13 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int, counte
                               association_request_seconds=node.association_request_seconds,
                               pdu_seconds=node.pdu_seconds)
     slots = AssociationSlots(counters, index, node.max_associations)
+    tls = None
+    if node.tls is not None:
+        context = server_context(node.tls.certificate_file, node.tls.private_key_file, node.tls.ca_file,
+                                 node.tls.require_client_certificate)
+        tls = (context, node.tls.handshake_seconds)
     server = FdAssociationServer(ae, AssociationPolicy(config), slots, limits, store_handlers(assembler), _closed,
-                                 disk_low=lambda: disk_is_low(config))
+                                 disk_low=lambda: disk_is_low(config), tls=tls)
     try:
         _serve(control, server, quit_event)
     finally:
@@ -92,7 +98,7 @@ def _serve(control: socket.socket, server: FdAssociationServer, quit_event: thre
                 socket.socket(fileno=fd).close()
             return
         for fd in fds:
-            server.submit(fd)
+            server.submit(fd, tls=message == MSG_ACCEPT_TLS)
 
 
 def _drain(ae: object) -> None:

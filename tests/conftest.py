@@ -107,6 +107,7 @@ class NodeProcess:
     log_path: Path
     process: subprocess.Popen[bytes]
     port: int = 0
+    tls_port: int = 0
     data_dir: Path = field(default_factory=Path)
     log_offset: int = 0
 
@@ -162,7 +163,8 @@ def start_node(config_path: Path, log_path: Path, env: dict[str, str] | None = N
                                    start_new_session=True)
     node = NodeProcess(config_path, log_path, process, log_offset=offset)
     started = node.wait_for("node_started")
-    node.port = int(started["port"])
+    node.port = int(started["port"] or 0)
+    node.tls_port = int(started["tls_port"] or 0)
     return node
 
 
