@@ -68,6 +68,8 @@ class Node:
                  orphans=len(caught_up.orphans))
         try:
             self._listener.start()
+        except StartupError:
+            raise
         except OSError as exc:
             raise StartupError(f"cannot start receiving ({exc.strerror})") from exc
         self._runner.start()  # resumes every unfinished job where it stopped

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -14,9 +15,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from tests.conftest import REPO, NodeProcess, write_config
+from tests.synthetic import ct_slice
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -217,3 +224,49 @@ def test_the_node_refuses_to_run_optimised(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert result.returncode == 2
     assert "without -O" in result.stderr
+
+
+def _store(node: NodeProcess, ds: Dataset, calling_ae: str = "PACS") -> int:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CONTOUR_GW")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def _files_outside(root: Path, inside: list[Path]) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and not any(p.is_relative_to(i) for i in inside)}
+
+
+@pytest.mark.parametrize(("keyword", "value", "calling_ae", "status"), [
+    ("SOPInstanceUID", "../../x", "PACS", 0xC220), ("StudyInstanceUID", "1." + "2" * 63, "PACS", 0xC220),
+    ("SOPInstanceUID", "1.2.abc", "PACS", 0xC220), ("SeriesInstanceUID", "1.2/../3", "PACS", 0xC220),
+    (None, None, "../../etc", 0x0000), (None, None, "..\\x", None)])
+def test_path_like_identifiers_never_reach_a_path(node_factory: Callable[..., NodeProcess], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, keyword: str | None,
+                                                 value: str | None, calling_ae: str, status: int | None) -> None:
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
+    temp = tmp_path / "node-tmp"
+    temp.mkdir()
+    node = node_factory(env={"TMPDIR": str(temp)})
+    before = _files_outside(tmp_path, [node.data_dir, temp])
+    ds = ct_slice(generate_uid(), generate_uid(), generate_uid(), 0, 16, np.random.default_rng(1))
+    if keyword == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = value
+    if keyword is not None:
+        setattr(ds, keyword, value)
+    if status is None:  # a backslash is no AE title: pynetdicom will not even send it
+        with pytest.raises(ValueError):
+            _store(node, ds, calling_ae)
+    else:
+        assert _store(node, ds, calling_ae) == status
+    assert _files_outside(tmp_path, [node.data_dir, temp]) - before <= {node.log_path}
+    # onnxruntime writes a session id (a time and a random UUID) to $TMPDIR/.ses when imported.
+    assert [p.name for p in temp.iterdir()] in ([], [".ses"])
+    stored = list(node.data_dir.rglob("*.dcm"))
+    assert all(re.fullmatch(r"[0-9a-f]{32}\.dcm", p.name) for p in stored)
+    assert len(stored) == (1 if status == 0 else 0)
