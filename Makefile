@@ -50,6 +50,7 @@ bench: dev peers
 	$(PY) scripts/bench_infer.py
 	$(PY) scripts/bench_rtstruct.py
 	$(PY) scripts/bench_e2e.py
+	$(PY) scripts/bench_tls.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

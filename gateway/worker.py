@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 def run_worker(config: GatewayConfig, control: socket.socket, index: int, counters: Any) -> None:
@@ -85,6 +86,9 @@ def _keep_large_buffers() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)
         libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
+        # One arena per connection thread (glibc's default, up to 8 per core) would keep that
+        # heap once per thread: a burst of connections would leave the process much larger.
+        libc.mallopt(_M_ARENA_MAX, 2)
 
 
 def _serve(control: socket.socket, server: FdAssociationServer, quit_event: threading.Event) -> None:
