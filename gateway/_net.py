@@ -2,7 +2,7 @@
 
 Subclasses only (no fork of pynetdicom 3.0.4):
 
-* ``_FastSocket`` reads whole PDUs with ``recv_into`` instead of 4 KiB ``recv`` calls, and
+* ``FastSocket`` (:mod:`gateway._socket`) reads whole PDUs with ``recv_into`` instead of 4 KiB ``recv`` calls, and
   lets the DUL wait in ``select`` (socket + wake-up pipe) instead of polling every 1 ms.
 * ``_GatewayAssociation`` waits on the DIMSE queue instead of sleeping 1 ms per loop.
   pynetdicom's polling costs up to a millisecond of latency per message in each thread,
@@ -19,13 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import select
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
@@ -35,17 +32,15 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway._encoding import implicit_element, padded
+from gateway._socket import REACTOR_TICK_S, ConnectionLimits, FastSocket
 from gateway.config import Peer
 from gateway.policy import REJECTIONS, AssociationPolicy, AssociationSlots
 
 log = structlog.get_logger(__name__)
 
-#: Longest wait of the DUL and association reactors for an event before they re-check their
-#: timers (ARTIM, idle) and kill flags; any event (PDU, outgoing primitive, DIMSE message) wakes them at once.
-_REACTOR_TICK_S = 0.01
 
 _C_STORE_RSP = 0x8001  # CommandField, PS3.7 E.1
 _NO_DATA_SET = 0x0101  # CommandDataSetType: no data set follows
@@ -63,166 +58,6 @@ class _WakingQueue(queue.Queue[Any]):
         super().put(item, block, timeout)
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wakeup_fd, b"!")
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What one connection may ask of a receiver before it is cut off."""
-
-    max_pdu_length: int  # P-DATA-TF: what we negotiated
-    max_other_pdu_length: int = 1024 * 1024  # A-ASSOCIATE-RQ and the rest (dcmtk's bound)
-    association_request_seconds: float = 10.0  # from connect to a complete A-ASSOCIATE-RQ
-    pdu_seconds: float = 30.0  # from the first byte of a PDU to its last, whatever the sender's pace
-
-
-#: A-ABORT, source service-provider (2), reason invalid-PDU-parameter value (6) (PS3.8 9.3.8).
-_ABORT_INVALID_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
-_P_DATA_TF = 0x04
-_PREALLOCATE = 256 * 1024  # PDUs up to this long are read into a buffer of their declared size
-
-
-class _FastSocket(AssociationSocket):
-    """AssociationSocket that waits for data or a wake-up, reads whole PDUs at once, and bounds each PDU.
-
-    pynetdicom's DUL polls ``ready`` with a zero timeout and sleeps 1 ms between polls;
-    here ``ready`` blocks in ``select`` on the socket and the association's wake-up pipe,
-    so a PDU or an outgoing primitive is handled at once and an idle association costs
-    no CPU.
-
-    pynetdicom reads a PDU as ``recv(6)`` then ``recv(length)``, trusting the declared length
-    and waiting as long as the sender dribbles. Here a declared length above the limit for
-    its type is answered with A-ABORT before a byte of it is read, every PDU must arrive
-    within ``pdu_seconds`` of its first byte, and the A-ASSOCIATE-RQ within
-    ``association_request_seconds`` of the connection.
-    """
-
-    def __init__(self, assoc: Any, client_socket: socket.socket, wakeup_fd: int, limits: ConnectionLimits) -> None:
-        super().__init__(assoc, client_socket=client_socket)
-        self._limits = limits
-        self._connected_at = time.monotonic()
-        self._first_pdu_read = False
-        self._woken = False
-        self._pdu_deadline: float | None = None  # set while a PDU is being read
-        self._wakeup_fd = wakeup_fd
-        self._socket_fd = client_socket.fileno()
-        self._poll = select.poll()  # poll, not select: no FD_SETSIZE limit
-        self._poll.register(self._socket_fd, select.POLLIN)
-        self._poll.register(wakeup_fd, select.POLLIN)
-
-    @property
-    def ready(self) -> bool:
-        sock: socket.socket | None = self.socket
-        if sock is None or self._is_connected is False:
-            return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        if not self._first_pdu_read and time.monotonic() > self._request_deadline:
-            log.warning("connection_closed", reason="no_association_request_in_time")
-            self.event_queue.put("Evt18")  # as if ARTIM expired: the state machine closes the connection
-            self._first_pdu_read = True  # once
-            return False
-        try:
-            events = dict(self._poll.poll(_REACTOR_TICK_S * 1000))
-        except OSError:
-            events = {self._socket_fd: select.POLLNVAL}
-        if self._wakeup_fd in events:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.read(self._wakeup_fd, 4096)
-        socket_events = events.get(self._socket_fd, 0)
-        if socket_events & select.POLLNVAL:
-            self.event_queue.put("Evt17")  # as pynetdicom does when select fails
-            return False
-        # POLLHUP/POLLERR: let recv() read what is left and see the end of the connection.
-        return bool(socket_events)
-
-    def close(self) -> None:
-        super().close()
-        self._wake_acceptor()
-
-    def _wake_acceptor(self) -> None:
-        # Before association, the acceptor thread waits for the A-ASSOCIATE-RQ primitive for the
-        # whole ACSE timeout; once the connection is over none will come: wake it (None = timed out).
-        assoc = self.assoc
-        if not assoc.is_established and not assoc.is_released and not self._woken:
-            self._woken = True
-            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
-
-    @property
-    def _request_deadline(self) -> float:
-        return self._connected_at + self._limits.association_request_seconds
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        try:
-            data = self._recv_pdu_part(nr_bytes)
-        except OSError:
-            self._wake_acceptor()
-            raise
-        if len(data) < nr_bytes:  # the peer closed the connection
-            self._wake_acceptor()
-        return data
-
-    def _recv_pdu_part(self, nr_bytes: int) -> bytearray:
-        if self._pdu_deadline is None:  # the DUL asks for a PDU header: a new PDU starts
-            deadline = time.monotonic() + self._limits.pdu_seconds
-            self._pdu_deadline = deadline if self._first_pdu_read else min(deadline, self._request_deadline)
-            header = self._read(nr_bytes)
-            if len(header) == 6:
-                self._check_length(header[0], int.from_bytes(header[2:6], "big"))
-            else:
-                self._pdu_deadline = None
-            return header
-        try:
-            return self._read(nr_bytes)
-        finally:
-            self._pdu_deadline = None
-            self._first_pdu_read = True
-
-    def _check_length(self, pdu_type: int, length: int) -> None:
-        limit = self._limits.max_pdu_length if pdu_type == _P_DATA_TF else self._limits.max_other_pdu_length
-        if length <= limit:
-            return
-        self._pdu_deadline = None
-        log.warning("connection_aborted", reason="pdu_too_long", pdu_type=pdu_type, declared=length, limit=limit)
-        with contextlib.suppress(OSError):
-            cast(socket.socket, self.socket).sendall(_ABORT_INVALID_PARAMETER)
-        raise OSError("declared PDU length over the limit")  # the DUL closes the connection
-
-    def _read(self, nr_bytes: int) -> bytearray:
-        if nr_bytes > _PREALLOCATE:
-            return self._read_growing(nr_bytes)
-        sock: socket.socket = self.socket  # type: ignore[assignment]
-        assert self._pdu_deadline is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        try:
-            while received < nr_bytes:
-                # A timeout per call (a TLS record is read whole, so waiting for readability is not enough).
-                sock.settimeout(max(0.001, self._pdu_deadline - time.monotonic()))
-                count = sock.recv_into(view[received:], nr_bytes - received)
-                if not count:
-                    return buffer[:received]
-                received += count
-        except TimeoutError:
-            self._pdu_deadline = None
-            log.warning("connection_closed", reason="pdu_too_slow", limit_seconds=self._limits.pdu_seconds)
-            raise
-        finally:
-            del view
-            sock.settimeout(self._limits.pdu_seconds)  # what our own sends may wait for a peer that does not read
-        return buffer
-
-    def _read_growing(self, nr_bytes: int) -> bytearray:
-        # A large declared length (up to the A-ASSOCIATE-RQ bound): memory follows the bytes that
-        # actually arrive, so a peer that declares much and sends little costs little.
-        buffer = bytearray()
-        while len(buffer) < nr_bytes:
-            wanted = min(_PREALLOCATE, nr_bytes - len(buffer))
-            chunk = self._read(wanted)
-            buffer += chunk
-            if len(chunk) < wanted:  # the connection ended
-                break
-        return buffer
 
 
 def encode_c_store_response(response: C_STORE) -> bytes:
@@ -314,7 +149,7 @@ class _GatewayAssociation(Association):
         try:
             super().run()
         finally:
-            self.dul.join(timeout=5 * _REACTOR_TICK_S + 1)
+            self.dul.join(timeout=5 * REACTOR_TICK_S + 1)
             os.close(self.wakeup_read)
             os.close(self._wakeup_write)
             if self.counted:
@@ -330,7 +165,7 @@ class _GatewayAssociation(Association):
             self._reactor_checkpoint.wait()
             self._is_paused = False
             try:
-                context_id, msg = self.dimse.msg_queue.get(timeout=_REACTOR_TICK_S)
+                context_id, msg = self.dimse.msg_queue.get(timeout=REACTOR_TICK_S)
             except queue.Empty:
                 msg = None
             if msg:
@@ -372,7 +207,7 @@ class _RequestHandler(RequestHandler):
         assoc = _GatewayAssociation(self.ae, "acceptor", self.server)
         assoc._server = self.server
         assoc.name = "AcceptorThread"
-        assoc.set_socket(_FastSocket(assoc, self.request, assoc.wakeup_read, self.server.limits))
+        assoc.set_socket(FastSocket(assoc, self.request, assoc.wakeup_read, self.server.limits))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local

@@ -34,10 +34,10 @@ from gateway.errors import (
     VolumeError,
 )
 from gateway.failpoints import failpoint
-from gateway.infer import Prediction, Predictor
+from gateway.infer import Prediction
 from gateway.jobs import Job, JobState
 from gateway.logs import bind_job
-from gateway.manifest import load_model_package
+from gateway.models import Predictors
 from gateway.pipeline import pseudonymise_job, reidentify_task
 from gateway.processing import (
     Series,
@@ -88,8 +88,7 @@ class Runner:
         self._busy: set[str] = set()
         self._deferred: dict[str, float] = {}
         self._errors: dict[str, int] = {}
-        self._predictors: dict[str, Predictor] = {}
-        self._models_lock = threading.Lock()
+        self._predictors = Predictors(config.inference)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
@@ -228,7 +227,7 @@ class Runner:
         series = series or self._load(task)
         loaded = masks if masks is not None else load_masks(self._ctx, task.job_id, task.task_no)
         try:
-            results = build_results(series, loaded, self._predictor(route).manifest, route)
+            results = build_results(series, loaded, self._predictors.get(route.model).manifest, route)
         except StructureSetError as exc:
             raise _TaskFailed("structure_set_empty" if "empty" in str(exc) else "structure_set_failed") from exc
         save_results(self._ctx, task.job_id, task.task_no, results, "pseudo")
@@ -253,7 +252,7 @@ class Runner:
 
     def _infer(self, route: Route, series: Series) -> Prediction:
         try:
-            return infer(self._predictor(route), series)
+            return infer(self._predictors.get(route.model), series)
         except InferenceError as exc:
             raise _TaskFailed("inference_empty" if str(exc) == "inference_empty" else "inference_failed") from exc
 
@@ -281,16 +280,6 @@ class Runner:
                  delivered=sum(d.state is JobState.SENT for d in deliveries))
         if state is JobState.DEAD_LETTER:
             log.error("alert", stage="send", outcome=state.value, reason=reason)
-
-    def _predictor(self, route: Route) -> Predictor:
-        with self._models_lock:  # loading a model takes a while: not under the dispatcher's lock
-            predictor = self._predictors.get(route.model)
-            if predictor is None:
-                inference = self._config.inference
-                package = load_model_package(inference.models_dir / route.model)
-                predictor = Predictor(package, providers=inference.providers, threads=inference.threads)
-                self._predictors[route.model] = predictor
-            return predictor
 
     def _finish(self, job_id: str) -> None:
         job = self._ctx.jobs.get(job_id)

@@ -13,7 +13,8 @@ from typing import Any
 
 import structlog
 
-from gateway._net import ConnectionLimits, FdAssociationServer
+from gateway._net import FdAssociationServer
+from gateway._socket import ConnectionLimits
 from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
 from gateway.crypt import MasterKey
