@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ from bench_ingest import (  # noqa: E402 - the process helpers of the ingest ben
     dcmtk_tool,
     group_cpu_ticks,
     group_hwm_kib,
-    raise_interrupt,
+    guarded,
     spawn,
     wait_until,
 )
@@ -373,17 +372,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_interrupt)  # clean up on SIGTERM as on Ctrl-C
-    try:
-        result = bench(args)
-    except (BenchError, AssertionError) as exc:  # tests.orthanc reports a failed start as AssertionError
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; node and Orthanc stopped, temporary files removed", file=sys.stderr)
-        return 130
-    print_report(result)
-    return 0
+    # tests.orthanc reports a failed start as AssertionError
+    code, result = guarded(lambda: bench(args), "node and Orthanc", (BenchError, AssertionError))
+    if result is not None:
+        print_report(result)
+    return code
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ class Receiver:
         return f"{self.name} is {state}; end of its log:\n{tail}"
 
 
-def _node_started(log_path: Path) -> dict[str, Any] | None:
+def node_started(log_path: Path) -> dict[str, Any] | None:
     for line in log_path.read_text(errors="replace").splitlines():
         try:
             item = json.loads(line)
@@ -236,7 +236,7 @@ def start_gateway(stack: ExitStack, root: Path) -> Receiver:
         "quiet_seconds = 30", "", "[logging]", 'level = "info"', 'format = "json"', ""]))
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     process = stack.enter_context(spawn(command, log_path, REPO))
-    started = wait_until(lambda: _node_started(log_path), process, "gateway node", log_path)
+    started = wait_until(lambda: node_started(log_path), process, "gateway node", log_path)
     spool = data_dir / "spool"
     return Receiver("gateway", "CONTOUR_GW", int(started["port"]),
                     lambda: sum(1 for _ in spool.glob("*/*.dcm")), process, log_path,
@@ -465,17 +465,25 @@ def raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def guarded(run: Callable[[], dict[str, Any]], stopped: str,
+            failures: tuple[type[Exception], ...] = (BenchError,)) -> tuple[int, dict[str, Any] | None]:
+    """Run a benchmark with SIGTERM handled like Ctrl-C; return its exit code and figures."""
     signal.signal(signal.SIGTERM, raise_interrupt)  # clean up on SIGTERM as on Ctrl-C
     try:
-        figures = bench(args)
-    except BenchError as exc:
+        return 0, run()
+    except failures as exc:
         print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        return 1
+        return 1, None
     except KeyboardInterrupt:
-        print("\ninterrupted; receivers stopped, temporary files removed", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted; {stopped} stopped, temporary files removed", file=sys.stderr)
+        return 130, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    code, figures = guarded(lambda: bench(args), "receivers")
+    if figures is None:
+        return code
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

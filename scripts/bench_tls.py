@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,8 @@ from bench_ingest import (
     dcmtk_tool,
     group_cpu_ticks,
     group_hwm_kib,
-    raise_interrupt,
+    guarded,
+    node_started,
     spawn,
     wait_until,
     write_series,
@@ -88,17 +88,6 @@ class Node:
         return f"node is {state}; end of its log:\n{self.log_path.read_text(errors='replace')[-3000:]}"
 
 
-def _node_started(log_path: Path) -> dict[str, Any] | None:
-    for line in log_path.read_text(errors="replace").splitlines():
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(item, dict) and item.get("event") == "node_started":
-            return item
-    return None
-
-
 def start_node(stack: ExitStack, root: Path, pki: PKI) -> Node:
     """Start the node with a plain and a TLS listener on free ports; return it once it accepts."""
     data_dir, config, log_path = root / "var", root / "gateway.toml", root / "gateway.log"
@@ -115,7 +104,7 @@ def start_node(stack: ExitStack, root: Path, pki: PKI) -> Node:
         "[logging]", 'level = "info"', 'format = "json"', ""]))
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     process = stack.enter_context(spawn(command, log_path, REPO))
-    started = wait_until(lambda: _node_started(log_path), process, "gateway node", log_path)
+    started = wait_until(lambda: node_started(log_path), process, "gateway node", log_path)
     if not started.get("port") or not started.get("tls_port"):
         raise BenchError(f"node did not open both listeners: {started}")
     info = {k: started.get(k) for k in ("version", "receive_workers", "max_associations", "mutual_tls")}
@@ -332,17 +321,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_interrupt)  # clean up on SIGTERM as on Ctrl-C
-    try:
-        figures = bench(args)
-    except BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; node stopped, temporary files removed", file=sys.stderr)
-        return 130
-    print(json.dumps(figures))
-    return 0
+    code, figures = guarded(lambda: bench(args), "node")
+    if figures is not None:
+        print(json.dumps(figures))
+    return code
 
 
 if __name__ == "__main__":
