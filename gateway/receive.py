@@ -46,6 +46,8 @@ __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "STORAGE_SOP_CLASSES",
     "TRANSFER_SYNTAXES",
+    "VERIFICATION",
+    "VERIFICATION_TRANSFER_SYNTAXES",
     "StoreStatus",
     "UndecodableError",
     "build_ae",
@@ -66,6 +68,8 @@ IMPLEMENTATION_VERSION_NAME = _encoding.IMPLEMENTATION_VERSION_NAME
 #: travel with a planning CT and are accepted so the sender sees success, then quarantined
 #: (gateway.pseudonymise). Enhanced CT waits for a volume stage that reads it.
 STORAGE_SOP_CLASSES = (CTImageStorage, *sorted(IMAGE_SOP_CLASSES), *sorted(DOSE_REPORT_SOP_CLASSES))
+#: C-ECHO carries no data set: the two little endian syntaxes every peer proposes are enough.
+VERIFICATION_TRANSFER_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 #: Offered transfer syntaxes; Deflate is deliberately absent (unbounded inflation).
 TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,
@@ -218,7 +222,7 @@ def build_ae(config: GatewayConfig) -> AE:
     ae.dimse_timeout = node.dimse_timeout_seconds
     ae.network_timeout = node.network_timeout_seconds
     ae.require_called_aet = True
-    ae.add_supported_context(VERIFICATION)
+    ae.add_supported_context(VERIFICATION, list(VERIFICATION_TRANSFER_SYNTAXES))
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae

@@ -22,7 +22,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from gateway.config import Destination, GatewayConfig
 from gateway.errors import PermanentSendError, TransientSendError
-from gateway.receive import VERIFICATION
+from gateway.receive import VERIFICATION, VERIFICATION_TRANSFER_SYNTAXES
 from gateway.tls import client_context
 
 __all__ = ["Sender", "classify_status"]
@@ -79,7 +79,7 @@ class Sender:
         ae.network_timeout = destination.dimse_timeout_seconds
         ae.maximum_pdu_size = self._config.node.max_pdu_size
         if sop_class is None:
-            ae.add_requested_context(VERIFICATION)
+            ae.add_requested_context(VERIFICATION, list(VERIFICATION_TRANSFER_SYNTAXES))
         else:
             ae.add_requested_context(sop_class, [transfer_syntax] if transfer_syntax else None)
         return ae
