@@ -6,7 +6,7 @@ CONFIG ?= config/gateway.toml
 # Debian packages the tests talk to: command that proves presence -> package.
 TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools
 
-.PHONY: run test venv dev peers lint typecheck bench clean
+.PHONY: run test venv dev peers lint typecheck bench clean install
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,18 @@ bench: dev peers
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# A system install (as root): /opt/contour-gateway, a dedicated user, /etc/contour-gateway, the systemd unit.
+PREFIX ?= /opt/contour-gateway
+install:
+	id -u contour-gw >/dev/null 2>&1 || useradd --system --home-dir /var/lib/contour-gateway --shell /usr/sbin/nologin contour-gw
+	install -d -m 0755 $(PREFIX)
+	cp -r gateway models pyproject.toml README.md docs $(PREFIX)/
+	$(PYTHON) -m venv $(PREFIX)/.venv
+	$(PREFIX)/.venv/bin/pip install --quiet $(PREFIX)
+	install -d -m 0750 -g contour-gw /etc/contour-gateway
+	test -f /etc/contour-gateway/gateway.toml || install -m 0640 -g contour-gw deploy/gateway.toml /etc/contour-gateway/gateway.toml
+	install -d -o contour-gw -g contour-gw -m 0700 /var/lib/contour-gateway
+	install -m 0644 deploy/contour-gateway.service /etc/systemd/system/contour-gateway.service
+	-systemctl daemon-reload
+	@echo "installed: edit /etc/contour-gateway/gateway.toml, then: systemctl enable --now contour-gateway"
