@@ -37,6 +37,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from gateway._encoding import implicit_element, padded
 from gateway._socket import REACTOR_TICK_S, ConnectionLimits, FastSocket
 from gateway.config import Peer
+from gateway.metrics import NodeCounters
 from gateway.policy import REJECTIONS, AssociationPolicy, AssociationSlots
 
 log = structlog.get_logger(__name__)
@@ -112,6 +113,8 @@ class _PolicyACSE(ACSE):
             assoc.counted = assoc.slots.take()
             if not assoc.counted:
                 peer, reason = None, "local_limit_exceeded"
+        if assoc.counters is not None:
+            assoc.counters.add(f"association_{reason or 'accepted'}")
         if peer is None:
             assert reason is not None
             log.warning("association_rejected", reason=reason, calling_ae=calling, called_ae=called,
@@ -134,6 +137,7 @@ class _GatewayAssociation(Association):
         self.policy = server.policy
         self.slots = server.slots
         self.disk_low = server.disk_low
+        self.counters = server.counters
         self.counted = False
         self._on_finished = server.on_closed
         self.peer: Peer | None = None
@@ -246,9 +250,10 @@ class FdAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: Any, policy: AssociationPolicy, slots: AssociationSlots, limits: ConnectionLimits,
                  evt_handlers: list[Any], on_closed: Callable[[], None],
                  disk_low: Callable[[], bool] = lambda: False,
-                 tls: tuple[ssl.SSLContext, float] | None = None) -> None:
+                 tls: tuple[ssl.SSLContext, float] | None = None, counters: NodeCounters | None = None) -> None:
         self.policy = policy
         self.tls = tls
+        self.counters = counters
         self.slots = slots
         self.limits = limits
         self.disk_low = disk_low

@@ -48,6 +48,7 @@ __all__ = [
     "Inference",
     "ListenerTLS",
     "Logging",
+    "MetricsEndpoint",
     "Node",
     "Peer",
     "Pipeline",
@@ -228,6 +229,14 @@ class Inference(_Model):
     threads: Annotated[int, Field(ge=0, le=256)] = 0
 
 
+class MetricsEndpoint(_Model):
+    """Prometheus ``/metrics`` and ``/healthz`` over HTTP; keep it on localhost or a management network."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0 = any free port (tests)
+
+
 class Logging(_Model):
     """Log output: JSON lines on stdout (``console`` is for a person at a terminal)."""
 
@@ -247,6 +256,7 @@ class GatewayConfig(_Model):
     audit: Audit = Audit()
     encryption: Encryption = Encryption()
     inference: Inference = Inference()
+    metrics: MetricsEndpoint = MetricsEndpoint()
     logging: Logging = Logging()
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import secrets
+from collections.abc import Callable
 
 import pydicom
 import structlog
@@ -30,7 +31,8 @@ log = structlog.get_logger(__name__)
 
 
 def deliver_due(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id: str, task_no: int,
-                now: float, *, audit: AuditLog | None = None) -> list[Delivery]:
+                now: float, *, audit: AuditLog | None = None,
+                on_ended: Callable[[str, str], None] | None = None) -> list[Delivery]:
     """Attempt every delivery of the task that is due at *now*; return the task's deliveries afterwards.
 
     Each delivery that ends here (sent, or given up) is written to the *audit* trail.
@@ -40,8 +42,11 @@ def deliver_due(ctx: StageContext, config: GatewayConfig, sender: Sender, job_id
         if delivery.state is JobState.REIDENTIFIED and delivery.next_attempt_at <= now:
             _attempt(ctx, config, sender, job_id, delivery, now)
     after = ctx.tasks.deliveries(job_id, task_no)
+    ended = [d for d, b in zip(after, before, strict=False) if d.state.terminal and not b.state.terminal]
+    if on_ended is not None:
+        for delivery in ended:
+            on_ended(delivery.destination, delivery.state.value)
     if audit is not None:
-        ended = [d for d, b in zip(after, before, strict=False) if d.state.terminal and not b.state.terminal]
         for delivery in ended:
             audit.append("exported", now, job_id=job_id, study=ctx.jobs.get(job_id).study, series=task_no,
                          destination=delivery.destination, sop_class=_sop_class(ctx, job_id, delivery),

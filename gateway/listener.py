@@ -26,6 +26,7 @@ import structlog
 
 from gateway.config import GatewayConfig
 from gateway.errors import StartupError
+from gateway.metrics import NodeCounters
 
 __all__ = ["Listener"]
 
@@ -79,6 +80,8 @@ class Listener:
         self._tls_socket: socket.socket | None = None
         #: Established associations per receiver, shared with them (see gateway.policy.AssociationSlots).
         self._associated: Any = self._context.Array("i", config.node.receive_workers)
+        #: Connection and instance counts for the metrics, shared with the receivers.
+        self.counters = NodeCounters.create(self._context)
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -102,6 +105,11 @@ class Listener:
         self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
         self._thread.start()
 
+    def healthy(self) -> bool:
+        """Whether connections are being accepted and at least one receiver process is alive."""
+        accepting = self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        return accepting and any(w.alive and w.process.is_alive() for w in self._workers)
+
     def _listen(self, port: int, kind: _Listening) -> socket.socket:
         bind = self._config.node.bind
         sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
@@ -122,7 +130,8 @@ class Listener:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent_end.settimeout(_HANDOVER_TIMEOUT_S)  # a stuck receiver must not stall accepting
         process = self._context.Process(
-            target=run_worker, args=(self._config, child_end, index, self._associated), name=f"receiver-{index}",
+            target=run_worker, args=(self._config, child_end, index, self._associated, self.counters.array),
+            name=f"receiver-{index}",
             daemon=False
         )
         process.start()
@@ -156,6 +165,7 @@ class Listener:
         host = str(address[0])
         if not self._config.address_allowed(host):
             conn.close()  # before any PDU byte is read
+            self.counters.add("association_address_not_allowed")
             log.warning("connection_refused", reason="address_not_allowed", address=host)
             return
         conn.setblocking(True)
@@ -171,6 +181,7 @@ class Listener:
         pending = sum(w.active for w in live) - sum(int(n) for n in self._associated)
         if pending >= self._config.node.max_pending_connections:
             conn.close()
+            self.counters.add("association_too_many_pending_connections")
             log.warning("connection_refused", reason="too_many_pending_connections", pending=pending)
             return
         worker = min(live, key=lambda w: w.active)

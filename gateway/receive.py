@@ -165,7 +165,15 @@ def file_meta_bytes(identity: Identity, transfer_syntax: UID, source_ae: str) ->
 
 
 def handle_store(event: evt.Event, assembler: Assembler) -> int:
-    """EVT_C_STORE handler: identify, spool durably, answer with an explicit status."""
+    """EVT_C_STORE handler: identify, spool durably, answer with an explicit status (counted for the metrics)."""
+    status = _store(event, assembler)
+    counters = getattr(event.assoc, "counters", None)
+    if counters is not None:
+        counters.add("instances_stored" if status == StoreStatus.SUCCESS else "instances_refused")
+    return status
+
+
+def _store(event: evt.Event, assembler: Assembler) -> int:
     request = cast(C_STORE, event.request)
     peer: Peer | None = getattr(event.assoc, "peer", None)  # set by the association policy
     if request.DataSet is None or peer is None:

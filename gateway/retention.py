@@ -66,7 +66,9 @@ class Shredder:
     """Finds what is due and shreds it; safe to call from any thread of the node or from the CLI."""
 
     def __init__(self, spool: Spool, jobs: JobStore, retention: Retention, audit: AuditLog, *,
-                 busy: Callable[[str], bool] = lambda _job_id: False) -> None:
+                 busy: Callable[[str], bool] = lambda _job_id: False,
+                 on_sweep: Callable[[dict[str, int], bool], None] | None = None) -> None:
+        self._on_sweep = on_sweep
         self._spool = spool
         self._jobs = jobs
         self._tasks = TaskStore(jobs)
@@ -124,6 +126,11 @@ class Shredder:
             with self._jobs.transaction() as db:  # a key made for a job shredded while an instance arrived
                 db.execute("DELETE FROM data_keys WHERE job_id NOT IN (SELECT job_id FROM jobs)")
             self._checkpoint()
+        if self._on_sweep is not None and not dry_run:
+            by_reason: dict[str, int] = {}
+            for shredded in report.jobs:
+                by_reason[shredded.why] = by_reason.get(shredded.why, 0) + 1
+            self._on_sweep(by_reason, True)
         if report.jobs or report.exports or report.orphans:
             log.info("sweep_done", dry_run=dry_run, jobs=len(report.jobs), exports=len(report.exports),
                      orphans=len(report.orphans))
@@ -138,6 +145,8 @@ class Shredder:
             return None
         shredded = self.shred(job, "delivered", time.time() if now is None else now)
         self._checkpoint()
+        if self._on_sweep is not None:
+            self._on_sweep({"delivered": 1}, False)
         return shredded
 
     def _why(self, job: Job, now: float) -> str | None:

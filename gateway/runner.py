@@ -37,6 +37,7 @@ from gateway.failpoints import failpoint
 from gateway.infer import Prediction
 from gateway.jobs import Job, JobState
 from gateway.logs import bind_job
+from gateway.metrics import Metrics
 from gateway.models import Predictors
 from gateway.pipeline import pseudonymise_job, reidentify_task
 from gateway.processing import (
@@ -76,8 +77,10 @@ class Runner:
     """Runs jobs on ``pipeline.workers`` threads; :meth:`wake` when a job may have become runnable."""
 
     def __init__(self, config: GatewayConfig, ctx: StageContext, audit: AuditLog, *,
-                 on_done: Callable[[Job], None] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 on_done: Callable[[Job], None] | None = None, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._config = config
+        self._metrics = metrics
         self._ctx = ctx
         self._audit = audit
         self._on_done = on_done
@@ -180,6 +183,7 @@ class Runner:
         result = pseudonymise_job(self._ctx, job.job_id, self._config.routes)
         log.info("stage_done", stage="pseudonymise", duration_ms=result.duration_ms, instances=result.instances,
                  quarantined=result.quarantined, series=result.series, outcome=result.state.value)
+        self._observe("pseudonymise", result.duration_ms)
         self._audit.append("pseudonymised", self._clock(), job_id=job.job_id, study=job.study,
                            instances=result.instances, quarantined=result.quarantined, series=result.series,
                            outcome=result.state.value)
@@ -242,7 +246,12 @@ class Runner:
         self._ctx.tasks.advance(task.job_id, task.task_no, state, stage=stage, duration_ms=duration_ms,
                                 now=self._clock(), deliveries=deliveries or ())
         log.info("stage_done", stage=stage, duration_ms=duration_ms, outcome=state.value, **counts)
+        self._observe(stage, duration_ms)
         return state
+
+    def _observe(self, stage: str, duration_ms: int) -> None:
+        if self._metrics is not None:
+            self._metrics.stage(stage, duration_ms / 1000)
 
     def _load(self, task: Task) -> Series:
         try:
@@ -266,7 +275,8 @@ class Runner:
         started = time.monotonic()
         failpoint("before:send")
         deliveries = deliver_due(self._ctx, self._config, self._sender, task.job_id, task.task_no, self._clock(),
-                                 audit=self._audit)
+                                 audit=self._audit,
+                                 on_ended=self._metrics.delivery if self._metrics is not None else None)
         final = outcome(deliveries)
         if final is None:
             return
@@ -275,6 +285,7 @@ class Runner:
         duration_ms = int((time.monotonic() - started) * 1000)
         self._ctx.tasks.advance(task.job_id, task.task_no, state, stage="send", duration_ms=duration_ms,
                                 now=self._clock(), reason=reason)
+        self._observe("send", duration_ms)
         log.info("stage_done", stage="send", duration_ms=duration_ms, outcome=state.value,
                  destinations=len({d.destination for d in deliveries}),
                  delivered=sum(d.state is JobState.SENT for d in deliveries))

@@ -18,6 +18,7 @@ from gateway.crypt import MasterKey, Sealer
 from gateway.errors import StartupError
 from gateway.jobs import Job, JobState, JobStore
 from gateway.listener import Listener
+from gateway.metrics import Metrics, MetricsServer
 from gateway.processing import StageContext
 from gateway.retention import Shredder, SweepSchedule
 from gateway.runner import Runner
@@ -41,6 +42,7 @@ class Node:
         self._runner: Runner | None = None
         self._shredder: Shredder | None = None
         self._schedule: SweepSchedule | None = None
+        self._metrics_server: MetricsServer | None = None
 
     def start(self) -> None:
         """Recover state, then accept associations and run the completion timer.
@@ -61,8 +63,10 @@ class Node:
         complete_due(self._jobs, time.time())  # quiet periods that ended while the node was down
         audit = AuditLog(self.spool.audit_path, syslog_address=self.config.audit.syslog_address)
         ctx = StageContext(self.spool, self._jobs, Sealer(master, self._jobs))
-        self._runner = Runner(self.config, ctx, audit, on_done=self._on_job_done)
-        self._shredder = Shredder(self.spool, self._jobs, self.config.retention, audit, busy=self._runner.is_busy)
+        metrics = Metrics(self._listener.counters, self._jobs, node.data_dir, self.config.retention.max_age_seconds)
+        self._runner = Runner(self.config, ctx, audit, on_done=self._on_job_done, metrics=metrics)
+        self._shredder = Shredder(self.spool, self._jobs, self.config.retention, audit, busy=self._runner.is_busy,
+                                  on_sweep=metrics.sweep)
         caught_up = self._shredder.sweep()  # what fell due while the node was down, before anyone may connect
         log.info("startup_sweep_done", jobs=len(caught_up.jobs), exports=len(caught_up.exports),
                  orphans=len(caught_up.orphans))
@@ -78,13 +82,29 @@ class Node:
         self._timer = threading.Thread(target=self._complete_loop, args=(self._jobs,), name="completion",
                                        daemon=True)
         self._timer.start()
+        self._metrics_server = self._serve_metrics(metrics)
         plain, tls = self._listener.address, self._listener.tls_address
         log.info("node_started", version=__version__, ae_title=node.ae_title, bind=node.bind,
                  port=plain[1] if plain else None, tls_port=tls[1] if tls else None,
                  mutual_tls=bool(node.tls and node.tls.require_client_certificate),
                  receive_workers=node.receive_workers, max_associations=node.max_associations,
                  peers=len(self.config.peers), destinations=len(self.config.destinations),
-                 routes=len(self.config.routes), pipeline_workers=self.config.pipeline.workers)
+                 routes=len(self.config.routes), pipeline_workers=self.config.pipeline.workers,
+                 metrics_port=self._metrics_server.port if self._metrics_server else None)
+
+    def _serve_metrics(self, metrics: Metrics) -> MetricsServer | None:
+        endpoint = self.config.metrics
+        if not endpoint.enabled:
+            return None
+        schedule = self._schedule
+        checks = {"scp_accepting": self._listener.healthy,
+                  "scheduler_running": lambda: schedule is not None and schedule.running}
+        try:
+            server = MetricsServer(metrics, endpoint.bind, endpoint.port, checks)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {endpoint.bind}:{endpoint.port} ({exc.strerror})") from exc
+        server.start()
+        return server
 
     def _on_job_done(self, job: Job) -> None:
         if job.state is JobState.SENT and self._shredder is not None:
@@ -115,6 +135,8 @@ class Node:
             self._runner.stop()
         if self._schedule is not None:
             self._schedule.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         if self._jobs is not None:
             self._jobs.close()
         log.info("node_stopped")

@@ -21,6 +21,7 @@ from gateway.crypt import MasterKey
 from gateway.jobs import JobStore
 from gateway.listener import DRAIN_SECONDS, MSG_ACCEPT_TLS, MSG_CLOSED, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
+from gateway.metrics import NodeCounters
 from gateway.policy import AssociationPolicy, AssociationSlots, disk_is_low
 from gateway.receive import build_ae, store_handlers
 from gateway.spool import Spool
@@ -35,7 +36,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
-def run_worker(config: GatewayConfig, control: socket.socket, index: int, counters: Any) -> None:
+def run_worker(config: GatewayConfig, control: socket.socket, index: int, counters: Any, node_counters: Any) -> None:
     """Entry point of receiver process *index*; returns when told to quit or orphaned."""
     ignore_interrupts()
     _keep_large_buffers()
@@ -69,7 +70,7 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int, counte
                                  node.tls.require_client_certificate)
         tls = (context, node.tls.handshake_seconds)
     server = FdAssociationServer(ae, AssociationPolicy(config), slots, limits, store_handlers(assembler), _closed,
-                                 disk_low=lambda: disk_is_low(config), tls=tls)
+                                 disk_low=lambda: disk_is_low(config), tls=tls, counters=NodeCounters(node_counters))
     try:
         _serve(control, server, quit_event)
     finally:

@@ -94,7 +94,8 @@ def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[
     for name, entries in (("peers", peers), ("destinations", destinations or []), ("routes", routes or [])):
         for entry in entries:
             lines += [f"[[{name}]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items()), ""]
-    lines += ["[inference]", f'models_dir = "{models_dir}"', "", "[logging]", 'level = "debug"', extra]
+    lines += ["[inference]", f'models_dir = "{models_dir}"', "", "[metrics]", "port = 0", "", "[logging]",
+              'level = "debug"', extra]
     path.write_text("\n".join(lines) + "\n")
     return path
 
