@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,8 +132,11 @@ class Predictor:
         self._channels = self.manifest.channels
         self._weights = gaussian_weights(self.manifest.input.patch_size)
 
-    def predict(self, volume: Volume) -> Prediction:
-        """Segment *volume*; raise :class:`InferenceError` on any failure."""
+    def predict(self, volume: Volume, progress: Callable[[int, int], None] | None = None) -> Prediction:
+        """Segment *volume*; raise :class:`InferenceError` on any failure.
+
+        *progress* is called after each batch of tiles with ``(tiles done, tiles in all)``.
+        """
         started = time.monotonic()
         spec = self.manifest.input
         source = orientation_code(volume.affine)
@@ -142,7 +145,7 @@ class Predictor:
         spacing = [volume.spacing[axis] for axis in order]
         factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]  # model voxels per scan voxel
         model_input = _normalise(_resample_linear(hu, factors), spec)
-        decided = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)))
+        decided = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)), progress)
         # Clean up on the (small) model grid, then map the bits to the CT grid.
         grid = ModelGrid(model_affine(volume.affine, order, flips, factors, hu.shape), order.index(0))
         bits = postprocess(decided, self.manifest.labels, grid, self.manifest.output.kind)
@@ -154,7 +157,8 @@ class Predictor:
                  empty_labels=prediction.empty)
         return prediction
 
-    def _classify(self, image: np.ndarray, padding: float) -> np.ndarray:
+    def _classify(self, image: np.ndarray, padding: float,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         patch = self.manifest.input.patch_size
         padded, crop = _pad_to(image, patch, padding)
         scores = np.zeros((self._channels, *padded.shape), dtype=np.float32)
@@ -170,6 +174,8 @@ class Predictor:
             for index, region in enumerate(slices):
                 scores[(slice(None), *region)] += output[index] * self._weights
                 weight[region] += self._weights
+            if progress is not None:
+                progress(first + len(group), len(tiles))
         scores /= weight
         return _decide(scores[(slice(None), *crop)], self.manifest.output.kind, self.manifest.output.threshold)
 

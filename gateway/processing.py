@@ -7,7 +7,7 @@ interrupted by a crash is redone from its input. Nothing here can reach the vaul
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,9 +66,9 @@ def load_series(ctx: StageContext, job_id: str, task_no: int, limits: VolumeLimi
     return Series(datasets, volume_from_datasets(datasets, limits or VolumeLimits()))
 
 
-def infer(predictor: Predictor, series: Series) -> Prediction:
+def infer(predictor: Predictor, series: Series, progress: Callable[[int, int], None] | None = None) -> Prediction:
     """Run the route's model; an all-empty result is an error (nothing is sent for it)."""
-    prediction = predictor.predict(series.volume)
+    prediction = predictor.predict(series.volume, progress)
     if prediction.is_empty:
         raise InferenceError("inference_empty")
     return prediction

@@ -156,6 +156,8 @@ def test_full_path_to_orthanc(node_factory: Callable[..., NodeProcess], tps: Ort
     events = node.events()
     stages = [e["stage"] for e in events if e["event"] == "stage_done"]
     assert stages == STAGES
+    assert [e["stage"] for e in events if e["event"] == "stage_started"] == STAGES
+    assert [e["slices"] for e in events if e["event"] == "inference_expected"] == [len(ct.files)]
     assert all(e["job_id"] == done["job_id"] and e["duration_ms"] >= 0 for e in events if e["event"] == "stage_done")
     report = status(node)
     assert "sent" in report and all(f"{stage} " in report for stage in STAGES)
