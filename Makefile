@@ -6,7 +6,7 @@ CONFIG ?= config/gateway.toml
 # Debian packages the tests talk to: command that proves presence -> package.
 TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools
 
-.PHONY: run test venv dev peers lint typecheck bench clean install
+.PHONY: run test venv dev peers lint typecheck bench clean install demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: dev peers
 lint: dev
 	$(PY) -m ruff check gateway tests scripts
 	$(PY) -m mypy
+
+# A phantom through a local node to a local receiving SCP; prints the structures, writes demo-output/qa-phantom.png.
+demo: venv
+	$(PY) scripts/demo.py --out demo-output
 
 bench: dev peers
 	$(PY) scripts/bench_ingest.py

@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     shred = commands.add_parser("shred", help="run a retention sweep now and print what it deleted")
     shred.add_argument("--config", required=True)
     shred.add_argument("--dry-run", action="store_true", help="print what is due without deleting anything")
+    qa = commands.add_parser("qa", help="write the QA picture of a job's series (routes with qa_picture = true)")
+    qa.add_argument("--config", required=True)
+    qa.add_argument("job_id")
+    qa.add_argument("--series", type=int, default=1, help="the series number shown by status (default 1)")
+    qa.add_argument("--out", required=True, help="PNG file to write (owner-only): patient images, no identifiers")
     audit = commands.add_parser("audit", help="the audit trail")
     verify = audit.add_subparsers(dest="audit_command", required=True).add_parser(
         "verify", help="check the hash chain and every study's receipt-to-deletion age")
@@ -63,6 +68,30 @@ def _shred(config: GatewayConfig, dry_run: bool) -> int:
     for orphan in report.orphans:
         print(f"{verb}: orphaned files of job {orphan}")
     print(f"{len(report.jobs)} job(s), {len(report.exports)} export(s), {len(report.orphans)} orphan(s) {verb}")
+    return EXIT_OK
+
+
+def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
+    import os
+
+    from gateway.crypt import MasterKey, Sealer
+    from gateway.jobs import JobStore
+    from gateway.processing import StageContext, load_qa_picture
+    from gateway.spool import Spool
+
+    spool = Spool(config.node.data_dir)
+    jobs = JobStore(spool.database_path)
+    try:
+        picture = load_qa_picture(StageContext(spool, jobs, Sealer(MasterKey.load(config), jobs)), job_id, series)
+    except (FileNotFoundError, ValueError):
+        print(f"job {job_id} series {series} has no QA picture (route without qa_picture, or shredded)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        jobs.close()
+    with os.fdopen(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(picture)
+    print(f"QA picture of job {job_id} series {series}: {out}")
     return EXIT_OK
 
 
@@ -175,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _shred(config, args.dry_run)
         if args.command == "audit":
             return _audit_verify(config)
+        if args.command == "qa":
+            return _qa(config, args.job_id, args.series, args.out)
         return _echo(config, args.destination)
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from gateway.errors import InferenceError
 from gateway.infer import Prediction, Predictor
 from gateway.jobs import JobStore
 from gateway.manifest import ModelManifest
+from gateway.qa import qa_picture
 from gateway.routes import Route
 from gateway.rtstruct import StructureSetInput, build_structure_set
 from gateway.seg import build_segmentation
@@ -27,8 +28,8 @@ from gateway.spool import Spool
 from gateway.tasks import TaskStore
 from gateway.volume import Volume, VolumeLimits, volume_from_datasets
 
-__all__ = ["Series", "StageContext", "build_results", "infer", "load_masks", "load_results", "load_series",
-           "result_name", "save_masks", "save_results"]
+__all__ = ["Series", "StageContext", "build_results", "infer", "load_masks", "load_qa_picture", "load_results",
+           "load_series", "result_name", "save_masks", "save_qa_picture", "save_results"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,27 @@ def build_results(series: Series, masks: dict[str, np.ndarray], manifest: ModelM
     if route.segmentation:
         results.append(build_segmentation(source))
     return results
+
+
+def save_qa_picture(ctx: StageContext, job_id: str, task_no: int, series: Series, masks: dict[str, np.ndarray],
+                    structure_set: Dataset, route: Route) -> None:
+    """Store the QA picture of the structure set (sealed; shredded with the study) as ``t<task>.qa-png``."""
+    names = {int(roi.ROINumber): str(roi.ROIName) for roi in structure_set.StructureSetROISequence}
+    colours = {names[int(item.ReferencedROINumber)]: [int(c) for c in item.ROIDisplayColor]
+               for item in structure_set.ROIContourSequence}
+    by_roi = {}
+    for label, mask in masks.items():
+        template = route.structures.get(label)
+        name = (template.name if template is not None else None) or label
+        if name in colours:  # written (empty structures are left out)
+            by_roi[name] = mask
+    picture = qa_picture(series.volume, by_roi, colours)
+    ctx.spool.write_result(job_id, result_name(task_no, "qa-png"), ctx.sealer.seal(job_id, Purpose.RESULT, [picture]))
+
+
+def load_qa_picture(ctx: StageContext, job_id: str, task_no: int) -> bytes:
+    """The PNG stored by :func:`save_qa_picture`; ``FileNotFoundError`` if the route did not ask for one."""
+    return ctx.sealer.open(job_id, Purpose.RESULT, ctx.spool.read_result(job_id, result_name(task_no, "qa-png")))
 
 
 def save_results(ctx: StageContext, job_id: str, task_no: int, results: Sequence[Dataset], prefix: str) -> None:

@@ -71,6 +71,8 @@ class Route(_Model):
     holes: Literal["separate", "keyhole"] = "separate"
     #: Also send a DICOM Segmentation of the same structures.
     segmentation: bool = False
+    #: Keep a QA picture (contours over three planes, sealed, shredded with the study): ``python -m gateway qa``.
+    qa_picture: bool = False
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
         """Return whether every ``match`` entry fits *attributes* (exact value or ``/regex/``)."""

@@ -31,6 +31,7 @@ from gateway.processing import (
     load_masks,
     load_series,
     save_masks,
+    save_qa_picture,
     save_results,
 )
 from gateway.progress import InferenceProgress, SpeedMemory
@@ -111,6 +112,8 @@ class SeriesStages:
         except StructureSetError as exc:
             raise _TaskFailed("structure_set_empty" if "empty" in str(exc) else "structure_set_failed") from exc
         save_results(self._ctx, task.job_id, task.task_no, results, "pseudo")
+        if route.qa_picture:
+            save_qa_picture(self._ctx, task.job_id, task.task_no, series, loaded, results[0], route)
         contours = sum(len(getattr(item, "ContourSequence", [])) for item in results[0].ROIContourSequence)
         return self._commit(task, JobState.STRUCTURED, "structure", started, results=len(results),
                             structures=len(results[0].StructureSetROISequence), contours=contours)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 GATEWAY = Path(__file__).resolve().parents[1] / "gateway"
 #: Modules that handle pseudonymised data; they must never reach the vault.
-PSEUDONYMISED_SIDE = {"pseudonymise", "volume", "infer", "rtstruct", "seg", "processing", "postprocess", "contours"}
+PSEUDONYMISED_SIDE = {"pseudonymise", "volume", "infer", "rtstruct", "seg", "processing", "postprocess", "contours",
+                      "qa"}
 #: The only modules that may import the vault.
 VAULT_USERS = {"pipeline", "reidentify"}
 
