@@ -81,7 +81,7 @@ class Listener:
         #: Established associations per receiver, shared with them (see gateway.policy.AssociationSlots).
         self._associated: Any = self._context.Array("i", config.node.receive_workers)
         #: Connection and instance counts for the metrics, shared with the receivers.
-        self.counters = NodeCounters.create(self._context)
+        self.counters = NodeCounters.create(self._context, config.node.receive_workers)
 
     @property
     def address(self) -> tuple[str, int] | None:

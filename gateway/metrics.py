@@ -31,24 +31,31 @@ _NAMES = (*(f"association_{outcome}" for outcome in ASSOCIATION_OUTCOMES), "inst
 
 
 class NodeCounters:
-    """Counters shared by the listener, the receiver processes and the main process (a shared array)."""
+    """Counters shared by the listener (row 0) and the receiver processes (one row each), in shared memory.
 
-    def __init__(self, array: Any) -> None:
+    Each process writes only its own row, under a lock of its own threads: no lock is shared between
+    processes, so counting costs a C-STORE nothing it would wait for. Readers sum the rows.
+    """
+
+    def __init__(self, array: Any, row: int = 0) -> None:
         self.array = array
+        self._base = row * len(_NAMES)
+        self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, context: Any) -> NodeCounters:
-        """Counters in shared memory, to be handed to the receiver processes."""
-        return cls(context.Array("q", len(_NAMES)))
+    def create(cls, context: Any, receivers: int) -> NodeCounters:
+        """Counters for the listener and *receivers* receiver processes (row 0 is the caller's)."""
+        return cls(context.Array("q", (receivers + 1) * len(_NAMES), lock=False))
 
     def add(self, name: str, count: int = 1) -> None:
-        """Add *count* to the counter *name*."""
-        with self.array.get_lock():
-            self.array[_NAMES.index(name)] += count
+        """Add *count* to the counter *name* (this process's row)."""
+        with self._lock:
+            self.array[self._base + _NAMES.index(name)] += count
 
     def value(self, name: str) -> int:
-        """The current value of *name*."""
-        return int(self.array[_NAMES.index(name)])
+        """The counter *name* summed over every process."""
+        index, width = _NAMES.index(name), len(_NAMES)
+        return int(sum(self.array[row * width + index] for row in range(len(self.array) // width)))
 
 
 class Metrics:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import GatewayConfig, Peer
 
-__all__ = ["REJECTIONS", "AssociationPolicy", "AssociationSlots", "disk_is_low"]
+__all__ = ["REJECTIONS", "AssociationPolicy", "AssociationSlots", "DiskWatermark", "disk_is_low"]
 
 #: Refusal reason -> A-ASSOCIATE-RJ (result, source, reason/diag.).
 REJECTIONS = {
@@ -19,15 +20,37 @@ REJECTIONS = {
 }
 
 
+def _free_bytes(config: GatewayConfig) -> int:
+    try:
+        return shutil.disk_usage(config.node.data_dir).free
+    except OSError:
+        return 0
+
+
 def disk_is_low(config: GatewayConfig) -> bool:
     """Whether ``data_dir``'s file system has less free space than ``node.min_free_disk_mb``."""
-    if config.node.min_free_disk_mb == 0:
-        return False
-    try:
-        free = shutil.disk_usage(config.node.data_dir).free
-    except OSError:
-        return True
-    return free < config.node.min_free_disk_mb * 1024 * 1024
+    return config.node.min_free_disk_mb > 0 and _free_bytes(config) < config.node.min_free_disk_mb * 1024 * 1024
+
+
+class DiskWatermark:
+    """:func:`disk_is_low` for every C-STORE: asked at most once a second while free space is far from the mark."""
+
+    def __init__(self, config: GatewayConfig, every_seconds: float = 1.0) -> None:
+        self._threshold = config.node.min_free_disk_mb * 1024 * 1024
+        self._config = config
+        self._every = every_seconds
+        self._checked_at = -float("inf")
+        self._free = 0
+
+    def low(self) -> bool:
+        """Whether free space is below the watermark; re-checked every time once within twice the mark."""
+        if self._threshold == 0:
+            return False
+        now = time.monotonic()
+        if self._free < 2 * self._threshold or now - self._checked_at >= self._every:
+            self._free = _free_bytes(self._config)
+            self._checked_at = now
+        return self._free < self._threshold
 
 
 class AssociationSlots:

@@ -22,7 +22,7 @@ from gateway.jobs import JobStore
 from gateway.listener import DRAIN_SECONDS, MSG_ACCEPT_TLS, MSG_CLOSED, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
 from gateway.metrics import NodeCounters
-from gateway.policy import AssociationPolicy, AssociationSlots, disk_is_low
+from gateway.policy import AssociationPolicy, AssociationSlots, DiskWatermark
 from gateway.receive import build_ae, store_handlers
 from gateway.spool import Spool
 from gateway.tls import server_context
@@ -70,7 +70,8 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int, counte
                                  node.tls.require_client_certificate)
         tls = (context, node.tls.handshake_seconds)
     server = FdAssociationServer(ae, AssociationPolicy(config), slots, limits, store_handlers(assembler), _closed,
-                                 disk_low=lambda: disk_is_low(config), tls=tls, counters=NodeCounters(node_counters))
+                                 disk_low=DiskWatermark(config).low, tls=tls,
+                                 counters=NodeCounters(node_counters, row=index + 1))
     try:
         _serve(control, server, quit_event)
     finally:
