@@ -6,7 +6,7 @@ import threading
 
 from gateway.config import Inference
 from gateway.infer import Predictor
-from gateway.manifest import load_model_package
+from gateway.manifest import ModelManifest, load_model_package
 
 __all__ = ["Predictors"]
 
@@ -34,3 +34,12 @@ class Predictors:
                 predictor = Predictor(package, providers=self._inference.providers, threads=self._inference.threads)
                 self._loaded[model] = predictor
             return predictor
+
+    def manifest(self, model: str) -> ModelManifest:
+        """The manifest of ``models_dir/<model>``, without starting an inference session if none is loaded yet
+        (a series resumed after a restart at the structure stage needs the labels, not the network)."""
+        with self._lock:
+            predictor = self._loaded.get(model)
+        if predictor is not None:
+            return predictor.manifest
+        return load_model_package(self._inference.models_dir / model).manifest

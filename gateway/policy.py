@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig, Peer
 
-__all__ = ["REJECTIONS", "AssociationPolicy", "AssociationSlots", "DiskWatermark", "disk_is_low"]
+__all__ = ["REJECTIONS", "AssociationPolicy", "AssociationSlots", "DiskWatermark"]
 
 #: Refusal reason -> A-ASSOCIATE-RJ (result, source, reason/diag.).
 REJECTIONS = {
@@ -27,13 +27,12 @@ def _free_bytes(config: GatewayConfig) -> int:
         return 0
 
 
-def disk_is_low(config: GatewayConfig) -> bool:
-    """Whether ``data_dir``'s file system has less free space than ``node.min_free_disk_mb``."""
-    return config.node.min_free_disk_mb > 0 and _free_bytes(config) < config.node.min_free_disk_mb * 1024 * 1024
-
-
 class DiskWatermark:
-    """:func:`disk_is_low` for every C-STORE: asked at most once a second while free space is far from the mark."""
+    """Whether ``data_dir`` has less free space than ``node.min_free_disk_mb``, asked for every C-STORE.
+
+    The file system is asked at most once a second while free space is more than twice the mark,
+    and every time once it is nearer.
+    """
 
     def __init__(self, config: GatewayConfig, every_seconds: float = 1.0) -> None:
         self._threshold = config.node.min_free_disk_mb * 1024 * 1024

@@ -29,6 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from gateway.audit import AuditLog
 from gateway.config import Retention
+from gateway.errors import JobNotFoundError
 from gateway.jobs import Job, JobState, JobStore
 from gateway.spool import Spool
 from gateway.tasks import Export, TaskStore
@@ -140,8 +141,11 @@ class Shredder:
         """Shred a job the TPS has confirmed, unless the configuration keeps it a while."""
         if self._retention.keep_after_delivery_seconds > 0:
             return None
-        job = next((j for j in self._jobs.jobs() if j.job_id == job_id), None)
-        if job is None or job.state is not JobState.SENT:
+        try:
+            job = self._jobs.get(job_id)
+        except JobNotFoundError:  # shredded by a sweep meanwhile
+            return None
+        if job.state is not JobState.SENT:
             return None
         shredded = self.shred(job, "delivered", time.time() if now is None else now)
         self._checkpoint()
@@ -175,7 +179,7 @@ class Shredder:
         removed["quarantined"] = len(self._jobs.quarantined(job.job_id))
         with self._jobs.transaction(durable=True) as db:
             db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
-        pending = [e for e in self._tasks.exports() if e.job_id == job.job_id]
+        pending = self._tasks.exports(job_id=job.job_id)
         shredded = Shredded(job.job_id, job.study, job.state.value, why, now - job.created_at, removed)
         self._audit.append("deleted", now, job_id=job.job_id, study=job.study, why=why, state=job.state.value,
                            first_instance_at=job.created_at, instances=job.instance_count,
@@ -189,8 +193,8 @@ class Shredder:
         for export in exports:
             existed = self._spool.remove_export(export.destination, export.file_id)
             self._tasks.forget_export(export.file_id)
-            left = [e for e in self._tasks.exports() if e.job_id == export.job_id]
-            job_left = any(j.job_id == export.job_id for j in self._jobs.jobs())
+            left = self._tasks.exports(job_id=export.job_id)
+            job_left = self._jobs.exists(export.job_id)
             self._audit.append("deleted", now, job_id=export.job_id, study=export.study, why="deadline",
                                first_instance_at=export.received_at, age_seconds=round(now - export.received_at, 3),
                                removed={"export": int(existed)}, destination=export.destination,

@@ -108,7 +108,7 @@ class SeriesStages:
         series = series or self._load(task)
         loaded = masks if masks is not None else load_masks(self._ctx, task.job_id, task.task_no)
         try:
-            results = build_results(series, loaded, self._predictors.get(route.model).manifest, route)
+            results = build_results(series, loaded, self._predictors.manifest(route.model), route)
         except StructureSetError as exc:
             raise _TaskFailed("structure_set_empty" if "empty" in str(exc) else "structure_set_failed") from exc
         save_results(self._ctx, task.job_id, task.task_no, results, "pseudo")

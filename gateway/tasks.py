@@ -165,11 +165,13 @@ class TaskStore:
             db.execute("INSERT INTO exports (file_id, destination, job_id, study, received_at) VALUES (?, ?, ?, ?, ?)",
                        (export.file_id, export.destination, export.job_id, export.study, export.received_at))
 
-    def exports(self, received_before: float | None = None) -> list[Export]:
-        """Recorded export files (only those received before *received_before*, if given)."""
+    def exports(self, received_before: float | None = None, *, job_id: str | None = None) -> list[Export]:
+        """Recorded export files (only those received before *received_before*, or of *job_id*, if given)."""
         with self._jobs.reading() as db:
-            rows = db.execute("SELECT * FROM exports WHERE received_at < ? ORDER BY received_at",
-                              (float("inf") if received_before is None else received_before,)).fetchall()
+            rows = db.execute("SELECT * FROM exports WHERE received_at < ? AND (? IS NULL OR job_id = ?) "
+                              "ORDER BY received_at",
+                              (float("inf") if received_before is None else received_before, job_id, job_id)
+                              ).fetchall()
         return [Export(row["file_id"], row["destination"], row["job_id"], row["study"], row["received_at"])
                 for row in rows]
 
