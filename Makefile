@@ -14,8 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# torch's CPU wheel for the [nnunet] extra (PyPI's Linux wheel pulls in gigabytes of CUDA libraries);
+# pip falls back to the configured indexes when this one cannot be reached.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --retries 0 --extra-index-url $(TORCH_INDEX) 'torch==2.13.0'
+	$(PY) -m pip install --quiet -e '.[dev,nnunet]'
 	touch $@
 
 venv: $(VENV)/.installed

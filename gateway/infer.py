@@ -1,15 +1,16 @@
 """Inference: one onnxruntime session per model; ``predict(volume)`` -> label bit-planes on the CT grid.
 
 The predictor reorients the volume to the model's axis convention, resamples it to the
-model's spacing, normalises it, and runs the network tile by tile (sliding window with
-overlap, Gaussian-weighted, batched). Structures may overlap (an External encloses the
+model's spacing (through a median filter on its own grid if the manifest asks), normalises it,
+and runs the network tile by tile (:mod:`gateway.tiling`). Logits are averaged over tiles and
+then turned into probabilities, as nnU-Net does. Structures may overlap (an External encloses the
 lungs), so the result holds one bit per label in each voxel. Each label is cleaned on the
 (small) model grid as the manifest says (left/right split, largest component, holes per
 axial plane, minimum volume), then the bits are mapped to the original CT grid. The pure
-geometry helpers (:func:`window_steps`, :func:`gaussian_weights`, :func:`orientation_code`,
-:func:`axis_transform`) are tested on their own.
+geometry helpers (:func:`orientation_code`, :func:`axis_transform`) are tested on their own.
 
-Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *patch]``.
+Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *output]``, or
+the same with the channel axis last (``layout = "channels_last"``).
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 import structlog
+from scipy.ndimage import median_filter
 
 from gateway.errors import InferenceError
 from gateway.manifest import ClipScale, InputSpec, ModelPackage
 from gateway.postprocess import ModelGrid, model_affine, postprocess
+from gateway.tiling import Tiler
 from gateway.volume import Volume
 
-__all__ = ["Prediction", "Predictor", "axis_transform", "gaussian_weights", "orientation_code", "window_steps"]
+__all__ = ["Prediction", "Predictor", "axis_transform", "orientation_code"]
 
 log = structlog.get_logger(__name__)
 
@@ -64,30 +67,6 @@ def axis_transform(source: str, target: str) -> tuple[tuple[int, int, int], tupl
     return (order[0], order[1], order[2]), (flips[0], flips[1], flips[2])
 
 
-def window_steps(size: int, patch: int, overlap: float) -> list[int]:
-    """Tile start positions covering ``size`` with tiles of ``patch``, neighbours sharing ``overlap``.
-
-    As nnU-Net: the fewest tiles whose stride is at most ``patch * (1 - overlap)``,
-    spread evenly from 0 to ``size - patch``.
-    """
-    if size <= patch:
-        return [0]
-    target = max(1, int(patch * (1 - overlap)))
-    count = math.ceil((size - patch) / target) + 1
-    stride = (size - patch) / (count - 1)
-    return [round(stride * i) for i in range(count)]
-
-
-def gaussian_weights(patch: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
-    """Tile weights peaking at 1 in the centre (sigma = patch * sigma_scale), never 0."""
-    grids = np.meshgrid(*[np.arange(p, dtype=np.float64) for p in patch], indexing="ij")
-    exponent = sum(((g - (p - 1) / 2) / (p * sigma_scale)) ** 2 for g, p in zip(grids, patch, strict=True))
-    weights = np.exp(-0.5 * exponent)
-    weights /= weights.max()
-    weights[weights == 0] = weights[weights > 0].min()
-    return weights.astype(np.float32)
-
-
 @dataclass(frozen=True)
 class Prediction:
     """Label bit-planes on the CT grid: bit ``value - 1`` of a voxel is set where that label is."""
@@ -113,6 +92,17 @@ class Prediction:
         return all(count == 0 for count in self.voxels.values())
 
 
+@dataclass(frozen=True)
+class _ModelInput:
+    """The volume as the network sees it, and how its grid maps back to the CT's."""
+
+    image: np.ndarray
+    order: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    factors: list[float]  # model voxels per scan voxel along each model axis
+    shape: tuple[int, ...]  # the reoriented CT's shape
+
+
 class Predictor:
     """Runs one model package; build once, call :meth:`predict` per series."""
 
@@ -130,7 +120,13 @@ class Predictor:
             raise InferenceError(f"model {self.manifest.model.name} cannot be loaded ({type(exc).__name__})") from exc
         self._input = self._session.get_inputs()[0].name
         self._channels = self.manifest.channels
-        self._weights = gaussian_weights(self.manifest.input.patch_size)
+        self._tiler = Tiler(self.manifest.input, self._channels, self._run)
+
+    @property
+    def providers(self) -> list[str]:
+        """The onnxruntime execution providers the session runs on, preferred first."""
+        providers: list[str] = self._session.get_providers()
+        return providers
 
     def predict(self, volume: Volume, progress: Callable[[int, int], None] | None = None) -> Prediction:
         """Segment *volume*; raise :class:`InferenceError` on any failure.
@@ -138,18 +134,14 @@ class Predictor:
         *progress* is called after each batch of tiles with ``(tiles done, tiles in all)``.
         """
         started = time.monotonic()
-        spec = self.manifest.input
-        source = orientation_code(volume.affine)
-        order, flips = axis_transform(source, spec.orientation)
-        hu = _oriented(volume.hu, order, flips)
-        spacing = [volume.spacing[axis] for axis in order]
-        factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]  # model voxels per scan voxel
-        model_input = _normalise(_resample_linear(hu, factors), spec)
-        decided = self._classify(model_input, float(_normalise(np.float32(spec.padding_hu), spec)), progress)
+        prepared = self._prepare(volume)
+        output = self.manifest.output
+        decided = _decide(self._probabilities(prepared.image, progress), output.kind, output.threshold)
         # Clean up on the (small) model grid, then map the bits to the CT grid.
-        grid = ModelGrid(model_affine(volume.affine, order, flips, factors, hu.shape), order.index(0))
-        bits = postprocess(decided, self.manifest.labels, grid, self.manifest.output.kind)
-        bits = _unoriented(_back_to_grid(bits, hu.shape, factors), order, flips)
+        order, flips, factors = prepared.order, prepared.flips, prepared.factors
+        grid = ModelGrid(model_affine(volume.affine, order, flips, factors, prepared.shape), order.index(0))
+        bits = postprocess(decided, self.manifest.labels, grid, output.kind)
+        bits = _unoriented(_back_to_grid(bits, prepared.shape, factors), order, flips)
         values = {label.name: label.value for label in self.manifest.labels}
         voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
         prediction = Prediction(bits, values, voxels, time.monotonic() - started)
@@ -157,40 +149,56 @@ class Predictor:
                  empty_labels=prediction.empty)
         return prediction
 
-    def _classify(self, image: np.ndarray, padding: float,
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        patch = self.manifest.input.patch_size
-        padded, crop = _pad_to(image, patch, padding)
-        scores = np.zeros((self._channels, *padded.shape), dtype=np.float32)
-        weight = np.zeros(padded.shape, dtype=np.float32)
-        tiles = [(z, y, x) for z in window_steps(padded.shape[0], patch[0], self.manifest.input.overlap)
-                 for y in window_steps(padded.shape[1], patch[1], self.manifest.input.overlap)
-                 for x in window_steps(padded.shape[2], patch[2], self.manifest.input.overlap)]
-        batch = self.manifest.input.batch_size
-        for first in range(0, len(tiles), batch):
-            group = tiles[first:first + batch]
-            slices = [tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True)) for start in group]
-            output = self._run(np.stack([padded[s][None] for s in slices]))
-            for index, region in enumerate(slices):
-                scores[(slice(None), *region)] += output[index] * self._weights
-                weight[region] += self._weights
-            if progress is not None:
-                progress(first + len(group), len(tiles))
-        scores /= weight
-        return _decide(scores[(slice(None), *crop)], self.manifest.output.kind, self.manifest.output.threshold)
+    def probabilities(self, volume: Volume) -> np.ndarray:
+        """Per-channel probabilities ``[channels, *model grid]`` (model axis order), before any decision."""
+        return self._probabilities(self._prepare(volume).image)
+
+    def _prepare(self, volume: Volume) -> _ModelInput:
+        spec = self.manifest.input
+        order, flips = axis_transform(orientation_code(volume.affine), spec.orientation)
+        hu = _oriented(volume.hu, order, flips)
+        spacing = [volume.spacing[axis] for axis in order]
+        factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]
+        if spec.prefilter is None:
+            resampled = _resample_linear(hu, factors)
+        else:  # resample, median-filter on the filter's grid, resample again (corner-aligned, so factors compose)
+            between = spec.prefilter.spacing_mm
+            filtered = median_filter(_resample_linear(hu, [s / b for s, b in zip(spacing, between, strict=True)]),
+                                     size=spec.prefilter.size)
+            resampled = _resample_linear(filtered, [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])
+        return _ModelInput(_normalise(resampled, spec), order, flips, factors, hu.shape)
+
+    def _probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        spec, output = self.manifest.input, self.manifest.output
+        padding = spec.padding_value
+        if padding is None:
+            padding = float(_normalise(np.float32(spec.padding_hu), spec))
+        scores = self._tiler.scores(image, padding, progress)
+        if not output.logits:
+            return scores
+        if output.kind == "sigmoid":
+            return np.asarray(1 / (1 + np.exp(-scores)), dtype=np.float32)
+        scores -= scores.max(axis=0, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=0, keepdims=True)
+        return scores
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        channels_last = self.manifest.input.layout == "channels_last"
+        feed = np.moveaxis(batch, 1, -1) if channels_last else batch
         try:
-            (output,) = self._session.run(None, {self._input: batch.astype(np.float32, copy=False)})[:1]
+            (output,) = self._session.run(None, {self._input: np.ascontiguousarray(feed, dtype=np.float32)})[:1]
         except Exception as exc:
             raise InferenceError(f"model {self.manifest.model.name} failed on a tile ({type(exc).__name__})") from exc
-        expected = (batch.shape[0], self._channels, *batch.shape[2:])
+        expected = (batch.shape[0], self._channels, *self.manifest.input.output_size)
+        if channels_last:
+            expected = (expected[0], *expected[2:], expected[1])
         if output.shape != expected:
             raise InferenceError(f"model output shape {output.shape}, expected {expected}")
         if not np.isfinite(output).all():
             raise InferenceError("model output contains NaN or infinite values")
         result: np.ndarray = output.astype(np.float32, copy=False)
-        return result
+        return np.moveaxis(result, -1, 1) if channels_last else result
 
 
 def _oriented(array: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
@@ -239,13 +247,6 @@ def _normalise(hu: np.ndarray | np.float32, spec: InputSpec) -> np.ndarray:
     low = -np.inf if norm.hu_min is None else norm.hu_min
     high = np.inf if norm.hu_max is None else norm.hu_max
     return np.asarray((np.clip(hu, low, high) - norm.mean) / norm.std, dtype=np.float32)
-
-
-def _pad_to(image: np.ndarray, patch: Sequence[int], value: float) -> tuple[np.ndarray, tuple[slice, ...]]:
-    pads = [(0, max(0, p - s)) for s, p in zip(image.shape, patch, strict=True)]
-    if not any(after for _, after in pads):
-        return image, tuple(slice(0, s) for s in image.shape)
-    return np.pad(image, pads, constant_values=value), tuple(slice(0, s) for s in image.shape)
 
 
 def _decide(scores: np.ndarray, kind: str, threshold: float) -> np.ndarray:

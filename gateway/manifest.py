@@ -11,14 +11,22 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     [input]
     orientation = "SPL"          # direction each array axis increases toward (L/R, A/P, S/I)
     spacing_mm = [3.0, 3.0, 3.0] # voxel size along those axes
-    patch_size = [32, 64, 64]
-    overlap = 0.5                # fraction of a patch shared by neighbouring tiles
+    patch_size = [32, 64, 64]    # the network's input tile (fixed-size networks: the only size they take)
+    output_crop = [0, 0, 0]      # voxels the network drops at each side of its tile ("valid" networks)
+    layout = "channels_first"    # [batch, 1, *tile]; or "channels_last", [batch, *tile, 1] (Keras, TensorFlow)
+    overlap = 0.5                # fraction of an output tile shared by neighbouring tiles
+    tile_weighting = "gaussian"  # nnU-Net's Gaussian importance map; or "constant"
+    mirror_axes = []             # test-time mirroring over these tile axes (nnU-Net's default is [0, 1, 2])
     batch_size = 2
     padding_hu = -1024           # value outside the scan
+    # padding_value = 0.0        # ... or this value after normalisation (nnU-Net pads with 0)
+    pad_position = "end"         # where a scan smaller than a tile sits in it: "end" (at 0) or "centre"
+    prefilter = { kind = "median", size = 3, spacing_mm = [1.5, 1.5, 1.5] }  # optional, at its own spacing
     normalisation = { kind = "clip_scale", hu_min = -1000, hu_max = 1000 }  # or kind = "zscore", mean, std
 
     [output]
     kind = "softmax"             # one channel per class incl. background; or "sigmoid", one per label
+    logits = false               # true: the network returns logits; tiles are averaged, then softmax/sigmoid
     threshold = 0.5              # sigmoid only
 
     [[labels]]
@@ -95,16 +103,54 @@ class ZScore(_Model):
     hu_max: float | None = None
 
 
+Spacing = Annotated[list[Annotated[float, Field(gt=0, le=20)]], Field(min_length=3, max_length=3)]
+
+
+class Median(_Model):
+    """A median filter applied on its own grid before resampling to the model's (pyliverlesionseg's recipe)."""
+
+    kind: Literal["median"]
+    size: Annotated[int, Field(ge=3, le=7)] = 3
+    spacing_mm: Spacing
+
+    @field_validator("size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd")
+        return value
+
+
 class InputSpec(_Model):
     """How the network wants its input."""
 
     orientation: str
-    spacing_mm: Annotated[list[Annotated[float, Field(gt=0, le=20)]], Field(min_length=3, max_length=3)]
+    spacing_mm: Spacing
     patch_size: Annotated[list[Annotated[int, Field(ge=4, le=1024)]], Field(min_length=3, max_length=3)]
+    output_crop: Annotated[list[Annotated[int, Field(ge=0, le=256)]], Field(min_length=3, max_length=3)] = [0, 0, 0]
+    layout: Literal["channels_first", "channels_last"] = "channels_first"
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    tile_weighting: Literal["gaussian", "constant"] = "gaussian"
+    mirror_axes: Annotated[list[Annotated[int, Field(ge=0, le=2)]], Field(max_length=3)] = []
     batch_size: Annotated[int, Field(ge=1, le=64)] = 1
     padding_hu: float = -1024.0
+    padding_value: float | None = None
+    pad_position: Literal["end", "centre"] = "end"
+    prefilter: Median | None = None
     normalisation: ClipScale | ZScore = Field(discriminator="kind")
+
+    @property
+    def output_size(self) -> list[int]:
+        """The size of the tile the network returns."""
+        return [p - 2 * c for p, c in zip(self.patch_size, self.output_crop, strict=True)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if min(self.output_size) < 1:
+            raise ValueError("output_crop leaves nothing of the tile (it is cropped at both sides)")
+        if len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ValueError("mirror_axes must not repeat an axis")
+        return self
 
     @field_validator("orientation")
     @classmethod
@@ -118,6 +164,7 @@ class OutputSpec(_Model):
     """What the network returns."""
 
     kind: Literal["softmax", "sigmoid"]
+    logits: bool = False
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
 
 

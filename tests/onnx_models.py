@@ -33,8 +33,8 @@ def threshold_network(path: Path, cut: float = 0.5, steepness: float = 60.0) -> 
           path, [_constant("cut", cut), _constant("steep", steepness)], channels=1)
 
 
-def bands_network(path: Path, low: float, high: float, steepness: float = 60.0) -> None:
-    """Softmax over (background, between low and high, above high)."""
+def bands_network(path: Path, low: float, high: float, steepness: float = 60.0, logits: bool = False) -> None:
+    """Softmax over (background, between low and high, above high); or its logits only."""
     nodes = [
         helper.make_node("Sub", ["image", "low"], ["a"]), helper.make_node("Mul", ["a", "k"], ["la"]),
         helper.make_node("Sigmoid", ["la"], ["above_low"]),
@@ -43,11 +43,31 @@ def bands_network(path: Path, low: float, high: float, steepness: float = 60.0) 
         helper.make_node("Sub", ["one", "above_low"], ["background"]),
         helper.make_node("Sub", ["above_low", "above_high"], ["middle"]),
         helper.make_node("Concat", ["background", "middle", "above_high"], ["probabilities"], axis=1),
-        helper.make_node("Mul", ["probabilities", "k"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+        helper.make_node("Mul", ["probabilities", "k"], ["scores" if logits else "logits"]),
     ]
+    if not logits:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["scores"], axis=1))
     _save(nodes, path, [_constant("low", low), _constant("high", high), _constant("k", steepness),
                         _constant("one", 1.0)], channels=3)
+
+
+def valid_network(path: Path, crop: int, cut: float = 0.5, steepness: float = 60.0) -> None:
+    """Keras-style: channels last, ``sigmoid((x - cut) * steepness)`` less *crop* voxels at each side."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", "d", "h", "w", 1])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", "d2", "h2", "w2", 1])
+    bounds = [helper.make_tensor("starts", TensorProto.INT64, [3], [crop] * 3),
+              helper.make_tensor("ends", TensorProto.INT64, [3], [-crop] * 3),
+              helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])]
+    nodes = [helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["inner"]),
+             helper.make_node("Sub", ["inner", "cut"], ["shifted"]),
+             helper.make_node("Mul", ["shifted", "steep"], ["logit"]),
+             helper.make_node("Sigmoid", ["logit"], ["scores"])]
+    graph = helper.make_graph(nodes, "valid", [image], [scores],
+                              initializer=[*bounds, _constant("cut", cut), _constant("steep", steepness)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
 
 
 def broken_network(path: Path, kind: str) -> None:
@@ -61,7 +81,7 @@ def broken_network(path: Path, kind: str) -> None:
 
 def manifest(folder: Path, *, kind: str = "sigmoid", labels: list[dict[str, Any]] | None = None,
              spacing: tuple[float, float, float] = (2.0, 2.0, 2.0), patch: tuple[int, int, int] = (16, 32, 32),
-             orientation: str = "SPL", **input_extra: Any) -> Path:
+             orientation: str = "SPL", logits: bool = False, **input_extra: Any) -> Path:
     """Write ``manifest.toml`` (clip HU -1000..1000 to 0..1) next to ``model.onnx``; return the folder."""
     labels = labels or [{"value": 1, "name": "Bright", "colour": [255, 0, 0], "interpreted_type": "ORGAN"}]
     lines = ["[model]", 'name = "test"', 'version = "0.1"', "", "[input]", f'orientation = "{orientation}"',
@@ -69,7 +89,7 @@ def manifest(folder: Path, *, kind: str = "sigmoid", labels: list[dict[str, Any]
              "padding_hu = -1024",
              'normalisation = { kind = "clip_scale", hu_min = -1000, hu_max = 1000, out_min = 0, out_max = 1 }']
     lines += [f"{key} = {json.dumps(value)}" for key, value in input_extra.items()]
-    lines += ["", "[output]", f'kind = "{kind}"', "threshold = 0.5", ""]
+    lines += ["", "[output]", f'kind = "{kind}"', f"logits = {json.dumps(logits)}", "threshold = 0.5", ""]
     for label in labels:
         lines += ["[[labels]]", *(f"{k} = {json.dumps(v)}" for k, v in label.items()), ""]
     folder.mkdir(parents=True, exist_ok=True)

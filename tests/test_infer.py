@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gateway.errors import ConfigError, InferenceError
-from gateway.infer import Predictor, axis_transform, gaussian_weights, orientation_code, window_steps
+from gateway.infer import Predictor, axis_transform, orientation_code
 from gateway.manifest import load_model_package
 from gateway.volume import Volume
-from tests.onnx_models import bands_network, broken_network, manifest, threshold_network
+from tests.onnx_models import bands_network, broken_network, manifest, threshold_network, valid_network
 
 #: Voxel -> LPS axes of axial CT, per patient position: columns are the k (slice), i (row), j (column) axes.
 AXES = {
@@ -46,33 +45,6 @@ def make_volume(position: str = "HFS", shape: tuple[int, int, int] = (40, 64, 64
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
-
-
-class TestWindowSteps:
-    @pytest.mark.parametrize(("size", "patch", "overlap", "expected"), [
-        (64, 64, 0.5, [0]), (30, 64, 0.5, [0]), (100, 64, 0.5, [0, 18, 36]), (128, 64, 0.5, [0, 32, 64]),
-        (129, 64, 0.5, [0, 22, 43, 65]), (100, 64, 0.0, [0, 36]),
-    ])
-    def test_known_cases(self, size: int, patch: int, overlap: float, expected: list[int]) -> None:
-        assert window_steps(size, patch, overlap) == expected
-
-    def test_every_voxel_is_covered_and_strides_respect_the_overlap(self) -> None:
-        for size, patch, overlap in itertools.product(range(1, 200, 7), (8, 32, 64), (0.0, 0.25, 0.5, 0.75)):
-            steps = window_steps(size, patch, overlap)
-            covered = np.zeros(max(size, patch), dtype=bool)
-            for start in steps:
-                covered[start:start + patch] = True
-            assert covered[:size].all()
-            assert steps[0] == 0 and steps[-1] == max(0, size - patch)
-            assert all(b - a <= max(1, int(patch * (1 - overlap))) for a, b in itertools.pairwise(steps))
-
-
-def test_gaussian_weights() -> None:
-    weights = gaussian_weights((9, 16, 16))
-    assert weights.shape == (9, 16, 16) and weights.dtype == np.float32
-    assert weights.max() == pytest.approx(1.0) and weights.min() > 0
-    assert weights[4, 7, 7] == weights.max() or weights[4, 8, 8] == weights.max()
-    np.testing.assert_allclose(weights, weights[::-1, ::-1, ::-1])
 
 
 class TestOrientation:
@@ -134,6 +106,46 @@ class TestPredictor:
         volume, _ = make_volume(spheres=())
         prediction = Predictor(load_model_package(threshold_package)).predict(volume)
         assert prediction.is_empty and prediction.empty == ["Bright"]
+
+    def test_channels_last_network_with_an_output_crop(self, tmp_path: Path) -> None:
+        valid_network(tmp_path / "v" / "model.onnx", crop=3)
+        folder = manifest(tmp_path / "v", spacing=(2.5, 1.5, 1.5), patch=(16, 30, 30), output_crop=[3, 3, 3],
+                          layout="channels_last")
+        volume, (big, edge) = make_volume(spheres=(((0, 0, 0), 25.0, 500.0), ((0, 40, 40), 6.0, 500.0)))
+        found = Predictor(load_model_package(folder)).predict(volume).mask("Bright")  # edge: at the scan's border
+        np.testing.assert_array_equal(found, big | edge)
+
+    def test_logits_are_averaged_then_softmaxed(self, tmp_path: Path) -> None:
+        bands_network(tmp_path / "p" / "model.onnx", low=0.45, high=0.75)
+        bands_network(tmp_path / "l" / "model.onnx", low=0.45, high=0.75, logits=True)
+        labels = [{"value": 1, "name": "Soft", "colour": [0, 0, 255]},
+                  {"value": 2, "name": "Dense", "colour": [9, 9, 0]}]
+        volume, _ = make_volume(spheres=(((0, 0, -20), 18.0, 100.0), ((0, -25, 25), 8.0, 900.0)))
+        softmaxed = Predictor(load_model_package(manifest(tmp_path / "p", kind="softmax", labels=labels)))
+        from_logits = Predictor(load_model_package(manifest(tmp_path / "l", kind="softmax", labels=labels,
+                                                            logits=True)))
+        probabilities = from_logits.probabilities(volume)
+        assert probabilities.shape[0] == 3
+        np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, rtol=1e-5)
+        assert probabilities.min() >= 0
+        expected, found = softmaxed.predict(volume), from_logits.predict(volume)
+        for name in ("Soft", "Dense"):
+            assert dice(found.mask(name), expected.mask(name)) >= 0.98
+
+    def test_median_prefilter_removes_speckle(self, tmp_path: Path) -> None:
+        volume, (mask,) = make_volume()
+        speckle = np.zeros(volume.shape, dtype=bool)
+        speckle[5, 5, 5::9] = True
+        volume.hu[speckle] = 800
+        threshold_network(tmp_path / "m" / "model.onnx")
+        plain = Predictor(load_model_package(manifest(tmp_path / "m", spacing=(2.5, 1.5, 1.5))))
+        assert plain.predict(volume).mask("Bright")[speckle].all()
+        prefilter = '{ kind = "median", size = 3, spacing_mm = [2.5, 1.5, 1.5] }'
+        folder = manifest(tmp_path / "m", spacing=(2.5, 1.5, 1.5))
+        (folder / "manifest.toml").write_text((folder / "manifest.toml").read_text().replace(
+            "padding_hu = -1024", f"padding_hu = -1024\nprefilter = {prefilter}"))
+        filtered = Predictor(load_model_package(folder)).predict(volume).mask("Bright")
+        assert not filtered[speckle].any() and dice(filtered, mask) >= 0.97
 
     @pytest.mark.parametrize(("kind", "message"), [("nan", "NaN"), ("channels", "output shape")])
     def test_broken_models_raise(self, tmp_path: Path, kind: str, message: str) -> None:
