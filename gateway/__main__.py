@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         if args.command == "serve":
-            from gateway.manifest import check_route_models
+            from gateway.models import check_route_models
             from gateway.tls import check_certificates
 
             check_route_models(config.inference.models_dir, config.routes)

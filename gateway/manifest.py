@@ -46,19 +46,18 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
-from gateway.routes import Route
 
-__all__ = ["Label", "ModelManifest", "ModelPackage", "check_route_models", "load_model_package"]
+__all__ = ["INTERPRETED_TYPES", "Label", "ModelInfo", "ModelManifest", "ModelPackage", "OutputSpec",
+           "load_model_package"]
 
 _ORIENTATION = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
-_INTERPRETED_TYPES = {"EXTERNAL", "PTV", "CTV", "GTV", "ORGAN", "AVOIDANCE", "BOLUS", "CAVITY", "SUPPORT",
+INTERPRETED_TYPES = {"EXTERNAL", "PTV", "CTV", "GTV", "ORGAN", "AVOIDANCE", "BOLUS", "CAVITY", "SUPPORT",
                       "FIXATION", "CONTROL", "REGISTRATION", "ISOCENTER", "MARKER", "BRACHY_CHANNEL",
                       "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "CONTRAST_AGENT", "DOSE_REGION",
                       "TREATED_VOLUME", "IRRAD_VOLUME", "DOSE_MEASUREMENT"}
@@ -182,6 +181,8 @@ class Label(_Model):
     min_volume_ml: Annotated[float, Field(ge=0)] = 0.0
     channel: Annotated[int, Field(ge=1, le=255)] | None = None
     side: Literal["left", "right"] | None = None
+    #: The model ("name version") that found this label, where a route merges several models' labels.
+    origin: str | None = None
 
     @property
     def output_channel(self) -> int:
@@ -198,7 +199,7 @@ class Label(_Model):
     @field_validator("interpreted_type")
     @classmethod
     def _rt_type(cls, value: str) -> str:
-        if value not in _INTERPRETED_TYPES:
+        if value not in INTERPRETED_TYPES:
             raise ValueError("must be an RT ROI Interpreted Type (PS3.3 C.8.8.8), such as ORGAN or EXTERNAL")
         return value
 
@@ -243,29 +244,6 @@ class ModelPackage(_Model):
     folder: Path
     onnx_path: Path
     manifest: ModelManifest
-
-
-def check_route_models(models_dir: Path, routes: Sequence[Route]) -> None:
-    """Load every model package a route names and check its template; one :class:`ConfigError` lists all."""
-    problems = []
-    for index, route in enumerate(routes):
-        folder = models_dir / route.model
-        if not folder.is_dir():
-            problems.append(f"routes[{index}]: model {route.model!r} has no package folder {folder}")
-            continue
-        try:
-            package = load_model_package(folder)
-        except ConfigError as exc:
-            problems += [f"model {route.model!r}: {problem}" for problem in exc.problems]
-            continue
-        labels = {label.name for label in package.manifest.labels}
-        for key, template in route.structures.items():
-            if key not in labels:
-                problems.append(f"routes[{index}].structures: {key!r} is not a label of model {route.model!r}")
-            if template.interpreted_type is not None and template.interpreted_type not in _INTERPRETED_TYPES:
-                problems.append(f"routes[{index}].structures.{key}.interpreted_type: not an RT ROI Interpreted Type")
-    if problems:
-        raise ConfigError(str(models_dir), problems)
 
 
 def load_model_package(folder: Path) -> ModelPackage:

@@ -29,7 +29,7 @@ from gateway.tasks import TaskStore
 from gateway.volume import Volume, VolumeLimits, volume_from_datasets
 
 __all__ = ["Series", "StageContext", "build_results", "infer", "load_masks", "load_qa_picture", "load_results",
-           "load_series", "result_name", "save_masks", "save_qa_picture", "save_results"]
+           "load_series", "merge_predictions", "result_name", "save_masks", "save_qa_picture", "save_results"]
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,27 @@ def load_series(ctx: StageContext, job_id: str, task_no: int, limits: VolumeLimi
     return Series(datasets, volume_from_datasets(datasets, limits or VolumeLimits()))
 
 
-def infer(predictor: Predictor, series: Series, progress: Callable[[int, int], None] | None = None) -> Prediction:
-    """Run the route's model; an all-empty result is an error (nothing is sent for it)."""
-    prediction = predictor.predict(series.volume, progress)
+def infer(predictors: Sequence[Predictor], series: Series,
+          progress: Callable[[int, int], None] | None = None) -> Prediction:
+    """Run the route's models, their labels merged in order; an all-empty result is an error (nothing is sent)."""
+    predictions = [predictor.predict(series.volume, progress) for predictor in predictors]
+    prediction = predictions[0] if len(predictions) == 1 else merge_predictions(predictions)
     if prediction.is_empty:
         raise InferenceError("inference_empty")
     return prediction
+
+
+def merge_predictions(predictions: Sequence[Prediction]) -> Prediction:
+    """One prediction with every label of *predictions*, renumbered 1..N in order (as :func:`combine_manifests`)."""
+    bits = np.zeros(predictions[0].bits.shape, dtype=np.uint32)
+    values: dict[str, int] = {}
+    voxels: dict[str, int] = {}
+    for prediction in predictions:
+        for name in prediction.values:
+            values[name] = len(values) + 1
+            bits |= prediction.mask(name).astype(np.uint32) << (values[name] - 1)
+            voxels[name] = prediction.voxels[name]
+    return Prediction(bits, values, voxels, sum(p.seconds for p in predictions))
 
 
 def save_masks(ctx: StageContext, job_id: str, task_no: int, prediction: Prediction) -> None:

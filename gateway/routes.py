@@ -23,6 +23,18 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 
 
+def _check_models(value: str | list[str]) -> str | list[str]:
+    if isinstance(value, str):
+        return _check_name(value)
+    if not 1 <= len(value) <= 4:
+        raise ValueError("must name 1 to 4 models")
+    if len(set(value)) != len(value):
+        raise ValueError("a model is listed twice")
+    for name in value:
+        _check_name(name)
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,7 +75,8 @@ class Route(_Model):
 
     name: Name
     match: Annotated[dict[str, str], AfterValidator(_check_match)] = Field(default_factory=dict)
-    model: Name
+    #: A model package name, or several whose structures go into one structure set (e.g. default + liver).
+    model: Annotated[str | list[str], AfterValidator(_check_models)]
     destinations: Annotated[list[Name], Field(min_length=1)]
     #: Site template, keyed by the model's label names (checked against the manifest at start-up).
     structures: dict[str, StructureTemplate] = Field(default_factory=dict)
@@ -73,6 +86,16 @@ class Route(_Model):
     segmentation: bool = False
     #: Keep a QA picture (contours over three planes, sealed, shredded with the study): ``python -m gateway qa``.
     qa_picture: bool = False
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model packages the route runs, in order."""
+        return (self.model,) if isinstance(self.model, str) else tuple(self.model)
+
+    @property
+    def model_key(self) -> str:
+        """One name for the route's models together (logs, timing memory)."""
+        return "+".join(self.models)
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
         """Return whether every ``match`` entry fits *attributes* (exact value or ``/regex/``)."""

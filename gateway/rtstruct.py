@@ -93,6 +93,7 @@ class _ROI:
     colour: list[int]
     interpreted_type: str
     contours: list[Contour]
+    origin: str | None  # the model that found it, where a route merges several
 
 
 def _rois(source: StructureSetInput) -> list[_ROI]:
@@ -109,10 +110,10 @@ def _rois(source: StructureSetInput) -> list[_ROI]:
                 continue
         order = template.order if template.order is not None else 10_000 + position
         planned.append((order, template.name or label.name, list(template.colour or label.colour),
-                        template.interpreted_type or label.interpreted_type, contours))
+                        template.interpreted_type or label.interpreted_type, contours, label.origin))
     planned.sort(key=lambda item: item[0])
-    return [_ROI(number, name, colour, kind, contours)
-            for number, (_order, name, colour, kind, contours) in enumerate(planned, start=1)]
+    return [_ROI(number, name, colour, kind, contours, origin)
+            for number, (_order, name, colour, kind, contours, origin) in enumerate(planned, start=1)]
 
 
 def _header(ct: Dataset, manifest: ModelManifest, now: dt.datetime) -> Dataset:
@@ -173,7 +174,7 @@ def _structure_set_roi(source: _ROI, frame_uid: str, manifest: ModelManifest) ->
     roi = Dataset()
     roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = source.number, frame_uid, source.name
     roi.ROIGenerationAlgorithm = "AUTOMATIC"
-    roi.ROIGenerationDescription = f"{manifest.model.name} {manifest.model.version}"[:64]
+    roi.ROIGenerationDescription = (source.origin or f"{manifest.model.name} {manifest.model.version}")[:64]
     return roi
 
 

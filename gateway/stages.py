@@ -108,7 +108,7 @@ class SeriesStages:
         series = series or self._load(task)
         loaded = masks if masks is not None else load_masks(self._ctx, task.job_id, task.task_no)
         try:
-            results = build_results(series, loaded, self._predictors.manifest(route.model), route)
+            results = build_results(series, loaded, self._predictors.manifest(route.models), route)
         except StructureSetError as exc:
             raise _TaskFailed("structure_set_empty" if "empty" in str(exc) else "structure_set_failed") from exc
         save_results(self._ctx, task.job_id, task.task_no, results, "pseudo")
@@ -147,10 +147,10 @@ class SeriesStages:
     def _infer(self, route: Route, series: Series) -> Prediction:
         try:
             slices = series.volume.shape[0]
-            log.info("inference_expected", model=route.model, slices=slices,
-                     expected_seconds=self._speed.expect(route.model, slices))
-            prediction = infer(self._predictors.get(route.model), series, InferenceProgress())
-            self._speed.remember(route.model, slices, prediction.seconds)
+            log.info("inference_expected", model=route.model_key, slices=slices,
+                     expected_seconds=self._speed.expect(route.model_key, slices))
+            prediction = infer([self._predictors.get(model) for model in route.models], series, InferenceProgress())
+            self._speed.remember(route.model_key, slices, prediction.seconds)
             return prediction
         except InferenceError as exc:
             raise _TaskFailed("inference_empty" if str(exc) == "inference_empty" else "inference_failed") from exc

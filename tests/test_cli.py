@@ -138,7 +138,7 @@ def test_serve_refuses_a_route_naming_a_missing_or_invalid_model(tmp_path: Path)
 
 def test_the_embedded_default_configuration_names_a_valid_model() -> None:
     from gateway.config import load_config
-    from gateway.manifest import check_route_models
+    from gateway.models import check_route_models
 
     config = load_config(REPO / "config" / "gateway.toml")
     check_route_models(config.inference.models_dir, config.routes)

@@ -171,7 +171,7 @@ def test_site_template_names_orders_colours_and_keeps_empty_structures(tmp_path:
 def test_templates_must_name_labels_of_the_model(tmp_path: Path) -> None:
     from gateway.config import parse_config
     from gateway.errors import ConfigError
-    from gateway.manifest import check_route_models
+    from gateway.models import check_route_models
     from tests.conftest import REPO
 
     config = parse_config({
