@@ -15,7 +15,6 @@ the same with the channel axis last (``layout = "channels_last"``).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 import structlog
-from scipy.ndimage import median_filter
 
 from gateway.errors import InferenceError
 from gateway.manifest import ClipScale, InputSpec, ModelPackage
 from gateway.postprocess import ModelGrid, model_affine, postprocess
+from gateway.resample import back_to_grid, resample_linear, resample_median_linear
 from gateway.tiling import Tiler
 from gateway.volume import Volume
 
@@ -141,7 +140,7 @@ class Predictor:
         order, flips, factors = prepared.order, prepared.flips, prepared.factors
         grid = ModelGrid(model_affine(volume.affine, order, flips, factors, prepared.shape), order.index(0))
         bits = postprocess(decided, self.manifest.labels, grid, output.kind)
-        bits = _unoriented(_back_to_grid(bits, prepared.shape, factors), order, flips)
+        bits = _unoriented(back_to_grid(bits, prepared.shape, factors), order, flips)
         values = {label.name: label.value for label in self.manifest.labels}
         voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
         prediction = Prediction(bits, values, voxels, time.monotonic() - started)
@@ -160,12 +159,13 @@ class Predictor:
         spacing = [volume.spacing[axis] for axis in order]
         factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]
         if spec.prefilter is None:
-            resampled = _resample_linear(hu, factors)
+            resampled = resample_linear(hu, factors)
         else:  # resample, median-filter on the filter's grid, resample again (corner-aligned, so factors compose)
             between = spec.prefilter.spacing_mm
-            filtered = median_filter(_resample_linear(hu, [s / b for s, b in zip(spacing, between, strict=True)]),
-                                     size=spec.prefilter.size)
-            resampled = _resample_linear(filtered, [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])
+            resampled = resample_median_linear(resample_linear(hu, [s / b for s, b in zip(spacing, between,
+                                                                                            strict=True)]),
+                                               spec.prefilter.size,
+                                               [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])
         return _ModelInput(_normalise(resampled, spec), order, flips, factors, hu.shape)
 
     def _probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -216,28 +216,6 @@ def _unoriented(array: np.ndarray, order: tuple[int, int, int], flips: tuple[boo
     return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
 
 
-def _resample_linear(array: np.ndarray, factors: Sequence[float]) -> np.ndarray:
-    """Separable linear resampling; output index m samples input position m / factor (corners aligned at 0).
-
-    Axes are taken in order of decreasing reduction, straight from the (int16) input, so no
-    full-resolution float copy of a CT is ever made.
-    """
-    for axis in sorted(range(array.ndim), key=lambda a: factors[a]):
-        factor = factors[axis]
-        size = array.shape[axis]
-        count = max(1, math.floor((size - 1) * factor + 1e-6) + 1)
-        if count == size and abs(factor - 1) < 1e-9:
-            continue
-        position = np.minimum(np.arange(count) / factor, size - 1)
-        low = np.floor(position).astype(np.int64)
-        high = np.minimum(low + 1, size - 1)
-        shape = [1] * array.ndim
-        shape[axis] = count
-        fraction = (position - low).astype(np.float32).reshape(shape)
-        array = np.take(array, low, axis=axis) * (1 - fraction) + np.take(array, high, axis=axis) * fraction
-    return array.astype(np.float32, copy=False)
-
-
 def _normalise(hu: np.ndarray | np.float32, spec: InputSpec) -> np.ndarray:
     norm = spec.normalisation
     if isinstance(norm, ClipScale):
@@ -259,11 +237,3 @@ def _decide(scores: np.ndarray, kind: str, threshold: float) -> np.ndarray:
     for channel, score in enumerate(scores):
         bits |= (score >= threshold).astype(dtype) << channel
     return bits
-
-
-def _back_to_grid(classes: np.ndarray, shape: Sequence[int], factors: Sequence[float]) -> np.ndarray:
-    """Nearest class for every original voxel (scan index c sits at model position c * factor)."""
-    indices = [np.minimum(np.round(np.arange(n) * factor).astype(np.int64), m - 1)
-               for n, factor, m in zip(shape, factors, classes.shape, strict=True)]
-    grid: np.ndarray = classes[np.ix_(*indices)]
-    return grid

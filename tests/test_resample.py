@@ -1,0 +1,40 @@
+"""Resampling helpers: the fused median + resampling equals filtering everything first, edges included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import median_filter
+
+from gateway.resample import back_to_grid, resample_linear, resample_median_linear
+
+
+@pytest.mark.parametrize(("shape", "factors", "size"), [
+    ((20, 17, 12), (0.5, 0.5, 0.5), 3),  # pyliverlesionseg: 1.5 mm -> 3 mm reads every other voxel
+    ((20, 17, 12), (0.37, 0.8, 1.0), 3),  # fractional positions read both neighbours
+    ((9, 11, 7), (1.6, 0.5, 0.9), 5),  # upsampling along one axis, a wider median
+])
+def test_fused_median_equals_filtering_everything(shape: tuple[int, int, int], factors: tuple[float, float, float],
+                                                  size: int) -> None:
+    array = np.random.default_rng(3).normal(0, 300, shape).astype(np.float32)
+    expected = resample_linear(median_filter(array, size=size), factors)
+    np.testing.assert_array_equal(resample_median_linear(array, size, factors), expected)
+
+
+def test_fused_median_in_small_slabs() -> None:
+    from gateway.resample import _median_at
+
+    array = np.random.default_rng(4).normal(0, 1, (15, 9, 8)).astype(np.float32)
+    needed = [np.arange(0, 15, 2), np.arange(9), np.arange(0, 8, 3)]
+    np.testing.assert_array_equal(_median_at(array, 3, needed, budget=1), median_filter(array, size=3)[np.ix_(*needed)])
+
+
+def test_linear_resampling_reads_no_neighbour_on_a_voxel() -> None:
+    array = np.arange(12, dtype=np.int16).reshape(1, 1, 12)
+    np.testing.assert_array_equal(resample_linear(array, (1, 1, 0.5))[0, 0], [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(resample_linear(array, (1, 1, 2.0))[0, 0, :3], [0, 0.5, 1])
+
+
+def test_back_to_grid_takes_the_nearest_model_voxel() -> None:
+    classes = np.arange(4, dtype=np.uint8).reshape(1, 1, 4)
+    assert back_to_grid(classes, (1, 1, 8), (1, 1, 0.5))[0, 0].tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
