@@ -110,7 +110,9 @@ def build() -> onnx.ModelProto:
     initializers = [_constant("body_cut", body_cut), _constant("low_cut", low_cut),
                     _constant("steepness", STEEPNESS), _constant("one", 1.0), *inside_tensors]
     graph = helper.make_graph(nodes, "default-external-lungs", [image], [scores], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="contour-gateway")
+    # IR version 8 goes with opset 17: every onnxruntime we support (>= 1.17) loads it, whatever onnx writes by default.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="contour-gateway",
+                              ir_version=8)
     onnx.checker.check_model(model)
     return model
 

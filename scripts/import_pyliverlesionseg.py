@@ -54,6 +54,7 @@ MEMBER = ("pyliverlesionseg/trained_models/"
 LICENSE_MEMBER = "pyliverlesionseg-0.3.dist-info/LICENSE"
 PARAMETERS = 3_874_961
 OPSET = 17
+IR_VERSION = 8  # opset 17's own; onnxruntime >= 1.17 loads it (newer onnx writes IR versions it may not)
 INPUT, OUTPUT = "ct_norm", "main"
 PATCH_SIZE, OUTPUT_SIZE = (189, 162, 162), (163, 136, 136)
 EPSILON = 1e-7  # added to the standard deviation, outside the square root (the Keras Lambda)
@@ -298,7 +299,7 @@ def build_model(weights: Weights) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *PATCH_SIZE, 1])]
     outputs = [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", *OUTPUT_SIZE, 1])]
     body = helper.make_graph(graph.nodes, "pyliverlesionseg_liver", inputs, outputs, graph.initializers)
-    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)],
+    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                               producer_name="scripts/import_pyliverlesionseg.py",
                               doc_string=f"pyliverlesionseg 0.3 whole-liver U-Net ({MEMBER}), Apache-2.0")
     helper.set_model_props(model, {"source_wheel": WHEEL_NAME, "source_sha256": WHEEL_SHA256})

@@ -15,7 +15,7 @@ def _save(nodes: list[onnx.NodeProto], path: Path, initializers: list[onnx.Tenso
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, "d", "h", "w"])
     scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", channels or "c", "d", "h", "w"])
     graph = helper.make_graph(nodes, "test", [image], [scores], initializer=initializers or [])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
@@ -64,7 +64,7 @@ def valid_network(path: Path, crop: int, cut: float = 0.5, steepness: float = 60
              helper.make_node("Sigmoid", ["logit"], ["scores"])]
     graph = helper.make_graph(nodes, "valid", [image], [scores],
                               initializer=[*bounds, _constant("cut", cut), _constant("steep", steepness)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
