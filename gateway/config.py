@@ -227,6 +227,8 @@ class Inference(_Model):
     providers: Annotated[list[_Provider], Field(min_length=1)] = Field(default_factory=lambda: [_CPU])
     #: Threads per inference session; 0 lets onnxruntime choose.
     threads: Annotated[int, Field(ge=0, le=256)] = 0
+    #: CUDA: allow TF32 convolutions (some 20 % faster; probabilities differ from float32 by up to ~3e-3).
+    cuda_tf32: bool = False
 
 
 class MetricsEndpoint(_Model):

@@ -7,7 +7,7 @@ then turned into probabilities, as nnU-Net does. Structures may overlap (an Exte
 lungs), so the result holds one bit per label in each voxel. Each label is cleaned on the
 (small) model grid as the manifest says (left/right split, largest component, holes per
 axial plane, minimum volume), then the bits are mapped to the original CT grid. The pure
-geometry helpers (:func:`orientation_code`, :func:`axis_transform`) are tested on their own.
+geometry helpers are in :mod:`gateway.orientation`, :mod:`gateway.resample` and :mod:`gateway.tiling`.
 
 Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *output]``, or
 the same with the channel axis last (``layout = "channels_last"``).
@@ -15,8 +15,9 @@ the same with the channel axis last (``layout = "channels_last"``).
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,46 +26,15 @@ import structlog
 
 from gateway.errors import InferenceError
 from gateway.manifest import ClipScale, InputSpec, ModelPackage
+from gateway.orientation import axis_transform, orientation_code, oriented, unoriented
 from gateway.postprocess import ModelGrid, model_affine, postprocess
-from gateway.resample import back_to_grid, resample_linear, resample_median_linear
+from gateway.resample import back_to_grid, nnunet_resize, nnunet_shape, resample_linear, resample_median_linear
 from gateway.tiling import Tiler
 from gateway.volume import Volume
 
-__all__ = ["Prediction", "Predictor", "axis_transform", "orientation_code"]
+__all__ = ["Prediction", "Predictor"]
 
 log = structlog.get_logger(__name__)
-
-_LETTERS = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}  # LPS axes
-
-
-def orientation_code(affine: np.ndarray) -> str:
-    """For each array axis, the patient direction (L/R, P/A, S/I) its index increases toward."""
-    code = ""
-    for axis in range(3):
-        column = affine[:3, axis]
-        dominant = int(np.argmax(np.abs(column)))
-        code += _LETTERS[(dominant, 1 if column[dominant] > 0 else -1)]
-    if sorted(code.translate(str.maketrans("RAI", "LPS"))) != ["L", "P", "S"]:
-        raise InferenceError(f"oblique volume: two axes point the same way ({code})")
-    return code
-
-
-def axis_transform(source: str, target: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """``(order, flips)`` so that ``flip(transpose(a, order), flips)`` turns *source* axes into *target*.
-
-    ``order[t]`` is the source axis that becomes target axis ``t``; ``flips[t]`` says it is reversed.
-    """
-    opposite = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
-    order, flips = [], []
-    for letter in target:
-        if letter in source:
-            order.append(source.index(letter))
-            flips.append(False)
-        else:
-            order.append(source.index(opposite[letter]))
-            flips.append(True)
-    return (order[0], order[1], order[2]), (flips[0], flips[1], flips[2])
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -100,23 +70,29 @@ class _ModelInput:
     flips: tuple[bool, bool, bool]
     factors: list[float]  # model voxels per scan voxel along each model axis
     shape: tuple[int, ...]  # the reoriented CT's shape
+    spacing: list[float]  # ... and its voxel size
 
 
 class Predictor:
     """Runs one model package; build once, call :meth:`predict` per series."""
 
     def __init__(self, package: ModelPackage, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0) -> None:
+                 threads: int = 0, cuda_tf32: bool = False) -> None:
         self.package = package
         self.manifest = package.manifest
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         available = set(ort.get_available_providers())
         chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        # TF32 convolutions differ from the CPU's float32 by up to 3e-3 in a probability (measured on the liver
+        # network, H100); exact float32 costs some 20 % of the GPU time, so it is the default.
+        settings = [{"use_tf32": "1" if cuda_tf32 else "0"} if p == "CUDAExecutionProvider" else {} for p in chosen]
         try:
-            self._session = ort.InferenceSession(str(package.onnx_path), options, providers=chosen)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise InferenceError(f"model {self.manifest.model.name} cannot be loaded ({type(exc).__name__})") from exc
+            self._session = ort.InferenceSession(str(package.onnx_path), options, providers=chosen,
+                                                 provider_options=settings)
+        except Exception as exc:  # onnxruntime raises its own untyped errors; theirs name the model, not the patient
+            detail = str(exc).strip().splitlines()[-1][-160:] if str(exc).strip() else type(exc).__name__
+            raise InferenceError(f"model {self.manifest.model.name} cannot be loaded: {detail}") from exc
         self._input = self._session.get_inputs()[0].name
         self._channels = self.manifest.channels
         self._tiler = Tiler(self.manifest.input, self._channels, self._run)
@@ -135,12 +111,16 @@ class Predictor:
         started = time.monotonic()
         prepared = self._prepare(volume)
         output = self.manifest.output
-        decided = _decide(self._probabilities(prepared.image, progress), output.kind, output.threshold)
-        # Clean up on the (small) model grid, then map the bits to the CT grid.
+        scores = self._scores(prepared.image, progress)
         order, flips, factors = prepared.order, prepared.flips, prepared.factors
+        if self.manifest.input.resampling == "nnunet":  # logits back to the CT grid, decided there (as nnU-Net)
+            decided = _decide_logits(self._on_ct_grid(scores, prepared), output.kind, output.threshold)
+            factors = [1.0, 1.0, 1.0]
+        else:  # decided and cleaned up on the (small) model grid, then the bits mapped to the CT grid
+            decided = _decide(self._activate(scores), output.kind, output.threshold)
         grid = ModelGrid(model_affine(volume.affine, order, flips, factors, prepared.shape), order.index(0))
         bits = postprocess(decided, self.manifest.labels, grid, output.kind)
-        bits = _unoriented(back_to_grid(bits, prepared.shape, factors), order, flips)
+        bits = unoriented(back_to_grid(bits, prepared.shape, factors), order, flips)
         values = {label.name: label.value for label in self.manifest.labels}
         voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
         prediction = Prediction(bits, values, voxels, time.monotonic() - started)
@@ -149,15 +129,24 @@ class Predictor:
         return prediction
 
     def probabilities(self, volume: Volume) -> np.ndarray:
-        """Per-channel probabilities ``[channels, *model grid]`` (model axis order), before any decision."""
-        return self._probabilities(self._prepare(volume).image)
+        """Per-channel probabilities before any decision, ``[channels, *grid]`` in model axis order: on the model
+        grid, or on the CT grid for ``resampling = "nnunet"`` (where nnU-Net computes them)."""
+        prepared = self._prepare(volume)
+        scores = self._scores(prepared.image)
+        if self.manifest.input.resampling == "nnunet":
+            scores = np.stack(list(self._on_ct_grid(scores, prepared)))
+        return self._activate(scores)
 
     def _prepare(self, volume: Volume) -> _ModelInput:
         spec = self.manifest.input
         order, flips = axis_transform(orientation_code(volume.affine), spec.orientation)
-        hu = _oriented(volume.hu, order, flips)
+        hu = oriented(volume.hu, order, flips)
         spacing = [volume.spacing[axis] for axis in order]
         factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]
+        if spec.resampling == "nnunet":  # normalised first, then a cubic resize (nnU-Net's preprocessing)
+            shape = nnunet_shape(hu.shape, spacing, spec.spacing_mm)
+            image = nnunet_resize(_normalise(hu, spec), shape, spacing, spec.spacing_mm, order=3)
+            return _ModelInput(image, order, flips, factors, hu.shape, spacing)
         if spec.prefilter is None:
             resampled = resample_linear(hu, factors)
         else:  # resample, median-filter on the filter's grid, resample again (corner-aligned, so factors compose)
@@ -166,14 +155,22 @@ class Predictor:
                                                                                             strict=True)]),
                                                spec.prefilter.size,
                                                [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])
-        return _ModelInput(_normalise(resampled, spec), order, flips, factors, hu.shape)
+        return _ModelInput(_normalise(resampled, spec), order, flips, factors, hu.shape, spacing)
 
-    def _probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        spec, output = self.manifest.input, self.manifest.output
+    def _scores(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        spec = self.manifest.input
         padding = spec.padding_value
         if padding is None:
             padding = float(_normalise(np.float32(spec.padding_hu), spec))
-        scores = self._tiler.scores(image, padding, progress)
+        return self._tiler.scores(image, padding, progress)
+
+    def _on_ct_grid(self, scores: np.ndarray, prepared: _ModelInput) -> Iterator[np.ndarray]:
+        """Each channel's logits resampled to the (oriented) CT grid, linearly as nnU-Net does."""
+        for channel in scores:
+            yield nnunet_resize(channel, prepared.shape, self.manifest.input.spacing_mm, prepared.spacing, order=1)
+
+    def _activate(self, scores: np.ndarray) -> np.ndarray:
+        output = self.manifest.output
         if not output.logits:
             return scores
         if output.kind == "sigmoid":
@@ -201,21 +198,6 @@ class Predictor:
         return np.moveaxis(result, -1, 1) if channels_last else result
 
 
-def _oriented(array: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
-    out = np.transpose(array, order)
-    for axis, flip in enumerate(flips):
-        if flip:
-            out = np.flip(out, axis)
-    return out
-
-
-def _unoriented(array: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
-    for axis, flip in enumerate(flips):
-        if flip:
-            array = np.flip(array, axis)
-    return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
-
-
 def _normalise(hu: np.ndarray | np.float32, spec: InputSpec) -> np.ndarray:
     norm = spec.normalisation
     if isinstance(norm, ClipScale):
@@ -225,6 +207,27 @@ def _normalise(hu: np.ndarray | np.float32, spec: InputSpec) -> np.ndarray:
     low = -np.inf if norm.hu_min is None else norm.hu_min
     high = np.inf if norm.hu_max is None else norm.hu_max
     return np.asarray((np.clip(hu, low, high) - norm.mean) / norm.std, dtype=np.float32)
+
+
+def _decide_logits(channels: Iterable[np.ndarray], kind: str, threshold: float) -> np.ndarray:
+    """:func:`_decide` on logits, one channel at a time (each a whole CT of floats)."""
+    decided: np.ndarray | None = None
+    if kind == "softmax":  # the first largest logit wins, as argmax; softmax does not change the order
+        best: np.ndarray | None = None
+        for index, logit in enumerate(channels):
+            if best is None or decided is None:
+                best, decided = logit.copy(), np.zeros(logit.shape, dtype=np.uint8)
+                continue
+            decided[logit > best] = index
+            np.maximum(best, logit, out=best)
+    else:
+        cut = math.log(threshold / (1 - threshold))  # sigmoid(x) >= threshold
+        for index, logit in enumerate(channels):
+            if decided is None:
+                decided = np.zeros(logit.shape, dtype=np.uint32)
+            decided |= (logit >= cut).astype(np.uint32) << index
+    assert decided is not None  # a manifest has one channel at least
+    return decided
 
 
 def _decide(scores: np.ndarray, kind: str, threshold: float) -> np.ndarray:

@@ -22,6 +22,7 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     # padding_value = 0.0        # ... or this value after normalisation (nnU-Net pads with 0)
     pad_position = "end"         # where a scan smaller than a tile sits in it: "end" (at 0) or "centre"
     prefilter = { kind = "median", size = 3, spacing_mm = [1.5, 1.5, 1.5] }  # optional, at its own spacing
+    resampling = "linear"        # or "nnunet": normalise, cubic resize, logits back to the CT grid (logits only)
     normalisation = { kind = "clip_scale", hu_min = -1000, hu_max = 1000 }  # or kind = "zscore", mean, std
 
     [output]
@@ -136,6 +137,7 @@ class InputSpec(_Model):
     padding_value: float | None = None
     pad_position: Literal["end", "centre"] = "end"
     prefilter: Median | None = None
+    resampling: Literal["linear", "nnunet"] = "linear"
     normalisation: ClipScale | ZScore = Field(discriminator="kind")
 
     @property
@@ -149,6 +151,8 @@ class InputSpec(_Model):
             raise ValueError("output_crop leaves nothing of the tile (it is cropped at both sides)")
         if len(set(self.mirror_axes)) != len(self.mirror_axes):
             raise ValueError("mirror_axes must not repeat an axis")
+        if self.resampling == "nnunet" and self.prefilter is not None:
+            raise ValueError("a prefilter works with linear resampling only")
         return self
 
     @field_validator("orientation")
@@ -220,6 +224,8 @@ class ModelManifest(_Model):
             raise ValueError("label values and names must be unique")
         if len(self.labels) > 32:
             raise ValueError("at most 32 labels per model")
+        if self.input.resampling == "nnunet" and not self.output.logits:
+            raise ValueError("resampling = \"nnunet\" resamples logits: set output.logits = true")
         if self.output.kind == "sigmoid":
             channels = {label.output_channel for label in self.labels}
             if channels != set(range(len(channels))):

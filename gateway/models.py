@@ -36,7 +36,8 @@ class Predictors:
             predictor = self._loaded.get(model)
             if predictor is None:
                 package = load_model_package(self._inference.models_dir / model)
-                predictor = Predictor(package, providers=self._inference.providers, threads=self._inference.threads)
+                predictor = Predictor(package, providers=self._inference.providers, threads=self._inference.threads,
+                                      cuda_tf32=self._inference.cuda_tf32)
                 self._loaded[model] = predictor
             return predictor
 

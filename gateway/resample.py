@@ -100,3 +100,50 @@ def back_to_grid(classes: np.ndarray, shape: Sequence[int], factors: Sequence[fl
                for n, factor, m in zip(shape, factors, classes.shape, strict=True)]
     grid: np.ndarray = classes[np.ix_(*indices)]
     return grid
+
+
+#: nnU-Net resamples slice by slice, nearest along the remaining axis, when one spacing is over 3x another.
+ANISOTROPY = 3.0
+
+
+def nnunet_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """nnU-Net's ``compute_new_shape``: each extent scaled by the spacing ratio, rounded."""
+    return tuple(round(s / t * n) for n, s, t in zip(shape, spacing, target, strict=True))
+
+
+def _separate_axis(current: Sequence[float], new: Sequence[float]) -> int | None:
+    """nnU-Net's ``determine_do_sep_z_and_axis`` (``force_separate_z=None``): the one coarse axis of the first
+    anisotropic spacing, the current one first; none if that spacing has two or three coarsest axes."""
+    for spacing in (current, new):
+        if max(spacing) / min(spacing) > ANISOTROPY:
+            coarse = [axis for axis, s in enumerate(spacing) if max(spacing) / s == 1]
+            return coarse[0] if len(coarse) == 1 else None
+    return None
+
+
+def nnunet_resize(array: np.ndarray, shape: Sequence[int], current: Sequence[float], new: Sequence[float],
+                  order: int) -> np.ndarray:
+    """nnU-Net's ``resample_data_or_seg`` for one channel of image data or logits (``order_z = 0``).
+
+    A spline of *order* (skimage ``resize``, edge mode, no anti-aliasing, in float64); slice by slice
+    with the nearest slice along a coarse axis (pixel centres aligned, as nnU-Net's ``map_coordinates``).
+    The result has *array*'s dtype; an array already of *shape* is returned as it is.
+    """
+    from skimage.transform import resize
+
+    if tuple(array.shape) == tuple(shape):
+        return array
+    data = array.astype(np.float64)
+    axis = _separate_axis(current, new)
+    if axis is None:
+        result: np.ndarray = resize(data, tuple(shape), order=order, mode="edge",  # type: ignore[no-untyped-call]
+                                    anti_aliasing=False)
+        return result.astype(array.dtype)
+    in_plane = tuple(n for a, n in enumerate(shape) if a != axis)
+    planes = np.stack([resize(np.take(data, k, axis=axis), in_plane, order=order,  # type: ignore[no-untyped-call]
+                              mode="edge", anti_aliasing=False) for k in range(data.shape[axis])], axis=axis)
+    if planes.shape[axis] != shape[axis]:
+        scale = planes.shape[axis] / shape[axis]
+        nearest = np.floor(scale * (np.arange(shape[axis]) + 0.5) - 0.5 + 0.5).astype(np.int64)
+        planes = np.take(planes, np.clip(nearest, 0, planes.shape[axis] - 1), axis=axis)
+    return planes.astype(array.dtype)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from gateway.errors import ConfigError, InferenceError
-from gateway.infer import Predictor, axis_transform, orientation_code
+from gateway.infer import Predictor
 from gateway.manifest import load_model_package
+from gateway.orientation import axis_transform, orientation_code, oriented, unoriented
 from gateway.volume import Volume
 from tests.onnx_models import bands_network, broken_network, manifest, threshold_network, valid_network
 
@@ -55,12 +56,11 @@ class TestOrientation:
 
     @pytest.mark.parametrize(("source", "target"), [("SPL", "LPS"), ("IPR", "SPL"), ("SAR", "RAS"), ("IAL", "IAL")])
     def test_transform_round_trip(self, source: str, target: str) -> None:
-        from gateway.infer import _oriented, _unoriented
 
         array = np.random.default_rng(0).integers(0, 100, (3, 4, 5))
         order, flips = axis_transform(source, target)
-        moved = _oriented(array, order, flips)
-        np.testing.assert_array_equal(_unoriented(moved, order, flips), array)
+        moved = oriented(array, order, flips)
+        np.testing.assert_array_equal(unoriented(moved, order, flips), array)
 
 
 @pytest.fixture
@@ -131,6 +131,22 @@ class TestPredictor:
         expected, found = softmaxed.predict(volume), from_logits.predict(volume)
         for name in ("Soft", "Dense"):
             assert dice(found.mask(name), expected.mask(name)) >= 0.98
+
+    def test_nnunet_resampling_decides_on_the_ct_grid(self, tmp_path: Path) -> None:
+        bands_network(tmp_path / "l" / "model.onnx", low=0.45, high=0.75, logits=True)
+        labels = [{"value": 1, "name": "Soft", "colour": [0, 0, 255]},
+                  {"value": 2, "name": "Dense", "colour": [9, 9, 0]}]
+        volume, (soft, dense) = make_volume(spheres=(((0, 0, -20), 18.0, 100.0), ((0, -25, 25), 8.0, 900.0)))
+        soft &= ~dense
+        folder = manifest(tmp_path / "l", kind="softmax", labels=labels, logits=True, resampling="nnunet")
+        predictor = Predictor(load_model_package(folder))
+        probabilities = predictor.probabilities(volume)
+        assert probabilities.shape == (3, *volume.shape)  # SPL: the CT's own axis order
+        np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, rtol=1e-5)
+        prediction = predictor.predict(volume)  # decided from the logits channel by channel: the same argmax
+        np.testing.assert_array_equal(prediction.mask("Soft"), probabilities.argmax(axis=0) == 1)
+        np.testing.assert_array_equal(prediction.mask("Dense"), probabilities.argmax(axis=0) == 2)
+        assert dice(prediction.mask("Soft"), soft) >= 0.9 and dice(prediction.mask("Dense"), dense) >= 0.9
 
     def test_median_prefilter_removes_speckle(self, tmp_path: Path) -> None:
         volume, (mask,) = make_volume()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import median_filter
 
-from gateway.resample import back_to_grid, resample_linear, resample_median_linear
+from gateway.resample import back_to_grid, nnunet_resize, nnunet_shape, resample_linear, resample_median_linear
 
 
 @pytest.mark.parametrize(("shape", "factors", "size"), [
@@ -38,3 +38,31 @@ def test_linear_resampling_reads_no_neighbour_on_a_voxel() -> None:
 def test_back_to_grid_takes_the_nearest_model_voxel() -> None:
     classes = np.arange(4, dtype=np.uint8).reshape(1, 1, 4)
     assert back_to_grid(classes, (1, 1, 8), (1, 1, 0.5))[0, 0].tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
+
+
+class TestAsNnunet:
+    """Against nnU-Net's own ``resample_data_or_seg_to_shape`` (the [nnunet] extra is installed by make test)."""
+
+    @pytest.mark.parametrize(("shape", "current", "new", "order"), [
+        ((20, 30, 26), (2.0, 1.0, 1.2), (2.5, 1.5, 1.5), 3),  # isotropic enough: one 3D spline
+        ((12, 40, 40), (5.0, 1.0, 1.0), (2.5, 1.5, 1.5), 3),  # 5:1 slices: in-plane splines, nearest along z
+        ((24, 27, 27), (2.5, 1.5, 1.5), (5.0, 1.0, 1.0), 1),  # logits back to a 5:1 CT
+        ((10, 12, 12), (1.0, 4.0, 4.0), (3.5, 1.0, 1.0), 3),  # two coarse axes: no slice-wise resampling
+    ])
+    def test_equals_nnunet(self, shape: tuple[int, int, int], current: tuple[float, float, float],
+                           new: tuple[float, float, float], order: int) -> None:
+        from nnunetv2.preprocessing.resampling.default_resampling import (
+            compute_new_shape,
+            resample_data_or_seg_to_shape,
+        )
+
+        array = np.random.default_rng(5).normal(0, 1, shape).astype(np.float32)
+        target = nnunet_shape(shape, current, new)
+        assert list(target) == [int(n) for n in compute_new_shape(shape, current, new)]
+        expected = resample_data_or_seg_to_shape(array[None], target, current, new, is_seg=False, order=order,
+                                                 order_z=0, force_separate_z=None)[0]
+        np.testing.assert_array_equal(nnunet_resize(array, target, current, new, order), expected)
+
+    def test_same_shape_is_untouched(self) -> None:
+        array = np.zeros((4, 5, 6), np.float32)
+        assert nnunet_resize(array, (4, 5, 6), (1, 1, 1), (1.01, 1, 1), 3) is array
