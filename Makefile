@@ -6,7 +6,7 @@ CONFIG ?= config/gateway.toml
 # Debian packages the tests talk to: command that proves presence -> package.
 TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools
 
-.PHONY: run test venv dev peers lint typecheck bench clean install demo
+.PHONY: run test venv dev peers lint typecheck bench clean install demo liver
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ lint: dev
 demo: venv
 	$(PY) scripts/demo.py --out demo-output
 
+# The published whole-liver network (pyliverlesionseg 0.3, Apache-2.0) as models/liver; downloads its wheel.
+liver: dev
+	$(PY) scripts/import_pyliverlesionseg.py --out models/liver
+
 bench: dev peers
 	$(PY) scripts/bench_ingest.py
 	$(PY) scripts/bench_deidentify.py
@@ -60,6 +64,7 @@ bench: dev peers
 	$(PY) scripts/bench_rtstruct.py
 	$(PY) scripts/bench_e2e.py
 	$(PY) scripts/bench_tls.py
+	$(PY) scripts/bench_liver.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -189,6 +189,20 @@ def couch_phantom(seed: int = 0, shape: tuple[int, int, int] = (60, 256, 256),
     return volume, {"External": body, "Lung_L": lung_l, "Lung_R": lung_r}
 
 
+def abdomen_phantom(shape: tuple[int, int, int] = (60, 256, 256),
+                    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)) -> tuple[Volume, dict[str, np.ndarray]]:
+    """:func:`couch_phantom` with a liver: a 60 HU ellipsoid under the right lung (patient right is -x in LPS)."""
+    volume, masks = couch_phantom(shape=shape, spacing=spacing)
+    k, i, j = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    z, y, x = ((k - shape[0] / 2) * spacing[0], (i - shape[1] / 2) * spacing[1], (j - shape[2] / 2) * spacing[2])
+    liver = ((x + 65) / 85) ** 2 + ((y + 5) / 70) ** 2 + ((z + 40) / 55) ** 2 <= 1
+    liver &= ~(masks["Lung_R"] | masks["Lung_L"])
+    hu = volume.hu.copy()
+    hu[liver] += 20  # 40 HU body + noise -> 60 HU liver + noise
+    return Volume(hu, volume.affine, volume.sop_instance_uids, volume.frame_of_reference_uid,
+                  volume.patient_position), {**masks, "Liver": liver}
+
+
 def write_volume_series(folder: Path, volume: Volume, *, study_uid: str | None = None,
                         patient: tuple[str, str] = (CANARY_NAME, CANARY_ID),
                         series_description: str = "Thorax 3mm") -> CTSeries:

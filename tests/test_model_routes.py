@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from gateway.models import check_route_models, combine_manifests
 from gateway.routes import Route
 from tests.conftest import REPO, NodeProcess, dcmtk_env, require_tool
 from tests.onnx_models import manifest, threshold_network
-from tests.synthetic import couch_phantom, write_volume_series
+from tests.synthetic import abdomen_phantom, couch_phantom, write_volume_series
 
 
 @pytest.fixture
@@ -89,3 +90,34 @@ def test_two_models_one_structure_set(node_factory: Callable[..., NodeProcess], 
     assert [line for line in verdict.stderr.splitlines() if line.startswith("Error")] == [], verdict.stderr
     inferred = [e for e in node.events() if e["event"] == "inference_expected"]
     assert [e["model"] for e in inferred] == ["default+bone"]
+
+
+def test_default_and_the_published_liver_network(node_factory: Callable[..., NodeProcess], models_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """The imported pyliverlesionseg network runs in the pipeline next to the default model: one RTSTRUCT.
+
+    (The phantom's liver is a plain 60 HU ellipsoid in 40 HU tissue without fat: the network is not expected to
+    outline it, only to run as configured; its output is checked for form, not anatomy.)
+    """
+    imported = subprocess.run([sys.executable, str(REPO / "scripts" / "import_pyliverlesionseg.py"), "--out",
+                               str(models_dir / "liver")], capture_output=True, text=True, timeout=300, check=False)
+    assert imported.returncode == 0, imported.stderr
+    volume, _ = abdomen_phantom(shape=(60, 256, 256), spacing=(3.0, 1.5, 1.5))
+    ct = write_volume_series(tmp_path / "ct", volume)
+    route = {"name": "abdomen", "match": {"Modality": "CT"}, "model": ["default", "liver"],
+             "destinations": ["folder"]}
+    node = node_factory(destinations=[{"name": "folder", "type": "folder"}], routes=[route], models_dir=models_dir)
+    sent = subprocess.run([require_tool("storescu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
+                           str(node.port), *map(str, ct.files)], capture_output=True, env=dcmtk_env(), timeout=60)
+    assert sent.returncode == 0
+    assert node.wait_for("job_done", timeout=240)["state"] == "sent"
+    [exported] = (node.data_dir / "export" / "folder").glob("*.dcm")
+    rtstruct = pydicom.dcmread(exported)
+    rois = {roi.ROIName: roi for roi in rtstruct.StructureSetROISequence}
+    assert list(rois) == ["External", "Lung_L", "Lung_R", "Liver"]
+    assert rois["Liver"].ROIGenerationDescription == "liver 0.3"
+    liver = next(item for item in rtstruct.ROIContourSequence
+                 if int(item.ReferencedROINumber) == int(rois["Liver"].ROINumber))
+    assert list(liver.ROIDisplayColor) == [165, 42, 42] and len(liver.ContourSequence) > 0
+    slices = {str(ds.SOPInstanceUID) for ds in map(pydicom.dcmread, ct.files)}
+    assert {str(c.ContourImageSequence[0].ReferencedSOPInstanceUID) for c in liver.ContourSequence} <= slices
