@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Import a trained nnU-Net v2 model as a model package ("bring your own model"): ONNX + manifest.
+
+Usage::
+
+    scripts/import_nnunet.py RESULTS_FOLDER [--fold 0 --fold 1 ...] --out models/NAME
+
+``RESULTS_FOLDER`` is a trained configuration, ``DatasetXXX_Name/<trainer>__<plans>__<configuration>/``,
+holding ``plans.json``, ``dataset.json`` and ``fold_<n>/checkpoint_final.pth``. Without ``--fold``
+the folds present are used, as ``nnUNetPredictor.auto_detect_available_folds`` does.
+
+What it reproduces, and where in nnunetv2 2.8.1 each fact comes from:
+
+* the network: ``inference/predict_from_raw_data.py::initialize_from_trained_model_folder``, i.e. the
+  trainer class's ``build_network_architecture(..., enable_deep_supervision=False)`` and
+  ``load_state_dict`` of each fold; several folds are one module averaging their logits (nnU-Net
+  averages the folds' sliding-window logits, ``predict_logits_from_preprocessed_data``, which is the
+  same sum since tiling and mirroring are linear);
+* the input: ``transpose_forward`` (network axis ``i`` is input axis ``transpose_forward[i]``), the
+  configuration's ``spacing`` and ``patch_size``, ``CTNormalization`` (clip to the foreground
+  percentiles 0.5 and 99.5, minus the mean, over ``max(std, 1e-8)``), padding with 0 after
+  normalisation, centred (``acvl_utils`` ``pad_nd_image``);
+* the resampling (``resampling = "nnunet"`` in the manifest): ``preprocessing/resampling/default_resampling.py``'s
+  ``resample_data_or_seg_to_shape`` as the default plans configure it, the normalised CT cubic (order 3) to the
+  configuration's spacing and the logits linearly (order 1) back to the CT's, both with nnU-Net's automatic
+  separate-z rule (anisotropy above 3: in-plane first, then nearest along the coarse axis);
+* the sliding window: tile step 0.5, Gaussian weighting, and test-time mirroring over the checkpoint's
+  ``inference_allowed_mirroring_axes`` (``sliding_window_prediction.py``);
+* the output: softmax over the averaged logits, one class per ``dataset.json`` label.
+
+It refuses (exit code 2, naming the problem) what the gateway cannot reproduce: several input channels,
+a normalisation other than ``CTNormalization``, a custom preprocessor, resampling functions or arguments other
+than the defaults above, region-based training, a cascade, a 2d configuration, missing files. The package
+is built and checked (ONNX written with IR version 8 and compared with torch on a random tile, the manifest
+with ``gateway.manifest.load_model_package``) in a temporary folder beside ``--out`` and renamed into place,
+so a failed import leaves no half package. Exit codes: 0 success, 1 failure, 2 refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from nnunetv2.configuration import ANISO_THRESHOLD
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from gateway.errors import ConfigError  # noqa: E402
+from gateway.manifest import load_model_package  # noqa: E402
+
+OPSET = 17
+#: ONNX IR version written: opset 17's. onnxruntime 1.31 refuses IR 14, which onnx >= 1.23 writes by default.
+IR_VERSION = 8
+INPUT, OUTPUT = "image", "logits"
+TOLERANCE = 1e-3  # largest ONNX-vs-torch difference of a logit on the check tile
+TILE_STEP = 0.5  # nnUNetPredictor's default tile_step_size
+STD_EPSILON = 1e-8  # CTNormalization divides by max(std, 1e-8)
+#: The resampling the gateway reproduces (``resampling = "nnunet"``): nnU-Net's default plans. Arguments the
+#: plans leave out take ``resample_data_or_seg_to_shape``'s defaults (``force_separate_z=False`` among them).
+RESAMPLING_FN = "resample_data_or_seg_to_shape"
+RESAMPLING_DEFAULTS: dict[str, object] = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": False,
+                                          "separate_z_anisotropy_threshold": ANISO_THRESHOLD}
+RESAMPLING: dict[str, dict[str, object]] = {  # resampling_fn_<kind>_kwargs -> the arguments reproduced
+    "data": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None, "separate_z_anisotropy_threshold": 3},
+    "probabilities": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None,
+                      "separate_z_anisotropy_threshold": 3},
+}
+_ORIENTATION = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
+#: Distinct colours for the labels, in order (ROI Display Color, PS3.3 C.8.8.6).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (0, 0, 128), (128, 128, 128), (255, 255, 255), (255, 99, 71), (0, 255, 127), (65, 105, 225),
+    (255, 165, 0), (138, 43, 226), (0, 191, 255), (255, 20, 147), (154, 205, 50), (139, 69, 19),
+    (47, 79, 79), (218, 112, 214),
+)
+
+
+class Refused(Exception):
+    """The model uses something the gateway cannot reproduce; the message names it (exit code 2)."""
+
+
+class ImportFailure(Exception):
+    """The import went wrong on the way (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line asks for, beyond the results folder."""
+
+    folds: tuple[str, ...] | None
+    checkpoint: str
+    out: Path
+    orientation: str = "SPL"
+    mirroring: bool = True
+    dynamic: bool = False
+    name: str | None = None
+    version: str = "1.0.0"
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained nnU-Net configuration as read from its results folder."""
+
+    folder: Path
+    trainer: str
+    plans_name: str
+    configuration_name: str
+    plans: dict[str, Any]
+    dataset: dict[str, Any]
+    configuration: dict[str, Any]  # with "inherits_from" resolved
+    folds: tuple[str, ...]
+    checkpoints: tuple[dict[str, Any], ...]  # one per fold, in the order of ``folds``
+
+    @property
+    def dataset_name(self) -> str:
+        """``DatasetXXX_Name``: the plans' ``dataset_name``, else the parent folder's name."""
+        return str(self.plans.get("dataset_name") or self.folder.parent.name)
+
+    @property
+    def mirror_axes(self) -> list[int]:
+        """The tile axes nnU-Net mirrors at inference (the first fold's, as ``nnUNetPredictor``)."""
+        axes = self.checkpoints[0].get("inference_allowed_mirroring_axes")
+        return [] if axes is None else [int(axis) for axis in axes]
+
+
+# --- reading the results folder -------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise Refused(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise Refused(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise Refused(f"{path}: not a JSON object")
+    return data
+
+
+def parse_folder_name(folder: Path) -> tuple[str, str, str]:
+    """``(trainer, plans, configuration)`` from ``<trainer>__<plans>__<configuration>``."""
+    parts = folder.name.split("__")
+    if len(parts) != 3 or not all(parts):
+        raise Refused(f"{folder}: not an nnU-Net results folder name <trainer>__<plans>__<configuration>")
+    return parts[0], parts[1], parts[2]
+
+
+def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
+    """The configuration *name* of *plans*, merged over the ones it inherits from (as ``PlansManager``)."""
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict):
+        raise Refused("plans.json: no 'configurations'")
+    resolved: dict[str, Any] = {}
+    seen: list[str] = []
+    while name not in seen:
+        if name not in configurations:
+            raise Refused(f"plans.json: no configuration {name!r} (it has {sorted(configurations)})")
+        seen.append(name)
+        resolved = {**configurations[name], **resolved}
+        if "inherits_from" not in configurations[name]:
+            return resolved
+        name = configurations[name]["inherits_from"]
+    raise Refused(f"plans.json: configurations inherit from each other in a circle: {' -> '.join([*seen, name])}")
+
+
+def available_folds(folder: Path, checkpoint: str) -> tuple[str, ...]:
+    """The ``fold_<n>`` folders holding *checkpoint*, ``fold_all`` excluded (``auto_detect_available_folds``)."""
+    folds = sorted(int(path.name.removeprefix("fold_")) for path in folder.glob("fold_*")
+                   if path.name.removeprefix("fold_").isdigit() and (path / checkpoint).is_file())
+    if not folds:
+        raise Refused(f"{folder}: no fold_<n>/{checkpoint}")
+    return tuple(str(fold) for fold in folds)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise Refused(f"{path}: missing")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises pickle, zip and runtime errors alike
+        raise Refused(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+    keys = ("network_weights", "trainer_name", "init_args")
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys) \
+            or not isinstance(checkpoint["init_args"], dict):
+        raise Refused(f"{path}: not an nnU-Net checkpoint (a dict with {', '.join(keys)})")
+    return checkpoint
+
+
+def read_trained_model(folder: Path, folds: Sequence[str] | None, checkpoint: str) -> TrainedModel:
+    """Read plans, dataset and the folds' checkpoints; check they belong together."""
+    if not folder.is_dir():
+        raise Refused(f"{folder}: no such folder")
+    trainer, plans_name, configuration_name = parse_folder_name(folder)
+    plans, dataset = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
+    chosen = tuple(folds) if folds else available_folds(folder, checkpoint)
+    checkpoints = tuple(_load_checkpoint(folder / f"fold_{fold}" / checkpoint) for fold in chosen)
+    for fold, data in zip(chosen, checkpoints, strict=True):
+        trained = data["init_args"].get("configuration", configuration_name)
+        if data["trainer_name"] != trainer or trained != configuration_name:
+            raise Refused(f"fold_{fold}/{checkpoint}: trained as {data['trainer_name']}__{trained}, "
+                          f"but the folder says {trainer}__{configuration_name}")
+    return TrainedModel(folder, trainer, plans_name, configuration_name, plans, dataset,
+                        resolve_configuration(plans, configuration_name), chosen, checkpoints)
+
+
+# --- what the gateway can reproduce ---------------------------------------------------------------------------
+
+
+def _channel_count(dataset: dict[str, Any]) -> int:
+    channels = dataset.get("channel_names", dataset.get("modality"))
+    if not isinstance(channels, dict):
+        raise Refused("dataset.json: no 'channel_names'")
+    return len(channels)
+
+
+def unsupported(model: TrainedModel) -> list[str]:
+    """Every reason the gateway cannot run *model* exactly as nnU-Net does (empty: it can)."""
+    config, problems = model.configuration, []
+    if (count := _channel_count(model.dataset)) != 1:
+        problems.append(f"dataset.json: {count} input channels; the gateway feeds one (CT)")
+    if config.get("normalization_schemes") != ["CTNormalization"]:
+        problems.append(f"normalisation {config.get('normalization_schemes')}: only ['CTNormalization'] is "
+                        "reproduced")
+    if config.get("preprocessor_name", "DefaultPreprocessor") != "DefaultPreprocessor":
+        problems.append(f"preprocessor {config['preprocessor_name']}: only DefaultPreprocessor is reproduced")
+    if model.plans.get("label_manager", "LabelManager") != "LabelManager":
+        problems.append(f"label manager {model.plans['label_manager']}: only LabelManager (softmax) is reproduced")
+    labels = model.dataset.get("labels")
+    if not isinstance(labels, dict):
+        problems.append("dataset.json: no 'labels'")
+    elif regions := [name for name, value in labels.items() if isinstance(value, list | tuple)]:
+        problems.append(f"region-based training (labels {regions} are lists of classes): not reproduced")
+    if config.get("previous_stage") is not None or model.configuration_name == "3d_cascade_fullres":
+        problems.append(f"configuration {model.configuration_name} is a cascade stage (it needs the previous "
+                        "stage's segmentation): not reproduced")
+    if len(config.get("patch_size", [])) != 3 or len(config.get("spacing", [])) != 3:
+        problems.append(f"configuration {model.configuration_name}: not 3d (patch {config.get('patch_size')}); "
+                        "only 3d networks are reproduced")
+    if sorted(model.plans.get("transpose_forward", [])) != [0, 1, 2]:
+        problems.append(f"plans.json: transpose_forward {model.plans.get('transpose_forward')} is not an axis order")
+    return problems + resampling_problems(config)
+
+
+def _same(value: object, expected: object) -> bool:
+    """Equal and of the same kind (``True`` is not ``1``, ``None`` not ``False``); ints and floats compare."""
+    if isinstance(expected, bool) or expected is None:
+        return value is expected
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == expected
+
+
+def resampling_problems(config: Mapping[str, Any]) -> list[str]:
+    """Why the configuration's image or logit resampling is not the one the gateway reproduces (empty: it is).
+
+    ``resampling_fn_seg`` is not checked: it resamples the nonzero mask only, which ``CTNormalization`` ignores
+    and the prediction never sees.
+    """
+    problems = []
+    for kind, expected in RESAMPLING.items():
+        function, kwargs = config.get(f"resampling_fn_{kind}"), config.get(f"resampling_fn_{kind}_kwargs", {})
+        if function != RESAMPLING_FN:
+            problems.append(f"resampling_fn_{kind} {function!r}: only {RESAMPLING_FN!r} is reproduced")
+            continue
+        if not isinstance(kwargs, dict):
+            problems.append(f"resampling_fn_{kind}_kwargs {kwargs!r}: not a JSON object")
+            continue
+        unknown = sorted(set(kwargs) - set(RESAMPLING_DEFAULTS))
+        effective = {**RESAMPLING_DEFAULTS, **kwargs}
+        differ = [f"{key}={effective[key]!r}" for key in expected if not _same(effective[key], expected[key])]
+        if unknown or differ:
+            wanted = ", ".join(f"{key}={value!r}" for key, value in expected.items())
+            problems.append(f"resampling_fn_{kind}_kwargs {kwargs}: {', '.join(differ + unknown)} not reproduced "
+                            f"(only {wanted})")
+    return problems
+
+
+def intensity_properties(plans: dict[str, Any]) -> dict[str, float]:
+    """Channel 0's foreground intensity statistics (``PlansManager.foreground_intensity_properties_per_channel``)."""
+    per_channel = plans.get("foreground_intensity_properties_per_channel",
+                            plans.get("foreground_intensity_properties_by_modality"))
+    props = per_channel.get("0") if isinstance(per_channel, dict) else None
+    keys = ("mean", "std", "percentile_00_5", "percentile_99_5")
+    if not isinstance(props, dict) or not all(isinstance(props.get(key), int | float) for key in keys):
+        raise Refused(f"plans.json: foreground_intensity_properties_per_channel['0'] needs numbers {', '.join(keys)}")
+    return {key: float(props[key]) for key in keys}
+
+
+# --- labels ---------------------------------------------------------------------------------------------------
+
+
+def tg263_name(name: str) -> str:
+    """A structure name an RT Structure Set accepts: TG-263 characters, at most 16, no backslash."""
+    safe = re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_^-]", "_", name.strip())).strip("_")
+    return safe[:16].rstrip("_")
+
+
+def class_names(dataset: dict[str, Any], renames: Sequence[tuple[str, str]]) -> list[str]:
+    """The structure name of each foreground class, in class index order (1, 2, ...).
+
+    nnU-Net's segmentation is the argmax index over its sorted label values (``LabelManager.all_labels``,
+    the ``ignore`` label excluded), so class ``c`` is the ``c``-th smallest value.
+    """
+    labels = {name: int(value) for name, value in dataset["labels"].items() if name != "ignore"}
+    unknown = [old for old, _ in renames if old not in labels]
+    if unknown:
+        raise Refused(f"--rename: no label {unknown} in dataset.json (labels: {sorted(labels)})")
+    if len(set(labels.values())) != len(labels) or 0 not in labels.values():
+        raise Refused(f"dataset.json: labels {labels} need one background 0 and distinct values")
+    renamed = {name: dict(renames).get(name, name) for name in labels}
+    ordered = sorted((value, name) for name, value in labels.items() if value != 0)
+    names = [tg263_name(renamed[name]) for _, name in ordered]
+    problems = [f"label {old!r} has no usable name; give one with --rename {old}=NAME"
+                for (_, old), new in zip(ordered, names, strict=True) if not new]
+    for new in sorted({new for new in names if new and names.count(new) > 1}):
+        olds = [old for (_, old), safe in zip(ordered, names, strict=True) if safe == new]
+        problems.append(f"labels {olds} all become {new!r}; tell them apart with --rename old=New")
+    if not names:
+        problems.append("dataset.json: no label besides the background")
+    if len(names) > len(PALETTE):
+        problems.append(f"{len(names)} labels; a model package holds at most {len(PALETTE)}")
+    if problems:
+        raise Refused("; ".join(problems))
+    return names
+
+
+# --- the network ----------------------------------------------------------------------------------------------
+
+
+class FoldAverage(nn.Module):
+    """The mean of the folds' logits (one fold: that fold's)."""
+
+    def __init__(self, networks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.folds = nn.ModuleList(networks)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor = self.folds[0](image)
+        for network in self.folds[1:]:
+            total = total + network(image)
+        return total / len(self.folds) if len(self.folds) > 1 else total
+
+
+def _trainer_class(name: str) -> Any:  # a subclass of nnUNetTrainer
+    try:
+        found = recursive_find_trainer_class_by_name(name)
+    except Exception as exc:  # the search imports every trainer module; any of them may fail to import
+        raise Refused(f"trainer {name}: nnU-Net's search for the class failed ({type(exc).__name__}: {exc})") from None
+    if found is None:
+        raise Refused(f"trainer {name}: no such class in nnunetv2 (nor on nnUNet_extTrainer)")
+    return found
+
+
+def build_network(model: TrainedModel, classes: int) -> nn.Module:
+    """The architecture as ``initialize_from_trained_model_folder`` builds it, without deep supervision."""
+    plans_manager = PlansManager(model.plans)
+    config = plans_manager.get_configuration(model.configuration_name)
+    trainer = _trainer_class(model.trainer)
+    if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
+        network: nn.Module = trainer.build_network_architecture(plans_manager, config, 1, classes,
+                                                                enable_deep_supervision=False)
+        return network
+    network = trainer.build_network_architecture(
+        config.network_arch_class_name, config.network_arch_init_kwargs,
+        config.network_arch_init_kwargs_req_import, 1, classes, enable_deep_supervision=False)
+    return network
+
+
+def load_folds(model: TrainedModel, classes: int) -> FoldAverage:
+    """One network per fold with its weights, averaged, in eval mode."""
+    networks = []
+    for fold, checkpoint in zip(model.folds, model.checkpoints, strict=True):
+        network = build_network(model, classes)
+        try:
+            network.load_state_dict(checkpoint["network_weights"])
+        except RuntimeError as exc:
+            raise Refused(f"fold_{fold}: the weights do not fit the plans' architecture ({exc})") from None
+        networks.append(network)
+    return FoldAverage(networks).eval()
+
+
+def export_onnx(module: nn.Module, patch: Sequence[int], path: Path, *, dynamic: bool) -> None:
+    """``image`` [batch, 1, *patch] -> ``logits`` [batch, classes, *patch], opset 17, batch always dynamic."""
+    axes = {0: "batch", 2: "depth", 3: "height", 4: "width"} if dynamic else {0: "batch"}
+    example = torch.zeros((1, 1, *patch), dtype=torch.float32)
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and instance-norm notices
+        warnings.simplefilter("ignore")
+        try:  # TorchScript, not torch.export: the latter needs onnxscript, which the [nnunet] extra lacks
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT],
+                              output_names=[OUTPUT], dynamic_axes={INPUT: axes, OUTPUT: axes})
+        except Exception as exc:  # the exporter raises whatever the traced operators raise
+            raise ImportFailure(f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
+
+
+def limit_ir_version(path: Path) -> int:
+    """Lower the ONNX file's IR version to :data:`IR_VERSION` where it is higher and its opsets allow; return
+    the version the file has."""
+    model = onnx.load(str(path))
+    if model.ir_version <= IR_VERSION:
+        return int(model.ir_version)
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if needed > IR_VERSION:
+        raise ImportFailure(f"the ONNX file's opsets {[(o.domain, o.version) for o in model.opset_import]} need IR "
+                            f"version {needed}; the gateway's onnxruntime reads up to {IR_VERSION}")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return IR_VERSION
+
+
+def check_onnx(module: nn.Module, path: Path, patch: Sequence[int]) -> float:
+    """The largest difference between ONNX Runtime's and torch's logits on a random tile."""
+    tile = np.random.default_rng(0).normal(0.0, 1.0, (1, 1, *patch)).astype(np.float32)
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(tile)).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run([OUTPUT], {INPUT: tile})
+    if actual.shape != expected.shape:
+        raise ImportFailure(f"ONNX output shape {actual.shape}, torch's {expected.shape}")
+    return float(np.abs(actual - expected).max())
+
+
+# --- the manifest ---------------------------------------------------------------------------------------------
+
+
+def _toml(value: object) -> str:
+    """A TOML value: strings, numbers, booleans, lists and inline tables (dicts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are TOML basic-string escapes
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
+    raise TypeError(f"no TOML for {type(value).__name__}")
+
+
+def _table(header: str, values: Mapping[str, object]) -> str:
+    return "\n".join([header, *(f"{key} = {_toml(value)}" for key, value in values.items())]) + "\n"
+
+
+def input_section(model: TrainedModel, options: Options) -> dict[str, object]:
+    """``[input]``: nnU-Net's axis order, grid, tiling, mirroring, padding and ``CTNormalization``."""
+    transpose = [int(axis) for axis in model.plans["transpose_forward"]]
+    props = intensity_properties(model.plans)
+    return {
+        "orientation": "".join(options.orientation[axis] for axis in transpose),
+        "spacing_mm": [float(s) for s in model.configuration["spacing"]],
+        "patch_size": [int(p) for p in model.configuration["patch_size"]],
+        "output_crop": [0, 0, 0],
+        "layout": "channels_first",
+        "overlap": 1 - TILE_STEP,
+        "tile_weighting": "gaussian",
+        "mirror_axes": model.mirror_axes if options.mirroring else [],
+        "batch_size": 1,
+        "padding_value": 0.0,
+        "pad_position": "centre",
+        "resampling": "nnunet",
+        "normalisation": {"kind": "zscore", "mean": props["mean"], "std": max(props["std"], STD_EPSILON),
+                          "hu_min": props["percentile_00_5"], "hu_max": props["percentile_99_5"]},
+    }
+
+
+def manifest_text(model: TrainedModel, options: Options, names: Sequence[str]) -> str:
+    """The whole ``manifest.toml``."""
+    description = (f"nnU-Net v2 {model.trainer}__{model.plans_name}__{model.configuration_name}, "
+                   f"folds {', '.join(model.folds)}, {model.dataset_name}")
+    info = {"name": options.name or options.out.name, "version": options.version, "modality": "CT",
+            "description": description}
+    parts = [f"# Imported by scripts/import_nnunet.py from {model.folder.name}\n", _table("[model]", info),
+             _table("[input]", input_section(model, options)),
+             _table("[output]", {"kind": "softmax", "logits": True})]
+    for value, (name, colour) in enumerate(zip(names, PALETTE, strict=False), start=1):
+        parts.append(_table("[[labels]]", {"value": value, "name": name, "colour": list(colour),
+                                           "interpreted_type": "ORGAN"}))
+    return "\n".join(parts)
+
+
+# --- the package ----------------------------------------------------------------------------------------------
+
+
+def _stage(out: Path, module: nn.Module, model: TrainedModel, options: Options, names: Sequence[str]) -> Path:
+    """Write and check the package in a fresh folder beside *out*; return the folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        patch = [int(p) for p in model.configuration["patch_size"]]
+        export_onnx(module, patch, staging / "model.onnx", dynamic=options.dynamic)
+        limit_ir_version(staging / "model.onnx")
+        difference = check_onnx(module, staging / "model.onnx", patch)
+        print(f"ONNX vs torch on a random {patch} tile: max abs logit difference {difference:.2e}")
+        if not difference <= TOLERANCE:
+            raise ImportFailure(f"ONNX differs from torch by {difference:.2e} (> {TOLERANCE:g})")
+        (staging / "manifest.toml").write_text(manifest_text(model, options, names), encoding="utf-8")
+        load_model_package(staging)
+    except BaseException:
+        shutil.rmtree(staging)
+        raise
+    staging.chmod(0o755)
+    return staging
+
+
+def install_package(out: Path, staging: Path) -> None:
+    """Put *staging* at *out*, replacing a previous package only once the new one is complete."""
+    previous = out.parent / f".{out.name}.previous"
+    if previous.exists():
+        shutil.rmtree(previous)
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def run_import(folder: Path, options: Options) -> Path:
+    """Read, check, convert and install; return the package folder."""
+    if not _ORIENTATION.match(options.orientation):
+        raise Refused(f"--orientation {options.orientation!r}: 3 letters, one of L/R, A/P and S/I each")
+    model = read_trained_model(folder, options.folds, options.checkpoint)
+    if problems := unsupported(model):
+        raise Refused("; ".join(problems))
+    names = class_names(model.dataset, options.renames)
+    module = load_folds(model, len(names) + 1)
+    install_package(options.out, _stage(options.out, module, model, options, names))
+    print(f"{model.folder.name}: folds {', '.join(model.folds)}, {len(names)} labels ({', '.join(names)})")
+    return options.out
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+
+def _rename(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected old=New")
+    return old, new
+
+
+def _fold(text: str) -> str:
+    if text != "all" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a fold is a number or 'all'")
+    return text
+
+
+def parse_options(argv: Sequence[str] | None) -> tuple[Path, Options]:
+    """The results folder and the options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="<trainer>__<plans>__<configuration> folder")
+    parser.add_argument("--fold", action="append", type=_fold, help="fold to use (repeat); default: all present")
+    parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold")
+    parser.add_argument("--out", type=Path, required=True, help="package folder to write (models/NAME)")
+    parser.add_argument("--orientation", default="SPL",
+                        help="patient direction each axis of nnU-Net's input array increases toward, before "
+                             "transpose_forward (SimpleITK reads axial LPS images as S, P, L)")
+    parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring")
+    parser.add_argument("--dynamic", action="store_true", help="export with dynamic spatial axes")
+    parser.add_argument("--name", help="model name in the manifest (default: the --out folder's name)")
+    parser.add_argument("--version", default="1.0.0", help="model version in the manifest")
+    parser.add_argument("--rename", action="append", type=_rename, default=[], metavar="OLD=NEW",
+                        help="structure name for a dataset.json label (repeat)")
+    args = parser.parse_args(argv)
+    options = Options(folds=tuple(args.fold) if args.fold else None, checkpoint=args.checkpoint,
+                      out=args.out.resolve(), orientation=args.orientation, mirroring=not args.disable_tta,
+                      dynamic=args.dynamic, name=args.name, version=args.version, renames=tuple(args.rename))
+    return args.results.resolve(), options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    folder, options = parse_options(argv)
+    try:
+        out = run_import(folder, options)
+    except Refused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    except (ImportFailure, ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in sorted(out.iterdir()):
+        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
