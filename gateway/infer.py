@@ -6,7 +6,9 @@ and runs the network tile by tile (:mod:`gateway.tiling`). Logits are averaged o
 then turned into probabilities, as nnU-Net does. Structures may overlap (an External encloses the
 lungs), so the result holds one bit per label in each voxel. Each label is cleaned on the
 (small) model grid as the manifest says (left/right split, largest component, holes per
-axial plane, minimum volume), then the bits are mapped to the original CT grid. The pure
+axial plane, minimum volume), then the bits are mapped to the original CT grid; with
+``resampling = "nnunet"`` the logits go back to the CT grid first and everything after happens
+there, as in nnU-Net. The pure
 geometry helpers are in :mod:`gateway.orientation`, :mod:`gateway.resample` and :mod:`gateway.tiling`.
 
 Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *output]``, or

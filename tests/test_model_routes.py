@@ -16,7 +16,7 @@ from gateway.models import check_route_models, combine_manifests
 from gateway.routes import Route
 from tests.conftest import REPO, NodeProcess, dcmtk_env, require_tool
 from tests.onnx_models import manifest, threshold_network
-from tests.synthetic import abdomen_phantom, couch_phantom, write_volume_series
+from tests.synthetic import CTSeries, abdomen_phantom, couch_phantom, write_volume_series
 
 
 @pytest.fixture
@@ -65,18 +65,24 @@ class TestCombinedManifest:
             route(["default", "default"])
 
 
-def test_two_models_one_structure_set(node_factory: Callable[..., NodeProcess], models_dir: Path,
-                                      tmp_path: Path) -> None:
-    volume, _ = couch_phantom(shape=(30, 160, 160), spacing=(4.0, 2.6, 2.6))
-    ct = write_volume_series(tmp_path / "ct", volume)
-    both = {"name": "both", "match": {"Modality": "CT"}, "model": ["default", "bone"], "destinations": ["folder"],
-            "structures": {"Bones": {"name": "Skeleton", "order": 1}}}
-    node = node_factory(destinations=[{"name": "folder", "type": "folder"}], routes=[both], models_dir=models_dir)
+def contour(node_factory: Callable[..., NodeProcess], models_dir: Path, ct: CTSeries,
+            route: dict[str, object]) -> tuple[NodeProcess, Path]:
+    """Send *ct* to a node with *route* into a folder; the node and the RTSTRUCT file it wrote."""
+    node = node_factory(destinations=[{"name": "folder", "type": "folder"}], routes=[route], models_dir=models_dir)
     sent = subprocess.run([require_tool("storescu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
                            str(node.port), *map(str, ct.files)], capture_output=True, env=dcmtk_env(), timeout=60)
     assert sent.returncode == 0
-    assert node.wait_for("job_done", timeout=120)["state"] == "sent"
+    assert node.wait_for("job_done", timeout=240)["state"] == "sent"
     [exported] = (node.data_dir / "export" / "folder").glob("*.dcm")
+    return node, exported
+
+
+def test_two_models_one_structure_set(node_factory: Callable[..., NodeProcess], models_dir: Path,
+                                      tmp_path: Path) -> None:
+    volume, _ = couch_phantom(shape=(30, 160, 160), spacing=(4.0, 2.6, 2.6))
+    both = {"name": "both", "match": {"Modality": "CT"}, "model": ["default", "bone"], "destinations": ["folder"],
+            "structures": {"Bones": {"name": "Skeleton", "order": 1}}}
+    node, exported = contour(node_factory, models_dir, write_volume_series(tmp_path / "ct", volume), both)
     rtstruct = pydicom.dcmread(exported)
     rois = {roi.ROIName: roi for roi in rtstruct.StructureSetROISequence}
     assert list(rois) == ["Skeleton", "External", "Lung_L", "Lung_R"]
@@ -106,12 +112,7 @@ def test_default_and_the_published_liver_network(node_factory: Callable[..., Nod
     ct = write_volume_series(tmp_path / "ct", volume)
     route = {"name": "abdomen", "match": {"Modality": "CT"}, "model": ["default", "liver"],
              "destinations": ["folder"]}
-    node = node_factory(destinations=[{"name": "folder", "type": "folder"}], routes=[route], models_dir=models_dir)
-    sent = subprocess.run([require_tool("storescu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
-                           str(node.port), *map(str, ct.files)], capture_output=True, env=dcmtk_env(), timeout=60)
-    assert sent.returncode == 0
-    assert node.wait_for("job_done", timeout=240)["state"] == "sent"
-    [exported] = (node.data_dir / "export" / "folder").glob("*.dcm")
+    _node, exported = contour(node_factory, models_dir, ct, route)
     rtstruct = pydicom.dcmread(exported)
     rois = {roi.ROIName: roi for roi in rtstruct.StructureSetROISequence}
     assert list(rois) == ["External", "Lung_L", "Lung_R", "Liver"]
