@@ -71,7 +71,16 @@ def _unet(folder: Path) -> Path:
     return folder
 
 
-def _peak_rss_mb() -> float:
+def axial_volume(hu: np.ndarray, slice_mm: float, pixel_mm: float) -> Volume:
+    """*hu* ``(slices, rows, columns)`` as an axial head-first-supine CT centred on the origin."""
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = slice_mm, pixel_mm, pixel_mm, 1.0
+    affine[:3, 3] = [-hu.shape[2] / 2 * pixel_mm, -hu.shape[1] / 2 * pixel_mm, -hu.shape[0] / 2 * slice_mm]
+    return Volume(hu, affine, tuple(map(str, range(hu.shape[0]))), "1.2.3", "HFS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB."""
     # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across exec.
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -81,10 +90,7 @@ def _peak_rss_mb() -> float:
 
 def child(npy: Path, model: Path, measure: str) -> dict[str, float]:
     """Run in a fresh process: load the CT, predict, report seconds, peak RSS and ORT time."""
-    hu = np.load(npy)
-    affine = np.zeros((4, 4))
-    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = SLICE, PIXEL, PIXEL, 1.0
-    volume = Volume(hu, affine, tuple(map(str, range(hu.shape[0]))), "1.2.3", "HFS")
+    volume = axial_volume(np.load(npy), SLICE, PIXEL)
     predictor = Predictor(load_model_package(model))
     shapes: list[tuple[int, ...]] = []
     run = predictor._run
@@ -97,7 +103,7 @@ def child(npy: Path, model: Path, measure: str) -> dict[str, float]:
     started = time.perf_counter()
     predictor.predict(volume)
     seconds = time.perf_counter() - started
-    result = {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
+    result = {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if measure == "overhead":
         session, name = predictor._session, predictor._input
         batches = [np.random.default_rng(1).normal(0, 1, shape).astype(np.float32) for shape in shapes]

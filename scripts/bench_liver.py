@@ -32,9 +32,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_infer import axial_volume, peak_rss_mb  # noqa: E402 - the inference benchmark's helpers
+
 from gateway.infer import Predictor  # noqa: E402
 from gateway.manifest import load_model_package  # noqa: E402
-from gateway.volume import Volume  # noqa: E402
 from tests.synthetic import abdomen_phantom  # noqa: E402
 
 PIXEL, SLICE, SLICES = 512 / 500 * 0.96, 2.5, 100
@@ -43,20 +44,6 @@ PIXEL, SLICE, SLICES = 512 / 500 * 0.96, 2.5, 100
 def _phantom() -> np.ndarray:
     volume, _ = abdomen_phantom(shape=(SLICES, 512, 512), spacing=(SLICE, PIXEL, PIXEL))
     return volume.hu
-
-
-def _volume(hu: np.ndarray) -> Volume:
-    affine = np.zeros((4, 4))
-    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = SLICE, PIXEL, PIXEL, 1.0
-    affine[:3, 3] = [-256 * PIXEL, -256 * PIXEL, -SLICES / 2 * SLICE]
-    return Volume(hu, affine, tuple(map(str, range(hu.shape[0]))), "1.2.3", "HFS")
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def ours(npy: Path, model: Path, tiles_out: Path) -> dict[str, float]:
@@ -70,11 +57,11 @@ def ours(npy: Path, model: Path, tiles_out: Path) -> dict[str, float]:
         return run(batch)
 
     predictor._tiler._network = recording
-    volume = _volume(np.load(npy))
+    volume = axial_volume(np.load(npy), SLICE, PIXEL)
     started = time.perf_counter()
     prediction = predictor.predict(volume)
     seconds = time.perf_counter() - started
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     np.save(tiles_out, np.concatenate(fed))
     voxel_ml = float(np.prod(volume.spacing)) / 1000
     return {"seconds": seconds, "peak_rss_mb": peak, "tiles": float(sum(len(b) for b in fed)),
@@ -92,7 +79,7 @@ def bare(tiles: Path, model: Path) -> dict[str, float]:
     started = time.perf_counter()
     for tile in batches:
         session.run(None, {name: np.ascontiguousarray(np.moveaxis(tile[None], 1, -1))})
-    return {"seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 
 
 def _child(*args: str) -> dict[str, float]:
