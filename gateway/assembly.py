@@ -25,7 +25,8 @@ from pydicom.errors import InvalidDicomError
 from gateway.config import Peer
 from gateway.crypt import MasterKey, Purpose, Sealer
 from gateway.errors import CryptoError
-from gateway.jobs import Job, JobState, JobStore, RecordOutcome
+from gateway.failpoints import failpoint
+from gateway.jobs import HeldInstance, Job, JobState, JobStore, RecordOutcome, Reservation
 from gateway.spool import Spool
 
 __all__ = ["Assembler", "IncomingInstance", "StoreResult", "complete_due", "force_complete"]
@@ -37,12 +38,16 @@ class StoreResult(StrEnum):
     """What happened to an incoming instance."""
 
     STORED = "stored"
+    REPLACED = "replaced"
     DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)
 class IncomingInstance:
-    """An instance ready to spool: its identifying UIDs and the bytes of the file to write."""
+    """An instance ready to spool: its identifying UIDs and the bytes of the file to write.
+
+    ``parts[0]`` is the File Meta Information the node wrote; the rest is the data set as received.
+    """
 
     study_uid: str
     sop_instance_uid: str
@@ -58,14 +63,26 @@ class Assembler:
         self._jobs = jobs
         self._clock = clock
         self._secret = master.derive("keyed UID hashes")
+        self._digest_secret = master.derive("keyed content digests")
         self.sealer = Sealer(master, jobs)
 
     def key(self, uid: str) -> str:
         """Keyed hash of a UID: stable within this node, meaningless elsewhere."""
         return hmac.new(self._secret, uid.encode("ascii"), hashlib.sha256).hexdigest()
 
+    def digest(self, parts: Iterable[bytes | bytearray | memoryview]) -> str:
+        """Keyed hash of an instance's content, to tell a corrected re-send from a repeated one."""
+        mac = hmac.new(self._digest_secret, digestmod=hashlib.sha256)
+        for part in parts:
+            mac.update(part)
+        return mac.hexdigest()
+
     def accept(self, instance: IncomingInstance, peer: Peer) -> StoreResult:
         """Store *instance* durably in its study's receiving job.
+
+        A copy of an instance the job holds already is a duplicate when its content is the same,
+        and replaces the held copy when it differs (a corrected re-send: the last one wins); a
+        corrected copy of an instance of a study already completed reopens that study's job.
 
         Raises
         ------
@@ -74,41 +91,69 @@ class Assembler:
         """
         study_key = self.key(instance.study_uid)
         sop_key = self.key(instance.sop_instance_uid)
+        digest = self.digest(instance.parts[1:])
         for _attempt in range(3):
-            job_id = self._reserve(study_key, peer)
-            if self._jobs.has_instance(job_id, sop_key):
+            reservation = self._reserve(study_key, sop_key, digest, peer)
+            job_id, held = reservation.job_id, reservation.held
+            if held is not None and held.digest in (None, digest):
+                self._jobs.release(job_id)
                 log.debug("instance_duplicate", job_id=job_id)
                 return StoreResult.DUPLICATE
-            sealed = self.sealer.seal(job_id, Purpose.RECEIVED, instance.parts)
-            file_id, size = self._spool.write_instance(job_id, sealed)
-            try:
-                outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
-            except BaseException:
-                self._spool.remove_instance(job_id, file_id)  # the sender is told it failed
-                raise
+            outcome = self._write(job_id, sop_key, digest, held, instance)
             if outcome is RecordOutcome.STORED:
-                log.debug("instance_stored", job_id=job_id, bytes=size)
                 return StoreResult.STORED
-            self._spool.remove_instance(job_id, file_id)
+            if outcome is RecordOutcome.REPLACED:
+                return StoreResult.REPLACED
             if outcome is RecordOutcome.DUPLICATE:
                 log.debug("instance_duplicate", job_id=job_id)
                 return StoreResult.DUPLICATE
             # The job was closed while we wrote (forced completion): file it anew.
         raise RuntimeError("job kept closing while an instance was stored")
 
-    def _reserve(self, study_key: str, peer: Peer) -> str:
-        reservation = self._jobs.reserve(study_key, peer.name, peer.quiet_seconds, self._clock())
+    def _write(self, job_id: str, sop_key: str, digest: str, held: HeldInstance | None,
+               instance: IncomingInstance) -> RecordOutcome:
+        try:
+            sealed = self.sealer.seal(job_id, Purpose.RECEIVED, instance.parts)
+            file_id, size = self._spool.write_instance(job_id, sealed)
+            failpoint("write_instance")
+        except BaseException:
+            self._jobs.release(job_id)
+            raise
+        try:
+            if held is None:
+                outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock(), digest)
+            else:
+                outcome = self._jobs.replace_instance(job_id, sop_key, held, file_id, size, digest, self._clock())
+        except BaseException:
+            self._spool.remove_instance(job_id, file_id)  # the sender is told it failed
+            raise
+        if outcome is RecordOutcome.STORED:
+            log.debug("instance_stored", job_id=job_id, bytes=size)
+        elif outcome is RecordOutcome.REPLACED:
+            self._spool.remove_instance(job_id, held.file_id if held else file_id)
+            log.info("instance_replaced", job_id=job_id, bytes=size)
+        else:
+            self._spool.remove_instance(job_id, file_id)
+        return outcome
+
+    def _reserve(self, study_key: str, sop_key: str, digest: str, peer: Peer) -> Reservation:
+        reservation = self._jobs.reserve(study_key, peer.name, peer.quiet_seconds, self._clock(), sop_key=sop_key,
+                                         digest=digest)
         if reservation.created:
             log.info("job_created", job_id=reservation.job_id, study=study_key[:16], peer=peer.name,
                      previous_job_id=reservation.previous_job_id)
             if reservation.previous_job_id is not None:
                 log.info("study_received_after_completion", job_id=reservation.job_id,
                          study=study_key[:16], previous_job_id=reservation.previous_job_id)
-        return reservation.job_id
+        if reservation.reopened:
+            log.warning("job_reopened", job_id=reservation.job_id, study=study_key[:16], peer=peer.name,
+                        reason="instance_corrected")
+        return reservation
 
     def reconcile(self) -> None:
         """Make the database and the spool agree after a crash or power loss."""
         removed = self._spool.remove_temporaries()
+        self._jobs.forget_writes()  # no receiver runs yet
         known = {job.job_id: job for job in self._jobs.jobs()}
         for job_id in self._spool.job_ids():
             job = known.get(job_id)
@@ -125,22 +170,26 @@ class Assembler:
             self._jobs.forget_instance(job.job_id, file_id)
             log.warning("instance_row_without_file", job_id=job.job_id)
         for file_id in present - set(registered):
-            sop_uid = self._read_sop_instance_uid(job.job_id, file_id)
+            found = self._read_sop_instance_uid(job.job_id, file_id)
             outcome = RecordOutcome.JOB_CLOSED
-            if sop_uid is not None and job.state is JobState.RECEIVING:
+            if found is not None and job.state is JobState.RECEIVING:
+                sop_uid, digest = found
                 size = self._spool.instance_path(job.job_id, file_id).stat().st_size
-                outcome = self._jobs.record_instance(job.job_id, self.key(sop_uid), file_id, size, self._clock())
+                outcome = self._jobs.record_instance(job.job_id, self.key(sop_uid), file_id, size, self._clock(),
+                                                     digest)
             if outcome is not RecordOutcome.STORED:
                 # Never acknowledged to the sender (it was not registered), so it will be re-sent.
                 self._spool.remove_instance(job.job_id, file_id)
             log.warning("unregistered_instance_file", job_id=job.job_id, outcome=outcome)
 
 
-    def _read_sop_instance_uid(self, job_id: str, file_id: str) -> str | None:
+    def _read_sop_instance_uid(self, job_id: str, file_id: str) -> tuple[str, str] | None:
+        # The SOP Instance UID and content digest of a spooled file (the data set after its file meta).
         try:
             plaintext = self.sealer.open(job_id, Purpose.RECEIVED, self._spool.read_instance(job_id, file_id))
             ds = pydicom.dcmread(io.BytesIO(plaintext), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            return str(ds.SOPInstanceUID)
+            meta_end = 144 + int.from_bytes(plaintext[140:144], "little")
+            return str(ds.SOPInstanceUID), self.digest([memoryview(plaintext)[meta_end:]])
         except (CryptoError, InvalidDicomError, AttributeError, OSError, ValueError):
             return None
 

@@ -46,6 +46,7 @@ __all__ = [
     "FolderDestination",
     "GatewayConfig",
     "Inference",
+    "Limits",
     "ListenerTLS",
     "Logging",
     "MetricsEndpoint",
@@ -162,6 +163,32 @@ class Peer(_Model):
         return _address_in(address, self.host)
 
 
+class Limits(_Model):
+    """Size caps on what the node accepts and processes, each checked from headers before decoding or allocating.
+
+    Each refusal has its own reason code (C-STORE failure status at receipt, a failed task later).
+    """
+
+    #: Bytes of one received data set; larger ones are refused (0xA700) without being buffered whole.
+    max_dataset_bytes: Annotated[int, Field(ge=1024 * 1024, le=4 * 1024**3)] = 128 * 1024 * 1024
+    #: Rows x Columns x Number of Frames of one received image.
+    max_pixels_per_instance: Annotated[int, Field(ge=64 * 64, le=2**31)] = 4096 * 4096
+    #: Voxels of one series as received, and on a model's grid after resampling.
+    max_series_voxels: Annotated[int, Field(ge=10 * 64 * 64, le=2**34)] = 512 * 512 * 2048
+    #: Plausible pixel spacing (mm) of a CT image, smallest and largest.
+    pixel_spacing_mm: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.05, 5.0)
+    #: Plausible distance between slices (mm), smallest and largest.
+    slice_spacing_mm: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 20.0)
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> Self:
+        for name in ("pixel_spacing_mm", "slice_spacing_mm"):
+            low, high = getattr(self, name)
+            if low >= high:
+                raise ValueError(f"{name}: the smallest value must be below the largest")
+        return self
+
+
 class Pipeline(_Model):
     """How completed studies are processed."""
 
@@ -254,6 +281,7 @@ class GatewayConfig(_Model):
     destinations: list[AnyDestination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     pipeline: Pipeline = Pipeline()
+    limits: Limits = Limits()
     retention: Retention = Retention()
     audit: Audit = Audit()
     encryption: Encryption = Encryption()

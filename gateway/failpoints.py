@@ -1,27 +1,50 @@
-"""Crash points for the restart tests: the node kills itself (SIGKILL) where the environment says.
+"""Crash points for the restart tests: the node kills itself, runs out of memory or stalls where the environment says.
 
-``CONTOUR_GW_FAILPOINT=after:infer`` kills the node once the inference stage has written its
-output but before it committed the new state; ``before:<stage>`` before the stage starts;
-``delivered`` after a destination confirmed a result but before that was recorded. Unset
-(always, in production) a failpoint does nothing.
+``CONTOUR_GW_FAILPOINT=after:infer`` kills the node (SIGKILL) once the inference stage has
+written its output but before it committed the new state; ``before:<stage>`` before the stage
+starts; ``delivered`` after a destination confirmed a result but before that was recorded.
+``oom:<point>`` allocates memory at *point* until the kernel's OOM killer (a cgroup limit) ends
+the process, as a model far too large for the machine would. ``slow:<point>:<seconds>`` stalls
+there (a slow disk). Unset (always, in production) a failpoint does nothing.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import structlog
 
 __all__ = ["FAILPOINT_ENV", "failpoint"]
 
 FAILPOINT_ENV = "CONTOUR_GW_FAILPOINT"
+#: An ``oom:`` failpoint gives up (MemoryError) past this, should no limit stop it first.
+_OOM_CEILING_BYTES = 4 * 1024**3
+_OOM_CHUNK_BYTES = 64 * 1024**2
 
 log = structlog.get_logger(__name__)
 
 
 def failpoint(point: str) -> None:
-    """Kill this process with SIGKILL if *point* is the configured failpoint."""
-    if os.environ.get(FAILPOINT_ENV) == point:
+    """Act as the configured failpoint says if it names *point*: kill, exhaust memory, or stall."""
+    configured = os.environ.get(FAILPOINT_ENV)
+    if not configured:
+        return
+    if configured == point:
         log.warning("failpoint_kill", point=point)
         os.kill(os.getpid(), signal.SIGKILL)
+    elif configured == f"oom:{point}":
+        log.warning("failpoint_oom", point=point)
+        _exhaust_memory()
+    elif configured.startswith(f"slow:{point}:"):
+        time.sleep(float(configured.rsplit(":", 1)[1]))
+
+
+def _exhaust_memory() -> None:
+    hoard = []
+    while len(hoard) * _OOM_CHUNK_BYTES < _OOM_CEILING_BYTES:
+        chunk = bytearray(_OOM_CHUNK_BYTES)
+        chunk[::4096] = b"\1" * len(chunk[::4096])  # touch every page: resident, not just reserved
+        hoard.append(chunk)
+    raise MemoryError("failpoint: no memory limit stopped the allocation")

@@ -23,7 +23,10 @@ from pathlib import Path
 from gateway.errors import JobNotFoundError
 from gateway.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 
-__all__ = ["Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
+__all__ = ["HeldInstance", "Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
+
+#: A write counted in flight for longer than this is a receiver that died: it no longer holds completion back.
+WRITE_LEASE_SECONDS = 600.0
 
 class JobState(StrEnum):
     """Where a job (a study) or one of its tasks (a series) stands, in the order of the stages."""
@@ -52,6 +55,7 @@ class RecordOutcome(StrEnum):
     """Result of registering one received instance."""
 
     STORED = "stored"
+    REPLACED = "replaced"
     DUPLICATE = "duplicate"
     JOB_CLOSED = "job_closed"
 
@@ -79,12 +83,22 @@ class Job:
 
 
 @dataclass(frozen=True)
+class HeldInstance:
+    """The copy of an instance a job already holds: its file and the keyed digest of its content."""
+
+    file_id: str
+    digest: str | None  # None: stored before digests were kept
+
+
+@dataclass(frozen=True)
 class Reservation:
-    """The receiving job an incoming instance belongs to."""
+    """The receiving job an incoming instance belongs to, and the copy of that instance it holds."""
 
     job_id: str
     created: bool
     previous_job_id: str | None
+    held: HeldInstance | None
+    reopened: bool = False
 
 
 class JobStore:
@@ -138,11 +152,16 @@ class JobStore:
                 if durable:
                     self._db.execute("PRAGMA synchronous=NORMAL")
 
-    def reserve(self, study_key: str, peer: str, quiet_seconds: float, now: float) -> Reservation:
-        """Return the receiving job of *study_key*, creating one if none is open.
+    def reserve(self, study_key: str, peer: str, quiet_seconds: float, now: float, *, sop_key: str | None = None,
+                digest: str | None = None) -> Reservation:
+        """Return the receiving job an incoming instance goes to, and the copy of it that job holds.
 
-        The job's ``last_received_at`` is moved to *now*, so it cannot complete while
-        the instance that asked is being written.
+        The job's ``last_received_at`` is moved to *now* and one more write is counted in flight
+        (:meth:`record_instance`, :meth:`replace_instance` or :meth:`release` end it), so the job
+        cannot complete while the instance is written. With no receiving job for the study, a
+        different copy of the instance held by the study's latest job reopens that job (a
+        corrected re-send: its tasks are dropped and it is processed again once quiet);
+        otherwise a new job is created.
         """
         with self._lock:
             row = self._db.execute(
@@ -150,29 +169,33 @@ class JobStore:
             ).fetchone()
         if row is not None:
             with self.transaction() as db:
-                cur = db.execute(
-                    "UPDATE jobs SET last_received_at = max(last_received_at, ?) "
-                    "WHERE job_id = ? AND state = 'receiving'", (now, row["job_id"]))
-                if cur.rowcount == 1:
-                    return Reservation(row["job_id"], False, None)
+                if _take_writer(db, row["job_id"], now):
+                    return Reservation(row["job_id"], False, None, _held(db, row["job_id"], sop_key))
         with self.transaction(durable=True) as db:
             row = db.execute(
                 "SELECT job_id FROM jobs WHERE study_key = ? AND state = 'receiving'", (study_key,)
             ).fetchone()
             if row is not None:
-                db.execute("UPDATE jobs SET last_received_at = max(last_received_at, ?) WHERE job_id = ?",
-                           (now, row["job_id"]))
-                return Reservation(row["job_id"], False, None)
+                _take_writer(db, row["job_id"], now)
+                return Reservation(row["job_id"], False, None, _held(db, row["job_id"], sop_key))
+            reopened = _reopen_for_correction(db, study_key, sop_key, digest, now) if sop_key and digest else None
+            if reopened is not None:
+                return reopened
             previous = db.execute(
                 "SELECT job_id FROM jobs WHERE study_key = ? ORDER BY created_at DESC LIMIT 1", (study_key,)
             ).fetchone()
             job_id = secrets.token_hex(8)
             db.execute(
                 "INSERT INTO jobs (job_id, study_key, peer, quiet_seconds, state, created_at, "
-                "last_received_at, previous_job_id) VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?)",
+                "last_received_at, previous_job_id, writing) VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?, 1)",
                 (job_id, study_key, peer, quiet_seconds, now, now, previous["job_id"] if previous else None),
             )
-            return Reservation(job_id, True, previous["job_id"] if previous else None)
+            return Reservation(job_id, True, previous["job_id"] if previous else None, None)
+
+    def release(self, job_id: str) -> None:
+        """An instance write counted by :meth:`reserve` ended without registering anything."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET writing = max(0, writing - 1) WHERE job_id = ?", (job_id,))
 
     def has_instance(self, job_id: str, sop_key: str) -> bool:
         """Return whether the job already holds the instance *sop_key*."""
@@ -182,15 +205,20 @@ class JobStore:
             ).fetchone()
         return row is not None
 
-    def record_instance(self, job_id: str, sop_key: str, file_id: str, size: int, now: float) -> RecordOutcome:
-        """Register a durably written instance file with its job."""
+    def record_instance(self, job_id: str, sop_key: str, file_id: str, size: int, now: float,
+                        digest: str | None = None) -> RecordOutcome:
+        """Register a durably written instance file with its job (ending the write counted by :meth:`reserve`).
+
+        *now* is when the write became durable: the quiet period counts from it.
+        """
         with self.transaction() as db:
+            db.execute("UPDATE jobs SET writing = max(0, writing - 1) WHERE job_id = ?", (job_id,))
             state = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if state is None or state["state"] != JobState.RECEIVING:
                 return RecordOutcome.JOB_CLOSED
             cur = db.execute(
-                "INSERT OR IGNORE INTO instances (job_id, sop_key, file_id, size, received_at) "
-                "VALUES (?, ?, ?, ?, ?)", (job_id, sop_key, file_id, size, now))
+                "INSERT OR IGNORE INTO instances (job_id, sop_key, file_id, size, received_at, digest) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (job_id, sop_key, file_id, size, now, digest))
             if cur.rowcount == 0:
                 return RecordOutcome.DUPLICATE
             db.execute(
@@ -198,12 +226,32 @@ class JobStore:
                 "last_received_at = max(last_received_at, ?) WHERE job_id = ?", (now, job_id))
             return RecordOutcome.STORED
 
+    def replace_instance(self, job_id: str, sop_key: str, held: HeldInstance, file_id: str, size: int,
+                         digest: str, now: float) -> RecordOutcome:
+        """Put the durably written *file_id* in place of the copy *held* (the last copy received wins)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET writing = max(0, writing - 1) WHERE job_id = ?", (job_id,))
+            state = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if state is None or state["state"] != JobState.RECEIVING:
+                return RecordOutcome.JOB_CLOSED
+            cur = db.execute(
+                "UPDATE instances SET file_id = ?, size = ?, received_at = ?, digest = ? "
+                "WHERE job_id = ? AND sop_key = ? AND file_id = ?",
+                (file_id, size, now, digest, job_id, sop_key, held.file_id))
+            if cur.rowcount == 0:  # another copy won the race: this one is the last
+                return RecordOutcome.DUPLICATE
+            db.execute("DELETE FROM quarantine WHERE job_id = ? AND file_id = ?", (job_id, held.file_id))
+            db.execute("UPDATE jobs SET last_received_at = max(last_received_at, ?) WHERE job_id = ?",
+                       (now, job_id))
+            return RecordOutcome.REPLACED
+
     def complete_due(self, now: float) -> list[Job]:
         """Close every receiving job that has been quiet for its peer's ``quiet_seconds``."""
         with self.transaction() as db:
             rows = db.execute(
                 "UPDATE jobs SET state = 'complete', completed_at = ? WHERE state = 'receiving' "
-                "AND last_received_at + quiet_seconds <= ? RETURNING *", (now, now)).fetchall()
+                "AND last_received_at + quiet_seconds <= ? AND (writing = 0 OR last_received_at + ? <= ?) "
+                "RETURNING *", (now, now, WRITE_LEASE_SECONDS, now)).fetchall()
         return [_job(row) for row in rows]
 
     def next_completion_at(self) -> float | None:
@@ -212,6 +260,11 @@ class JobStore:
             row = self._db.execute("SELECT min(last_received_at + quiet_seconds) AS due FROM jobs "
                                    "WHERE state = 'receiving'").fetchone()
         return None if row["due"] is None else float(row["due"])
+
+    def forget_writes(self) -> None:
+        """No receiver is running (start-up): no instance write is in flight."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET writing = 0 WHERE writing != 0")
 
     def force_complete(self, job_id: str, now: float) -> Job:
         """Close a receiving job now, whatever its quiet period; other states are left alone."""
@@ -223,14 +276,39 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return _job(row)
 
-    def set_state(self, job_id: str, state: JobState, reason: str | None = None, *, now: float | None = None) -> None:
-        """Move a job to *state*, recording *reason* (a code, never patient data) and, if final, when."""
+    def set_state(self, job_id: str, state: JobState, reason: str | None = None, *, now: float | None = None,
+                  only_from: JobState | None = None) -> bool:
+        """Move a job to *state*, recording *reason* (a code, never patient data) and, if final, when.
+
+        With *only_from*, nothing changes unless the job is in that state; returns whether it moved.
+        """
         finished = (now if now is not None else time.time()) if state.terminal else None
         with self.transaction() as db:
-            cur = db.execute("UPDATE jobs SET state = ?, reason = ?, finished_at = ? WHERE job_id = ?",
-                             (state, reason, finished, job_id))
-        if cur.rowcount == 0:
+            row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(job_id)
+            if only_from is not None and row["state"] != only_from:
+                return False
+            db.execute("UPDATE jobs SET state = ?, reason = ?, finished_at = ? WHERE job_id = ?",
+                       (state, reason, finished, job_id))
+        return True
+
+    def begin_attempt(self, job_id: str) -> int:
+        """Count (durably) one more pipeline attempt on *job_id*; return how many have not ended well.
+
+        :meth:`end_attempt` resets the count; an attempt that raised or killed the process leaves it.
+        """
+        with self.transaction(durable=True) as db:
+            row = db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE job_id = ? RETURNING attempts",
+                             (job_id,)).fetchone()
+        if row is None:
             raise JobNotFoundError(job_id)
+        return int(row["attempts"])
+
+    def end_attempt(self, job_id: str) -> None:
+        """The attempt counted by :meth:`begin_attempt` ended without an error."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET attempts = 0 WHERE job_id = ?", (job_id,))
 
     def get(self, job_id: str) -> Job:
         """Return the job *job_id*."""
@@ -290,6 +368,38 @@ class JobStore:
             if cur.rowcount:
                 db.execute("UPDATE jobs SET instance_count = instance_count - ? WHERE job_id = ?",
                            (cur.rowcount, job_id))
+
+
+def _take_writer(db: sqlite3.Connection, job_id: str, now: float) -> bool:
+    cur = db.execute("UPDATE jobs SET last_received_at = max(last_received_at, ?), writing = writing + 1 "
+                     "WHERE job_id = ? AND state = 'receiving'", (now, job_id))
+    return cur.rowcount == 1
+
+
+def _held(db: sqlite3.Connection, job_id: str, sop_key: str | None) -> HeldInstance | None:
+    if sop_key is None:
+        return None
+    row = db.execute("SELECT file_id, digest FROM instances WHERE job_id = ? AND sop_key = ?",
+                     (job_id, sop_key)).fetchone()
+    return None if row is None else HeldInstance(row["file_id"], row["digest"])
+
+
+def _reopen_for_correction(db: sqlite3.Connection, study_key: str, sop_key: str, digest: str,
+                           now: float) -> Reservation | None:
+    # The study's latest job holding this instance, if its copy differs: a corrected re-send.
+    row = db.execute(
+        "SELECT j.job_id, i.file_id, i.digest FROM instances i JOIN jobs j ON j.job_id = i.job_id "
+        "WHERE j.study_key = ? AND i.sop_key = ? ORDER BY j.created_at DESC LIMIT 1", (study_key, sop_key)
+    ).fetchone()
+    if row is None or row["digest"] is None or row["digest"] == digest:
+        return None
+    job_id = row["job_id"]
+    for table in ("tasks", "task_files", "deliveries", "stage_times"):
+        db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+    db.execute("UPDATE jobs SET state = 'receiving', completed_at = NULL, finished_at = NULL, reason = NULL, "
+               "attempts = 0, last_received_at = max(last_received_at, ?), writing = writing + 1 WHERE job_id = ?",
+               (now, job_id))
+    return Reservation(job_id, False, None, HeldInstance(row["file_id"], row["digest"]), reopened=True)
 
 
 def _job(row: sqlite3.Row) -> Job:

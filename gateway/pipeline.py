@@ -9,12 +9,11 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pydicom
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 
 from gateway.crypt import Purpose
@@ -28,10 +27,11 @@ from gateway.pseudonymise import (
     encode,
     identity_of,
     new_pseudonym,
+    patient_of,
     pseudonymise,
     quarantine_reason,
 )
-from gateway.reidentify import reidentify
+from gateway.reidentify import encode_reidentified, reidentify
 from gateway.routes import Route
 from gateway.tasks import NewTask
 from gateway.vault import Vault
@@ -45,75 +45,98 @@ NO_ROUTE = "no_route"
 
 @dataclass(frozen=True)
 class PseudonymisedJob:
-    """Outcome of :func:`pseudonymise_job` (counts only, no patient data)."""
+    """Outcome of :func:`pseudonymise_job` (counts and reason codes only, no patient data)."""
 
     job_id: str
     instances: int
-    quarantined: int
+    quarantined: dict[str, int]  # reason code -> instances
     series: int
     duration_ms: int
     state: JobState
+    reason: str | None = None  # why the job failed
 
 
-def route_for(ds: Dataset, routes: Sequence[Route]) -> Route | None:
-    """The first route whose ``match`` fits the series of *ds* (multi-valued attributes joined by ``\\``)."""
+def route_for(ds: Dataset, routes: Sequence[Route]) -> tuple[Route | None, str | None]:
+    """The first route that takes the series of *ds*, or ``None`` and why none does.
+
+    A route takes a series when its ``match`` fits (multi-valued attributes joined by ``\\``)
+    and its ``[routes.images]`` does not skip it; the reason is the first skip's code, else ``no_route``.
+    """
+    skipped = None
     for route in routes:
         attributes = {}
-        for keyword in route.match:
+        for keyword in route.keywords:
             value = ds.get(keyword)
             if value is not None:
                 attributes[keyword] = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
-        if route.matches(attributes):
-            return route
-    return None
+        if not route.matches(attributes):
+            continue
+        image_type = [str(v) for v in ds.get("ImageType", [])]
+        reason = route.images.skip_reason(image_type, attributes)
+        if reason is None:
+            return route, None
+        skipped = skipped or reason
+    return None, skipped or NO_ROUTE
 
 
 @dataclass
 class _SeriesFiles:
     route: Route | None
-    files: list[str]
+    reason: str | None
+    identity: bytes
+    files: list[str] = field(default_factory=list)
 
 
 def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (), *,
                      unwanted_image_types: Iterable[str] = DEFAULT_UNWANTED_IMAGE_TYPES) -> PseudonymisedJob:
     """Pseudonymise every received instance of *job_id* into ``work/``, one task per series.
 
-    Each series is routed on its original attributes (the first matching route); instances
+    Each series is routed on its original attributes (the first route that takes it); instances
     that must not be processed are quarantined (recorded with a reason, never pseudonymised).
-    The vault entry is stored before the tasks are committed. If nothing is left, the job
-    fails with ``all_instances_quarantined``.
+    The vault entry, with the identity of each series taken from that series' own instances, is
+    stored before the tasks are committed. The job fails, and nothing of it is processed, with
+    ``identity_conflict`` when its instances disagree on the patient (one Study Instance UID, two
+    patients), or ``all_instances_quarantined`` when nothing is left.
     """
     started = time.monotonic()
-    ctx.spool.remove_work(job_id)  # a stage interrupted by a crash is redone from the start
+    ctx.spool.remove_work(job_id)  # a stage interrupted by a crash (or a reopened job) is redone from the start
+    ctx.spool.remove_results(job_id)
     ctx.tasks.start_over(job_id)
     uids, pseudonym = UIDMap(), new_pseudonym()
-    identity: bytes | None = None
     series: dict[str, _SeriesFiles] = {}
-    quarantined = 0
+    quarantined: dict[str, int] = {}
+    patients: set[tuple[bytes, ...]] = set()
     for file_id in sorted(ctx.jobs.instance_files(job_id)):
         plaintext = ctx.sealer.open(job_id, Purpose.RECEIVED, ctx.spool.read_instance(job_id, file_id))
         ds = pydicom.dcmread(io.BytesIO(plaintext))
+        patients.add(patient_of(ds))  # quarantined instances too: the study is suspect either way
+        identity = identity_of(ds)  # before anything decodes the identity elements
         reason = quarantine_reason(ds, unwanted_image_types)
         if reason is not None:
             ctx.jobs.quarantine(job_id, file_id, reason, time.time())
             log.warning("instance_quarantined", job_id=job_id, reason=reason)
-            quarantined += 1
+            quarantined[reason] = quarantined.get(reason, 0) + 1
             continue
-        identity = identity or identity_of(ds)
-        group = series.setdefault(str(ds.get("SeriesInstanceUID", "")), _SeriesFiles(route_for(ds, routes), []))
+        series_uid = str(ds.get("SeriesInstanceUID", ""))
+        if series_uid not in series:
+            series[series_uid] = _SeriesFiles(*route_for(ds, routes), identity)
+        group = series[series_uid]
         encoded = encode(pseudonymise(ds, uids, pseudonym))
         group.files.append(ctx.spool.write_work(job_id, ctx.sealer.seal(job_id, Purpose.PSEUDONYMISED, [encoded])))
     duration_ms = int((time.monotonic() - started) * 1000)
     written = sum(len(group.files) for group in series.values())
-    if identity is None:
-        state = JobState.FAILED
-        ctx.jobs.set_state(job_id, state, reason="all_instances_quarantined")
-    else:
-        Vault(ctx.spool, ctx.sealer).store(job_id, ReidentificationRecord(uids.reverse(), identity, pseudonym))
-        tasks = [NewTask(group.route.name if group.route else None, group.files,
-                         None if group.route else NO_ROUTE) for group in series.values()]
-        failpoint("after:pseudonymise")
-        state = ctx.tasks.create(job_id, tasks, duration_ms=duration_ms, now=time.time())
+    failure = "identity_conflict" if len(patients) > 1 else "all_instances_quarantined" if not series else None
+    if failure is not None:
+        ctx.spool.remove_work(job_id)  # nothing of a failed job may be processed
+        moved = ctx.jobs.set_state(job_id, JobState.FAILED, reason=failure, only_from=JobState.COMPLETE)
+        state = JobState.FAILED if moved else ctx.jobs.get(job_id).state
+        return PseudonymisedJob(job_id, 0, quarantined, len(series), duration_ms, state, failure)
+    identities = {number: group.identity for number, group in enumerate(series.values(), start=1)}
+    Vault(ctx.spool, ctx.sealer).store(job_id, ReidentificationRecord(uids.reverse(), identities, pseudonym))
+    tasks = [NewTask(group.route.name if group.route else None, group.files, group.reason)
+             for group in series.values()]
+    failpoint("after:pseudonymise")
+    state = ctx.tasks.create(job_id, tasks, duration_ms=duration_ms, now=time.time())
     return PseudonymisedJob(job_id, written, quarantined, len(series), duration_ms, state)
 
 
@@ -127,9 +150,7 @@ def reidentify_task(ctx: StageContext, job_id: str, task_no: int) -> int:
     record = Vault(ctx.spool, ctx.sealer).load(job_id)
     results = load_results(ctx, job_id, task_no, "pseudo")
     for index, raw in enumerate(results):
-        ds = reidentify(pydicom.dcmread(io.BytesIO(raw)), record)
-        buffer = io.BytesIO()
-        dcmwrite(buffer, ds, enforce_file_format=True)
+        encoded = encode_reidentified(reidentify(pydicom.dcmread(io.BytesIO(raw)), record, task_no))
         ctx.spool.write_result(job_id, result_name(task_no, f"out{index}"),
-                               ctx.sealer.seal(job_id, Purpose.RESULT, [buffer.getvalue()]))
+                               ctx.sealer.seal(job_id, Purpose.RESULT, [encoded]))
     return len(results)

@@ -15,15 +15,18 @@ pipeline stores in the vault.
 from __future__ import annotations
 
 import secrets
+import struct
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_data_element, write_dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage
 
@@ -32,11 +35,14 @@ from gateway._encoding import file_meta_bytes
 __all__ = [
     "ALLOWED_KEYWORDS",
     "IDENTITY_KEYWORDS",
+    "SECONDARY_CAPTURE",
     "UID_KEYWORDS",
     "ReidentificationRecord",
     "UIDMap",
     "encode",
+    "identity_of",
     "new_pseudonym",
+    "patient_of",
     "pseudonymise",
     "quarantine_reason",
 ]
@@ -65,12 +71,21 @@ DOSE_REPORT_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.88.68",  # Radiopharmaceutical Radiation Dose SR
     "1.2.840.10008.5.1.4.1.1.88.73",  # Patient Radiation Dose SR
 })
-#: Image classes besides CT that may arrive with a study (screenshots of dose pages, for one).
-IMAGE_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7"})  # Secondary Capture Image
-#: ImageType values of images no route should contour unless it asks for them.
-DEFAULT_UNWANTED_IMAGE_TYPES = frozenset({"LOCALIZER", "SCREEN SAVE", "SECONDARY", "DOSE_INFO", "DOSE REPORT"})
+#: Secondary Capture Image: screenshots of dose pages and reports often travel with a planning CT.
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+#: Image classes besides CT that may arrive with a study; accepted so the sender sees success, never contoured.
+IMAGE_SOP_CLASSES = frozenset({SECONDARY_CAPTURE})
+#: ImageType values (value 3 on) of CT images that are not a patient volume: scout views, screen saves, dose
+#: pages. Values 1 and 2 never refuse an image: DERIVED\SECONDARY is what 4D-CT averages, TPS exports and
+#: converted CTs carry (PS3.3 C.7.6.1.1.2), and they are planning CTs.
+DEFAULT_UNWANTED_IMAGE_TYPES = frozenset({"LOCALIZER", "SCREEN SAVE", "DOSE_INFO", "DOSE REPORT"})
 
 _ALLOWED_TAGS = tuple(int(cast(int, tag_for_keyword(keyword))) for keyword in ALLOWED_KEYWORDS)
+_IDENTITY_TAGS = tuple(int(cast(int, tag_for_keyword(keyword))) for keyword in IDENTITY_KEYWORDS)
+_PATIENT_TAGS = (0x00100020, 0x00100021, 0x00100010, 0x00100030)  # ID, issuer, name, birth date
+_CHARSET_TAG = 0x00080005
+#: Value representations of identity attributes with a 2-byte length, copied as raw bytes.
+_SHORT_TEXT_VRS = frozenset({"CS", "PN", "LO", "SH", "DA", "TM"})
 _BASIC_PROFILE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 _DEIDENTIFICATION_METHOD = "Allow-list pseudonymisation; random UIDs; patient pseudonym"
 
@@ -106,32 +121,39 @@ class UIDMap:
 class ReidentificationRecord:
     """What re-identification needs, and all that may leave the pseudonymised side.
 
-    ``identity`` is the original identity attributes (:data:`IDENTITY_KEYWORDS`) encoded as
-    an Explicit VR Little Endian data set, so their values come back byte for byte.
+    ``identities`` holds, per series (task number), the original identity attributes
+    (:data:`IDENTITY_KEYWORDS`) of the instances that series' results are computed on, encoded
+    by :func:`identity_of` so their values come back byte for byte.
     """
 
     uids: dict[str, str]  # pseudo -> original
-    identity: bytes
+    identities: dict[int, bytes]
     pseudonym: str
+
+    def identity(self, series: int) -> bytes:
+        """The encoded identity of *series* (records of one identity per job keep it under 0)."""
+        found = self.identities.get(series, self.identities.get(0))
+        if found is None:
+            raise KeyError(f"no identity recorded for series {series}")
+        return found
 
 
 def quarantine_reason(ds: Dataset, unwanted_image_types: Iterable[str] = DEFAULT_UNWANTED_IMAGE_TYPES) -> str | None:
     """Why *ds* must not be processed, as a reason code, or ``None``.
 
-    Dose reports and other classes we do not contour; burned-in annotation (PS3.15 E.1: such
-    pixel data can carry identity), stated or (outside CT Image) not stated; an ImageType that
-    marks localizers, screen saves, secondary captures or dose pages.
+    Dose reports, secondary captures and other classes we do not contour; burned-in annotation
+    (PS3.15 E.1: such pixel data can carry identity); an ImageType value that marks a localizer,
+    screen save or dose page. ORIGINAL/DERIVED and PRIMARY/SECONDARY (values 1 and 2) are no reason.
     """
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in DOSE_REPORT_SOP_CLASSES:
         return "dose_report"
-    if sop_class != CTImageStorage and sop_class not in IMAGE_SOP_CLASSES:
+    if sop_class == SECONDARY_CAPTURE:
+        return "secondary_capture"
+    if sop_class != CTImageStorage:
         return "sop_class_not_processed"
-    burned_in = str(ds.get("BurnedInAnnotation", "")).strip().upper()
-    if burned_in == "YES":
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
         return "burned_in_annotation"
-    if not burned_in and sop_class != CTImageStorage:
-        return "burned_in_annotation_unknown"
     image_type = {str(value).strip().upper() for value in ds.get("ImageType", [])}
     unwanted = image_type & {value.upper() for value in unwanted_image_types}
     if unwanted:
@@ -140,14 +162,52 @@ def quarantine_reason(ds: Dataset, unwanted_image_types: Iterable[str] = DEFAULT
 
 
 def identity_of(ds: Dataset) -> bytes:
-    """The identity attributes of *ds*, encoded (Explicit VR Little Endian) for the vault."""
-    identity = Dataset()
-    for keyword in IDENTITY_KEYWORDS:
-        if keyword in ds:
-            identity[keyword] = ds[keyword]
+    """The identity attributes of *ds* as Explicit VR Little Endian elements, for the vault.
+
+    Values not yet decoded by pydicom are copied as the raw bytes received, so names in any
+    character set (invalid bytes, NUL or GB18030 padding included) come back unchanged; an
+    odd-length value gets one space to make it valid. Sequences are re-encoded.
+    """
+    charset = ds.get_item(_CHARSET_TAG)
+    encodings = None if charset is None else _charset_values(charset)
+    return b"".join(_element_bytes(ds, tag, encodings) for tag in _IDENTITY_TAGS if tag in ds)
+
+
+def patient_of(ds: Dataset) -> tuple[bytes, ...]:
+    """Who *ds* is about: Patient ID, Issuer of Patient ID, Patient's Name and Birth Date as received.
+
+    Raw values without trailing padding and empty name components; absent and empty are the same.
+    Two instances with different values must never be processed as one patient.
+    """
+    return tuple(_raw_value(ds, tag).rstrip(b" \0").rstrip(b"^=").rstrip(b" \0") for tag in _PATIENT_TAGS)
+
+
+def _raw_value(ds: Dataset, tag: int) -> bytes:
+    elem = ds.get_item(tag)
+    if elem is None or elem.value is None:
+        return b""
+    if isinstance(elem.value, bytes):
+        return elem.value
+    return _element_bytes(ds, tag, None)[8:]
+
+
+def _charset_values(elem: DataElement | RawDataElement) -> list[str]:
+    value = elem.value
+    if isinstance(value, bytes):
+        return [v.strip(" \0") for v in value.decode("ascii", "replace").split("\\")]
+    return [str(v) for v in value] if isinstance(value, MultiValue | list) else [str(value or "")]
+
+
+def _element_bytes(ds: Dataset, tag: int, encodings: list[str] | None) -> bytes:
+    elem = ds.get_item(tag)
+    vr = str(dictionary_VR(tag))
+    if elem is not None and elem.is_raw and isinstance(elem.value, bytes) and vr in _SHORT_TEXT_VRS \
+            and len(elem.value) < 0xFFFF:
+        value = elem.value + (b" " if len(elem.value) % 2 else b"")
+        return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii") + struct.pack("<H", len(value)) + value
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, identity)
+    write_data_element(buffer, ds[tag], encodings)
     return buffer.getvalue()
 
 

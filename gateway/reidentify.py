@@ -2,7 +2,9 @@
 
 Every UID that is a pseudo UID of the job (at any depth, in any UI element, file meta
 included) is replaced by its original; the identity attributes (Patient and General Study
-modules, Frame of Reference) are restored byte for byte from the vault record; the
+modules, Frame of Reference) of the series the result was computed on are restored byte for
+byte from the vault record, and :func:`encode_reidentified` writes them as received (pydicom
+would decode and re-encode them: invalid bytes and padding would change); the
 de-identification markers are removed. An identity attribute the original lacks stays
 present but empty (the result's IOD may require it, type 2). A pseudo UID that survives is an error, never sent.
 """
@@ -11,23 +13,32 @@ from __future__ import annotations
 
 import io
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian
 
+from gateway._encoding import file_meta_bytes
 from gateway.errors import ReidentificationError
 from gateway.pseudonymise import IDENTITY_KEYWORDS, ReidentificationRecord
 
-__all__ = ["reidentify"]
+__all__ = ["encode_reidentified", "reidentify"]
 
+_IDENTITY_TAGS = frozenset(int(tag_for_keyword(keyword) or 0) for keyword in IDENTITY_KEYWORDS)
 _DEIDENTIFICATION_MARKERS = (
     "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
     "LongitudinalTemporalInformationModified",
 )
 
 
-def reidentify(result: Dataset, record: ReidentificationRecord) -> Dataset:
-    """Map *result* (changed in place and returned) back to the original identity.
+def reidentify(result: Dataset, record: ReidentificationRecord, series: int = 1) -> Dataset:
+    """Map *result* (changed in place and returned) back to the original identity of *series*.
+
+    The identity elements are put in as raw elements, their bytes as received; write the
+    result with :func:`encode_reidentified` to keep them so.
 
     Raises
     ------
@@ -43,13 +54,42 @@ def reidentify(result: Dataset, record: ReidentificationRecord) -> Dataset:
     for keyword in IDENTITY_KEYWORDS:  # emptied, not removed: type 2 ones must stay present
         if keyword in result:
             result[keyword].value = [] if result[keyword].VR == "SQ" else None
-    identity = read_dataset(io.BytesIO(record.identity), False, True)
-    for element in identity:
-        result[element.tag] = element
     leftovers = _pseudo_uids(result, set(record.uids))
     if leftovers:
         raise ReidentificationError(f"{leftovers} pseudo UID(s) survived re-identification")
+    try:
+        encoded = record.identity(series)
+    except KeyError as exc:
+        raise ReidentificationError(f"no identity recorded for series {series}") from exc
+    identity = read_dataset(io.BytesIO(encoded), False, True)
+    for tag in tuple(identity.keys()):
+        result[tag] = identity.get_item(tag)  # raw: the bytes as received
     return result
+
+
+def encode_reidentified(result: Dataset) -> bytes:
+    """*result* (from :func:`reidentify`) as Part 10 bytes, Explicit VR Little Endian.
+
+    Raw elements (the restored identity) are written as they are; every other text element is
+    encoded in the identity's Specific Character Set.
+    """
+    charset = result.get_item(0x00080005)
+    encodings = None
+    if charset is not None and charset.value:
+        raw = charset.value
+        text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else "\\".join(
+            map(str, raw if isinstance(raw, MultiValue | list) else [raw]))
+        encodings = [value.strip(" \0") for value in text.split("\\")]
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    for tag in sorted(result.keys()):
+        if tag.element == 0 and tag.group > 6:  # retired group lengths are not written (PS3.5 7.2)
+            continue
+        element = result.get_item(tag)
+        raw = element.is_raw and int(tag) in _IDENTITY_TAGS
+        write_data_element(body, element if raw else result[tag], encodings)
+    head = file_meta_bytes(str(result.SOPClassUID), str(result.SOPInstanceUID), ExplicitVRLittleEndian)
+    return head + body.getvalue()
 
 
 def _map_uids(ds: Dataset, uids: dict[str, str]) -> None:

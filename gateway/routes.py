@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydicom.datadict import keyword_dict
 
-__all__ = ["Route", "StructureTemplate"]
+__all__ = ["Route", "RouteImages", "StructureTemplate"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -70,6 +70,41 @@ class StructureTemplate(_Model):
     write_if_empty: bool = False  # an ROI with no contour instead of leaving the structure out
 
 
+def _check_image_types(value: list[str]) -> list[str]:
+    for item in value:
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", item):
+            raise ValueError(f"{item!r} is not an ImageType value (1-16 of A-Z, 0-9, '_' and space)")
+    return value
+
+
+def _words(value: str) -> set[str]:
+    # "CT_SOM5 MIP" (Siemens) and "MIP" (Philips, GE) both name a MIP.
+    return {value, *re.split(r"[ _]+", value)}
+
+
+class RouteImages(_Model):
+    """Series a route leaves to the next route, within what its ``match`` takes (a 4D-CT: phases, MIP).
+
+    A series skipped here is offered to the following routes; if none takes it, its task ends
+    ``no_route`` with the skip's reason code (``image_type_mip``, ``skipped_by_route``).
+    """
+
+    #: ImageType values (any value, or a word of one: ``MIP`` skips ``CT_SOM5 MIP``).
+    skip_image_types: Annotated[list[str], AfterValidator(_check_image_types)] = Field(default_factory=list)
+    #: Like ``match``: a series that fits every entry is skipped (e.g. the phases of a 4D-CT by description).
+    skip: Annotated[dict[str, str], AfterValidator(_check_match)] = Field(default_factory=dict)
+
+    def skip_reason(self, image_type: list[str], attributes: Mapping[str, str]) -> str | None:
+        """Why this route leaves a series with *image_type* and *attributes* alone, or ``None``."""
+        words = set().union(*(_words(value.strip().upper()) for value in image_type)) if image_type else set()
+        skipped = sorted(words & set(self.skip_image_types))
+        if skipped:
+            return "image_type_" + skipped[0].lower().replace(" ", "_")
+        if self.skip and _fits(self.skip, attributes):
+            return "skipped_by_route"
+        return None
+
+
 class Route(_Model):
     """Which series go to which model and destinations; the first matching route wins."""
 
@@ -86,6 +121,8 @@ class Route(_Model):
     segmentation: bool = False
     #: Keep a QA picture (contours over three planes, sealed, shredded with the study): ``python -m gateway qa``.
     qa_picture: bool = False
+    #: Series this route leaves to the next one (``[routes.images]``).
+    images: RouteImages = RouteImages()
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -97,15 +134,24 @@ class Route(_Model):
         """One name for the route's models together (logs, timing memory)."""
         return "+".join(self.models)
 
+    @property
+    def keywords(self) -> set[str]:
+        """Every DICOM keyword the route looks at (``match`` and ``[routes.images] skip``)."""
+        return {*self.match, *self.images.skip, "ImageType"}
+
     def matches(self, attributes: Mapping[str, str]) -> bool:
         """Return whether every ``match`` entry fits *attributes* (exact value or ``/regex/``)."""
-        for keyword, pattern in self.match.items():
-            value = attributes.get(keyword)
-            if value is None:
+        return _fits(self.match, attributes)
+
+
+def _fits(patterns: Mapping[str, str], attributes: Mapping[str, str]) -> bool:
+    for keyword, pattern in patterns.items():
+        value = attributes.get(keyword)
+        if value is None:
+            return False
+        if len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
+            if re.fullmatch(pattern[1:-1], value) is None:
                 return False
-            if len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
-                if re.fullmatch(pattern[1:-1], value) is None:
-                    return False
-            elif value != pattern:
-                return False
-        return True
+        elif value != pattern:
+            return False
+    return True

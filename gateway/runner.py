@@ -38,8 +38,9 @@ log = structlog.get_logger(__name__)
 
 #: How long a job waits after a stage could not write (disk full, I/O error) before it is tried again.
 _DEFER_SECONDS = 30.0
-#: Unexpected errors (a bug, a damaged file) after which a job is failed instead of tried again.
-_MAX_ERRORS = 3
+#: Attempts that raised (a bug, a damaged file) or never ended (the process was killed: out of memory) after
+#: which a job is failed instead of tried again; counted in the job table, so restarts do not reset it.
+_MAX_ATTEMPTS = 3
 
 
 class Runner:
@@ -58,7 +59,6 @@ class Runner:
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._deferred: dict[str, float] = {}
-        self._errors: dict[str, int] = {}
         self._stages = SeriesStages(config, ctx, audit, metrics, clock)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -103,44 +103,63 @@ class Runner:
             return job_id in self._busy
 
     def _run(self, job_id: str) -> None:
+        attempts = 0
         try:
             job = self._ctx.jobs.get(job_id)
             bind_job(job_id, job.study)
+            attempts = self._ctx.jobs.begin_attempt(job_id)
+            if attempts > _MAX_ATTEMPTS:  # the earlier ones never ended: each took the process down
+                self._fail(job_id, "crashed_repeatedly", attempts - 1)
+                return
             if job.state is JobState.COMPLETE:
                 self._pseudonymise(job)
             for task in self._ctx.tasks.tasks(job_id):
-                if not task.state.terminal and not self._stop.is_set():
+                if not task.state.terminal and not self._stop.is_set() and not self._reopened(job_id):
                     self._stages.run(task)
+            self._ctx.jobs.end_attempt(job_id)
             self._finish(job_id)
         except SpoolError as exc:  # disk full or I/O error: nothing was committed, try again later
             log.warning("stage_deferred", reason=str(exc), retry_in_seconds=_DEFER_SECONDS)
-            with self._lock:
-                self._deferred[job_id] = self._clock() + _DEFER_SECONDS
+            self._ctx.jobs.end_attempt(job_id)
+            self._defer(job_id)
         except Exception as exc:
-            if not self._ctx.jobs.exists(job_id):  # shredded at its deadline while a stage ran
-                log.info("job_gone", reason="shredded")
-                return
-            log.error("job_error", exc_info=exc)
-            self._on_error(job_id)
+            self._on_error(job_id, exc, attempts)
         finally:
             with self._lock:
                 self._busy.discard(job_id)
             self._wake.set()
 
-    def _on_error(self, job_id: str) -> None:
-        """An unexpected error: try again later, and after a few tries fail the job rather than loop."""
+    def _reopened(self, job_id: str) -> bool:
+        return self._ctx.jobs.get(job_id).state is JobState.RECEIVING
+
+    def _defer(self, job_id: str) -> None:
         with self._lock:
-            errors = self._errors[job_id] = self._errors.get(job_id, 0) + 1
             self._deferred[job_id] = self._clock() + _DEFER_SECONDS
-        if errors < _MAX_ERRORS:
+
+    def _on_error(self, job_id: str, exc: Exception, attempts: int) -> None:
+        """An unexpected error: try again later, and after a few tries fail the job rather than loop."""
+        if not self._ctx.jobs.exists(job_id):  # shredded at its deadline while a stage ran
+            log.info("job_gone", reason="shredded")
             return
-        if self._ctx.jobs.get(job_id).state is JobState.COMPLETE:
-            self._ctx.jobs.set_state(job_id, JobState.FAILED, reason="internal_error")
+        if self._reopened(job_id):  # a corrected instance replaced one this run was reading
+            log.info("job_gone", reason="reopened")
+            self._ctx.jobs.end_attempt(job_id)
+            return
+        log.error("job_error", exc_info=exc, attempts=attempts)
+        self._defer(job_id)
+        if attempts >= _MAX_ATTEMPTS:
+            self._fail(job_id, "internal_error", attempts)
+
+    def _fail(self, job_id: str, reason: str, attempts: int) -> None:
+        """End the job and its unfinished series as failed with *reason*, and say so."""
+        self._ctx.jobs.set_state(job_id, JobState.FAILED, reason=reason, only_from=JobState.COMPLETE)
         for task in self._ctx.tasks.tasks(job_id):
             if not task.state.terminal:
                 self._ctx.tasks.advance(job_id, task.task_no, JobState.FAILED, stage=None, duration_ms=0,
-                                        now=self._clock(), reason="internal_error")
-        log.error("alert", outcome="failed", reason="internal_error", errors=errors)
+                                        now=self._clock(), reason=reason)
+        log.error("alert", outcome="failed", reason=reason, attempts=attempts)
+        if self._metrics is not None:
+            self._metrics.failure("pipeline", reason)
         self._finish(job_id)
 
     def _pseudonymise(self, job: Job) -> None:
@@ -149,14 +168,21 @@ class Runner:
                            instances=job.instance_count, peer=job.peer)
         self._stages.begin("pseudonymise")
         result = pseudonymise_job(self._ctx, job.job_id, self._config.routes)
+        quarantined = sum(result.quarantined.values())
         log.info("stage_done", stage="pseudonymise", duration_ms=result.duration_ms, instances=result.instances,
-                 quarantined=result.quarantined, series=result.series, outcome=result.state.value)
+                 quarantined=quarantined, series=result.series, outcome=result.state.value,
+                 **({"reason": result.reason} if result.reason else {}))
         self._stages.observe("pseudonymise", result.duration_ms)
         self._audit.append("pseudonymised", self._clock(), job_id=job.job_id, study=job.study,
-                           instances=result.instances, quarantined=result.quarantined, series=result.series,
-                           outcome=result.state.value)
-        if result.state is JobState.FAILED:
-            log.error("alert", stage="pseudonymise", reason="all_instances_quarantined")
+                           instances=result.instances, quarantined=quarantined, series=result.series,
+                           outcome=result.state.value, **({"reason": result.reason} if result.reason else {}))
+        if self._metrics is not None:
+            self._metrics.quarantined(result.quarantined)
+        if result.reason is not None:
+            log.error("alert", stage="pseudonymise", outcome="failed", reason=result.reason,
+                      quarantined=result.quarantined)
+            if self._metrics is not None:
+                self._metrics.failure("pseudonymise", result.reason)
 
     def _finish(self, job_id: str) -> None:
         job = self._ctx.jobs.get(job_id)

@@ -3,14 +3,17 @@
 Version 4 adds the pipeline: a job's tasks (one per series), the pseudonymised files of each
 task, the deliveries of each result, and the time every stage took. Version 5 adds retention:
 when a job finished, and the files written for folder destinations (kept until the deadline
-even when the job's own data is shredded on delivery).
+even when the job's own data is shredded on delivery). Version 6 adds a keyed digest of each
+instance's content (a corrected re-send replaces it), the count of instance writes in flight
+(a study completes only after its last durable write) and of the pipeline attempts that did
+not end (a job that kills the process is not retried forever).
 """
 
 from __future__ import annotations
 
 __all__ = ["ADDED_COLUMNS", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -24,17 +27,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     instance_count INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
     previous_job_id TEXT,
-    finished_at REAL
+    finished_at REAL,
+    writing INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_receiving_job_per_study ON jobs(study_key)
     WHERE state = 'receiving';
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs(study_key);
 CREATE TABLE IF NOT EXISTS instances (
     job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
     sop_key TEXT NOT NULL,
     file_id TEXT NOT NULL,
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    digest TEXT,
     PRIMARY KEY (job_id, sop_key)
 );
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -92,4 +99,9 @@ CREATE TABLE IF NOT EXISTS exports (
 """
 
 #: Columns added after a table was first created: ``(table, column, declaration)``.
-ADDED_COLUMNS = (("jobs", "finished_at", "REAL"),)
+ADDED_COLUMNS = (
+    ("jobs", "finished_at", "REAL"),
+    ("jobs", "writing", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("instances", "digest", "TEXT"),
+)

@@ -184,6 +184,10 @@ class Spool:
         """The (sealed) re-identification entry of *job_id*."""
         return (self.vault_root / f"{_check_id(job_id)}.vault").read_bytes()
 
+    def remove_results(self, job_id: str) -> None:
+        """Delete the stage outputs of *job_id* (its pseudonymisation is being redone)."""
+        _remove_folder(self.results_root / _check_id(job_id))
+
     def write_result(self, job_id: str, name: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
         """Write (durably, replacing) the stage output *name* (``t<task>.<kind>``) of *job_id*."""
         if not _RESULT.match(name):

@@ -97,7 +97,10 @@ class SeriesStages:
         except _TaskFailed as failure:
             self._ctx.tasks.advance(task.job_id, task.task_no, JobState.FAILED, stage=None, duration_ms=0,
                                     now=self._clock(), reason=failure.reason)
-            log.error("alert", stage=_NEXT_STAGE.get(state, state.value), outcome="failed", reason=failure.reason)
+            stage = _NEXT_STAGE.get(state, state.value)
+            log.error("alert", stage=stage, outcome="failed", reason=failure.reason)
+            if self._metrics is not None:
+                self._metrics.failure(stage, failure.reason)
         finally:
             structlog.contextvars.unbind_contextvars("task")
 

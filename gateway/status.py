@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 from gateway.jobs import Job, JobStore
@@ -18,6 +19,9 @@ def status_lines(jobs: JobStore, now: float) -> Iterator[str]:
     yield _HEADER
     for job in jobs.jobs():
         yield _job_line(job, now)
+        reasons = Counter(jobs.quarantined(job.job_id).values())
+        if reasons:
+            yield "    quarantined: " + ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
         times = tasks.stage_times(job.job_id)
         job_stages = [t for t in times if t.task_no == JOB_STAGE]
         if job_stages:

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.errors import JobNotFoundError
 from gateway.jobs import JobState, JobStore
 
 __all__ = ["JOB_STAGE", "Delivery", "Export", "NewTask", "StageTime", "Task", "TaskStore"]
@@ -90,8 +91,14 @@ class TaskStore:
                 db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
     def create(self, job_id: str, tasks: Sequence[NewTask], *, duration_ms: int, now: float) -> JobState:
-        """Record the tasks found by pseudonymisation and move the job on; return its new state."""
+        """Record the tasks found by pseudonymisation and move the job on; return its new state.
+
+        A job that is no longer ``complete`` (reopened by a corrected re-send meanwhile) is left as it is.
+        """
         with self._jobs.transaction(durable=True) as db:
+            current = _job_state(db, job_id)
+            if current is not JobState.COMPLETE:
+                return current
             for task_no, task in enumerate(tasks, start=1):
                 state = JobState.PSEUDONYMISED if task.route else JobState.NO_ROUTE
                 db.execute("INSERT INTO tasks (job_id, task_no, route, state, reason, instance_count) "
@@ -118,10 +125,15 @@ class TaskStore:
 
     def advance(self, job_id: str, task_no: int, state: JobState, *, stage: str | None, duration_ms: int, now: float,
                 reason: str | None = None, deliveries: Sequence[tuple[int, str]] = ()) -> JobState:
-        """Commit a task's new *state* (with the stage's time, and the deliveries it now owes); return the job's."""
+        """Commit a task's new *state* (with the stage's time, and the deliveries it now owes); return the job's.
+
+        A task that is gone (its job was reopened by a corrected re-send) changes nothing.
+        """
         with self._jobs.transaction(durable=True) as db:
-            db.execute("UPDATE tasks SET state = ?, reason = ? WHERE job_id = ? AND task_no = ?",
-                       (state, reason, job_id, task_no))
+            cur = db.execute("UPDATE tasks SET state = ?, reason = ? WHERE job_id = ? AND task_no = ?",
+                             (state, reason, job_id, task_no))
+            if cur.rowcount == 0:
+                return _job_state(db, job_id)
             db.executemany("INSERT OR IGNORE INTO deliveries (job_id, task_no, item, destination, state, "
                            "next_attempt_at) VALUES (?, ?, ?, ?, 'reidentified', ?)",
                            [(job_id, task_no, item, name, now) for item, name in deliveries])
@@ -192,6 +204,13 @@ def _record_time(db: sqlite3.Connection, job_id: str, task_no: int, stage: str, 
                  now: float) -> None:
     db.execute("INSERT OR REPLACE INTO stage_times (job_id, task_no, stage, duration_ms, finished_at) "
                "VALUES (?, ?, ?, ?, ?)", (job_id, task_no, stage, duration_ms, now))
+
+
+def _job_state(db: sqlite3.Connection, job_id: str) -> JobState:
+    row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise JobNotFoundError(job_id)
+    return JobState(row["state"])
 
 
 def _settle(db: sqlite3.Connection, job_id: str, now: float) -> JobState:

@@ -18,7 +18,7 @@ from gateway.spool import Spool
 
 __all__ = ["Vault"]
 
-_FORMAT = 1
+_FORMAT = 2  # 1: one identity per job; 2: one per series
 
 
 class Vault:
@@ -33,7 +33,8 @@ class Vault:
         body = json.dumps({
             "format": _FORMAT,
             "uids": record.uids,
-            "identity": base64.b64encode(record.identity).decode("ascii"),
+            "identities": {str(series): base64.b64encode(identity).decode("ascii")
+                           for series, identity in record.identities.items()},
             "pseudonym": record.pseudonym,
         }).encode("utf-8")
         self._spool.write_vault(job_id, self._sealer.seal(job_id, Purpose.VAULT, [body]))
@@ -51,7 +52,11 @@ class Vault:
         except FileNotFoundError:
             raise CryptoError(f"job {job_id} has no vault entry") from None
         body = json.loads(self._sealer.open(job_id, Purpose.VAULT, sealed))
-        if body.get("format") != _FORMAT:
+        if body.get("format") == 1:  # written before identities were kept per series
+            identities = {0: base64.b64decode(body["identity"])}
+        elif body.get("format") == _FORMAT:
+            identities = {int(series): base64.b64decode(value) for series, value in body["identities"].items()}
+        else:
             raise CryptoError(f"vault entry of job {job_id} has an unknown format")
-        return ReidentificationRecord(uids=dict(body["uids"]), identity=base64.b64decode(body["identity"]),
+        return ReidentificationRecord(uids=dict(body["uids"]), identities=identities,
                                       pseudonym=str(body["pseudonym"]))

@@ -41,6 +41,24 @@ class TestEmbeddedDefault:
         assert [r.destinations for r in config.routes] == [["folder"]]
         assert [d.type for d in config.destinations] == ["folder", "dicom"]
 
+    def test_commented_examples_are_valid_when_uncommented(self, tmp_path: Path) -> None:
+        """The 4D-CT route and the [limits] block are shipped commented out; uncommented, they load as documented."""
+        lines = []
+        for line in (REPO / "config" / "gateway.toml").read_text().splitlines():
+            body = line[2:] if line.startswith("# ") else None
+            lines.append(body if body is not None and (body.startswith("[") or " = " in body.split("#")[0])
+                         else line)
+        path = tmp_path / "gateway.toml"
+        path.write_text("\n".join(lines) + "\n")
+        config = load_config(path)
+        [route] = config.routes
+        series = {"CT 40%": ["ORIGINAL", "PRIMARY", "AXIAL"], "AVG": ["DERIVED", "SECONDARY", "AXIAL", "AVERAGE"],
+                  "MIP": ["DERIVED", "SECONDARY", "AXIAL", "CT_SOM5 MIP"]}
+        reasons = {description: route.images.skip_reason(image_type, {"SeriesDescription": description})
+                   for description, image_type in series.items()}
+        assert reasons == {"CT 40%": "skipped_by_route", "AVG": None, "MIP": "image_type_mip"}
+        assert config.limits.max_dataset_bytes == 128 * 1024 * 1024
+
     def test_valid_mapping_round_trips(self) -> None:
         config = parse_config(_valid())
         assert config.peer_for("PACS", "10.1.2.77") is not None

@@ -1,0 +1,351 @@
+"""Patient identity: one Study Instance UID never mixes two patients, a corrected re-send wins, names come back
+byte for byte, and a job that takes the node down is not retried forever.
+
+Real node processes, dcmtk storescu as the PACS (one or two peers), Orthanc as the TPS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import generate_uid
+
+from gateway.pseudonymise import identity_of, patient_of
+from tests.conftest import (
+    CANARY_STUDY_PREFIX,
+    REPO,
+    CTSeries,
+    NodeProcess,
+    canaries,
+    write_config,
+)
+from tests.orthanc import Orthanc, orthanc_running
+from tests.synthetic import ct_slice
+from tests.test_e2e import (
+    audit_records,
+    jobs_of,
+    phantom,
+    route,
+    rtstructs_of,
+    send,
+    status,
+    tps_destination,
+    wait_rtstruct,
+)
+
+PATIENT_A = ("ALPHA^CANARY", "ALPHA77")
+PATIENT_B = ("BRAVO^CANARY", "BRAVO88")
+
+
+@pytest.fixture(scope="module")
+def tps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with orthanc_running(tmp_path_factory.mktemp("orthanc")) as orthanc:
+        yield orthanc
+
+
+def _two_peers() -> list[dict[str, Any]]:
+    return [{"name": name.lower(), "ae_title": name, "host": "127.0.0.1", "quiet_seconds": 2}
+            for name in ("PACS_A", "PACS_B")]
+
+
+def _no_phi(node: NodeProcess, report: str, *series: CTSeries) -> None:
+    texts = {"log": node.log_text(), "status": report}
+    values = [value for ct in series for value in canaries(ct)] + [*PATIENT_A, *PATIENT_B]
+    assert [(v, sink) for v in values for sink, text in texts.items() if v in text] == []
+
+
+@pytest.mark.parametrize("how", ["one_association", "two_associations", "two_peers"])
+def test_two_patients_under_one_study_uid_send_nothing(how: str, node_factory: Callable[..., NodeProcess],
+                                                       tps: Orthanc, tmp_path: Path) -> None:
+    study_uid = generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
+    a = phantom(tmp_path / "a", study_uid=study_uid, patient=PATIENT_A)
+    b = phantom(tmp_path / "b", study_uid=study_uid, patient=PATIENT_B)
+    node = node_factory(peers=_two_peers(), destinations=[tps_destination(tps)], routes=[route("tps")])
+    if how == "one_association":
+        send(node, [*a.files, *b.files], "PACS_A")
+    elif how == "two_associations":
+        send(node, a.files, "PACS_A")
+        send(node, b.files, "PACS_A")
+    else:
+        senders = [threading.Thread(target=send, args=(node, ct.files, ae)) for ct, ae in ((a, "PACS_A"),
+                                                                                          (b, "PACS_B"))]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+    done = node.wait_for("job_done", timeout=60)
+    assert (done["state"], done["reason"]) == ("failed", "identity_conflict")
+    assert [(state, reason) for _, state, reason in jobs_of(node.data_dir)] == [("failed", "identity_conflict")]
+    alert = node.wait_for("alert", stage="pseudonymise")
+    assert alert["reason"] == "identity_conflict"
+    assert not list((node.data_dir / "work").glob("*/*.dcm")), "nothing of a conflicting study is pseudonymised"
+    assert not (node.data_dir / "vault").exists() or not list((node.data_dir / "vault").iterdir())
+    [record] = [r for r in audit_records(node.data_dir) if r["event"] == "pseudonymised"]
+    assert (record["outcome"], record["reason"]) == ("failed", "identity_conflict")
+    report = status(node)
+    assert "identity_conflict" in report
+    time.sleep(1.0)  # anything sent would have reached Orthanc by now
+    assert rtstructs_of(tps, study_uid) == []
+    _no_phi(node, report, a, b)
+
+
+def test_same_patient_on_two_peers_is_one_study(node_factory: Callable[..., NodeProcess], tps: Orthanc,
+                                               tmp_path: Path) -> None:
+    """The check compares patients, not senders: one patient's two series from two peers are contoured."""
+    study_uid = generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
+    a = phantom(tmp_path / "a", study_uid=study_uid, patient=PATIENT_A, series_description="Thorax A")
+    b = phantom(tmp_path / "b", study_uid=study_uid, patient=PATIENT_A, series_description="Thorax B")
+    node = node_factory(peers=_two_peers(), destinations=[tps_destination(tps)], routes=[route("tps")])
+    send(node, a.files, "PACS_A")
+    send(node, b.files, "PACS_B")
+    node.wait_for("job_done", timeout=120)
+    found = rtstructs_of(tps, study_uid)
+    assert len(found) == 2 and {str(ds.PatientID) for ds in found} == {PATIENT_A[1]}
+
+
+def _rename(ct: CTSeries, folder: Path, patient: tuple[str, str]) -> list[Path]:
+    """The same instances (same SOP Instance UIDs) as a PACS re-sends them after patient reconciliation."""
+    folder.mkdir()
+    out = []
+    for path in ct.files:
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = patient
+        out.append(folder / path.name)
+        ds.save_as(out[-1], enforce_file_format=True)
+    return out
+
+
+def test_corrected_resend_before_pseudonymisation_replaces(node_factory: Callable[..., NodeProcess], tps: Orthanc,
+                                                           tmp_path: Path) -> None:
+    ct = phantom(tmp_path / "wrong", patient=PATIENT_B)
+    corrected = _rename(ct, tmp_path / "right", PATIENT_A)
+    peers = [{"name": "pacs", "ae_title": "*", "host": "127.0.0.1", "quiet_seconds": 4}]
+    node = node_factory(peers=peers, destinations=[tps_destination(tps)], routes=[route("tps")])
+    send(node, ct.files)
+    send(node, corrected)
+    send(node, corrected)  # the same corrected copy again: a duplicate, not a replacement
+    rtstruct = wait_rtstruct(tps, ct.study_uid)
+    node.wait_for("job_done", timeout=60)
+    assert (str(rtstruct.PatientName), str(rtstruct.PatientID)) == PATIENT_A
+    events = node.events()
+    assert sum(e["event"] == "instance_replaced" for e in events) == len(ct.files)
+    assert sum(e["event"] == "job_created" for e in events) == 1
+    assert len(rtstructs_of(tps, ct.study_uid)) == 1
+    _no_phi(node, status(node), ct)
+
+
+def test_corrected_resend_after_delivery_sends_the_corrected_identity(
+        node_factory: Callable[..., NodeProcess], tps: Orthanc, tmp_path: Path) -> None:
+    ct = phantom(tmp_path / "wrong", patient=PATIENT_B)
+    corrected = _rename(ct, tmp_path / "right", PATIENT_A)
+    node = node_factory(destinations=[tps_destination(tps)], routes=[route("tps")],
+                        extra="[retention]\nkeep_after_delivery_seconds = 3600")
+    send(node, ct.files)
+    first = wait_rtstruct(tps, ct.study_uid)
+    job_id = node.wait_for("job_done", timeout=60)["job_id"]
+    assert str(first.PatientID) == PATIENT_B[1]
+    send(node, corrected)
+    reopened = node.wait_for("job_reopened", timeout=30)
+    assert (reopened["job_id"], reopened["reason"]) == (job_id, "instance_corrected")
+    deadline = time.monotonic() + 90
+    while len(rtstructs_of(tps, ct.study_uid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = next(ds for ds in rtstructs_of(tps, ct.study_uid) if ds.SOPInstanceUID != first.SOPInstanceUID)
+    assert (str(second.PatientName), str(second.PatientID)) == PATIENT_A
+    refs = {image.ReferencedSOPInstanceUID for image in second.ReferencedFrameOfReferenceSequence[0]
+            .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence}
+    assert refs == set(ct.sop_uids)
+    assert [job for job, _, _ in jobs_of(node.data_dir)] == [job_id]  # the same job, processed again
+    assert len(list((node.data_dir / "spool" / job_id).glob("*.dcm"))) == len(ct.files)  # replaced, not added
+    _no_phi(node, status(node), ct)
+
+
+# Names whose bytes any decode/encode round trip would change.
+_NAMES = {
+    "utf8_invalid": ("ISO_IR 192", b"M\xfcller^J\xc3\xbcrgen"),  # a Latin-1 byte under UTF-8, then UTF-8
+    "gb18030_padded": ("GB18030", "王^小明".encode("gb18030") + b" "),
+    "nul_padded": ("", b"NULPAD^CANARY\0"),
+}
+
+
+def _study_with_name(folder: Path, charset: str, name: bytes) -> CTSeries:
+    """A phantom whose Patient's Name is *name*, as bytes a modality wrote (pydicom would re-encode them)."""
+    ct = phantom(folder)
+    placeholder = b"Q" * len(name)
+    for path in ct.files:
+        ds = pydicom.dcmread(path)
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.PatientName = placeholder.decode()
+        ds.save_as(path, enforce_file_format=True)
+        raw = path.read_bytes()
+        assert raw.count(placeholder) == 1
+        path.write_bytes(raw.replace(placeholder, name))
+    return ct
+
+
+def test_names_come_back_byte_for_byte(node_factory: Callable[..., NodeProcess], tps: Orthanc,
+                                       tmp_path: Path) -> None:
+    studies = {key: _study_with_name(tmp_path / key, charset, name) for key, (charset, name) in _NAMES.items()}
+    node = node_factory(destinations=[tps_destination(tps)], routes=[route("tps")])
+    for ct in studies.values():
+        send(node, ct.files)
+    for key, ct in studies.items():
+        rtstruct = wait_rtstruct(tps, ct.study_uid)
+        stored = _file_of(tps, str(rtstruct.SOPInstanceUID))
+        charset, name = _NAMES[key]
+        received = pydicom.dcmread(io.BytesIO(stored))
+        assert received.get_item(0x00100010).value == name, key
+        if charset:
+            assert received.SpecificCharacterSet == charset, key
+
+
+def _file_of(orthanc: Orthanc, sop_uid: str) -> bytes:
+    for instance in orthanc.instances():
+        raw = orthanc.file(instance)
+        if str(pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).SOPInstanceUID) == sop_uid:
+            return raw
+    raise AssertionError("instance not found at the TPS")
+
+
+class TestPatientOf:
+    def _ds(self, **values: Any) -> Dataset:
+        ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.5", 0, 4, np.random.default_rng(0))
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        return pydicom.dcmread(_encoded(ds))
+
+    def test_padding_and_empty_components_are_the_same_patient(self) -> None:
+        assert patient_of(self._ds(PatientName="DOE^JOHN")) == patient_of(self._ds(PatientName="DOE^JOHN^^^ "))
+
+    @pytest.mark.parametrize("keyword", ["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate"])
+    def test_each_attribute_tells_patients_apart(self, keyword: str) -> None:
+        value = "19700101" if keyword == "PatientBirthDate" else "OTHER"
+        assert patient_of(self._ds(**{keyword: value})) != patient_of(self._ds())
+
+    def test_absent_and_empty_are_the_same(self) -> None:
+        assert patient_of(self._ds(IssuerOfPatientID="")) == patient_of(self._ds())
+
+    def test_identity_keeps_raw_bytes(self) -> None:
+        ds = self._ds()
+        ds[0x00100010] = RawDataElement(Tag(0x00100010), "PN", 8, b"A\xff^B\0\0\0\0", 0, False, True)
+        encoded = identity_of(ds)
+        assert b"PN\x08\x00A\xff^B\0\0\0\0" in encoded
+
+
+def _encoded(ds: Dataset) -> io.BytesIO:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_slow_write_neither_completes_nor_splits_its_study(node_factory: Callable[..., NodeProcess],
+                                                             tmp_path: Path) -> None:
+    """Each instance takes 2.5 s to become durable; the quiet period (1 s) counts from the end of the write."""
+    ct = phantom(tmp_path / "ct")
+    node = node_factory(env={"CONTOUR_GW_FAILPOINT": "slow:write_instance:2.5"})
+    send(node, ct.files[:4])
+    node.wait_for("job_complete", timeout=60)
+    events = node.events()
+    assert sum(e["event"] == "job_created" for e in events) == 1
+    assert not any(e["event"] == "study_received_after_completion" for e in events)
+    [(job_id, _, _)] = jobs_of(node.data_dir)
+    complete = next(e for e in events if e["event"] == "job_complete")
+    assert (complete["job_id"], complete["instances"]) == (job_id, 4)
+
+
+def _cgroup(tmp_path: Path, limit_bytes: int) -> Path:
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "cgroup.procs").exists():
+        root = Path("/sys/fs/cgroup")  # cgroup v2
+    group = root / f"contour-gw-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+        if (group / "memory.limit_in_bytes").exists():
+            (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            swap = group / "memory.memsw.limit_in_bytes"
+            if swap.exists():
+                swap.write_text(str(limit_bytes))
+        else:
+            (group / "memory.max").write_text(str(limit_bytes))
+            (group / "memory.swap.max").write_text("0")
+    except OSError as exc:
+        pytest.fail(f"cannot create a memory cgroup for the OOM test ({exc}); the tests run as root")
+    return group
+
+
+def _empty(group: Path) -> None:
+    """Kill whatever still runs in *group* (a node and its receivers after a failed assertion)."""
+    deadline = time.monotonic() + 10
+    while (pids := (group / "cgroup.procs").read_text().split()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _start_in(group: Path, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CONTOUR_GW_FAILPOINT": "oom:before:infer"}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$0" "$@"', sys.executable, "-m", "gateway",
+             "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            start_new_session=True)
+
+
+def test_a_job_the_oom_killer_ends_is_failed_after_three_tries(tmp_path: Path) -> None:
+    """A model that exhausts memory: the kernel kills the node (cgroup limit) at every try; restarted by its
+    supervisor, the node gives the job up after three attempts instead of dying forever."""
+    ct = phantom(tmp_path / "ct")
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "var", destinations=[{"name": "folder",
+                          "type": "folder"}], routes=[route("folder")], extra_node="receive_workers = 1")
+    group = _cgroup(tmp_path, 1024 * 1024**2)
+    log = tmp_path / "node.log"
+    try:
+        kills = 0
+        for attempt in range(4):
+            process = _start_in(group, config, log)
+            node = NodeProcess(config, log, process, data_dir=tmp_path / "var",
+                               log_offset=log.stat().st_size if log.exists() else 0)
+            started = node.wait_for("node_started", timeout=60)
+            if attempt == 0:
+                node.port = int(started["port"])
+                send(node, ct.files)
+            if attempt < 3:
+                assert process.wait(timeout=120) == -9, "the OOM killer ends the node"
+                node.kill9()  # its receiver processes
+                kills += 1
+                continue
+            done = node.wait_for("job_done", timeout=60)
+            assert (done["state"], done["reason"]) == ("failed", "series 1: crashed_repeatedly")
+            alert = node.wait_for("alert", reason="crashed_repeatedly")
+            assert alert["attempts"] == 3
+            assert not any(e["event"] == "failpoint_oom" for e in node.events()), "not tried a fourth time"
+            report = status(node)
+            assert "crashed_repeatedly" in report
+            node.stop()
+        assert kills == 3
+        oom_kills = [line for line in (group / "memory.oom_control").read_text().splitlines()
+                     if line.startswith("oom_kill ")] if (group / "memory.oom_control").exists() else []
+        assert not oom_kills or int(oom_kills[0].split()[1]) >= 3
+    finally:
+        _empty(group)
+        group.rmdir()
+    assert not (tmp_path / "var" / "export").exists()
