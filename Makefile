@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/gateway.toml
-# Debian packages the tests talk to: command that proves presence -> package.
-TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools
+# Debian packages the tests talk to: command (or absolute path of a file) that proves presence -> package.
+# invesalius-examples has no command: its head CT (tests/realct.py) is the proof.
+TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools \
+	/usr/share/doc/invesalius-examples/examples/Cranium.inv3:invesalius-examples
 
 .PHONY: run test venv dev peers lint typecheck bench clean install demo liver
 
@@ -33,7 +35,7 @@ run: venv
 peers:
 	@missing=""; for pair in $(TEST_PEERS); do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
-	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	  case $$cmd in /*) test -e $$cmd ;; *) command -v $$cmd >/dev/null 2>&1 ;; esac || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \

@@ -17,6 +17,8 @@ from typing import Any, cast
 import structlog
 from pynetdicom.transport import AssociationSocket
 
+from gateway.config import GatewayConfig, Limits
+
 __all__ = ["REACTOR_TICK_S", "ConnectionLimits", "FastSocket"]
 
 log = structlog.get_logger(__name__)
@@ -34,6 +36,15 @@ class ConnectionLimits:
     max_other_pdu_length: int = 1024 * 1024  # A-ASSOCIATE-RQ and the rest (dcmtk's bound)
     association_request_seconds: float = 10.0  # from connect to a complete A-ASSOCIATE-RQ
     pdu_seconds: float = 30.0  # from the first byte of a PDU to its last, whatever the sender's pace
+    #: Data set bytes of one DIMSE message; past it the rest is read and dropped, and the C-STORE refused.
+    max_dataset_bytes: int = Limits().max_dataset_bytes
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> ConnectionLimits:
+        """The limits of ``[node]`` and ``[limits]`` in *config*."""
+        node = config.node
+        return cls(max_pdu_length=node.max_pdu_size, association_request_seconds=node.association_request_seconds,
+                   pdu_seconds=node.pdu_seconds, max_dataset_bytes=config.limits.max_dataset_bytes)
 
 
 #: A-ABORT, source service-provider (2), reason invalid-PDU-parameter value (6) (PS3.8 9.3.8).

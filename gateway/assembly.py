@@ -1,11 +1,13 @@
 """Study assembly: received instances grouped into one job per study, complete after a quiet period.
 
 A study is complete when no instance of it arrived for the sending peer's
-``quiet_seconds``, across any number of associations and in any order; A-RELEASE says
-nothing about completeness (PS3.4 B.4). Instances that arrive after completion start a
-new job. Studies and instances are known by keyed hashes (HMAC-SHA-256 with a node
-secret) of their UIDs, so the job table holds no UIDs and the hashes cannot be
-recomputed without the secret.
+``quiet_seconds``, counted from the end of the last instance's durable write, across any
+number of associations and in any order; A-RELEASE says nothing about completeness (PS3.4
+B.4). Instances that arrive after completion start a new job, except a corrected copy (same
+SOP Instance UID, different content) of an instance the study's last job holds: it replaces
+that copy and reopens the job, which is then processed again. Studies and instances are
+known by keyed hashes (HMAC-SHA-256 with a node secret) of their UIDs, so the job table
+holds no UIDs and the hashes cannot be recomputed without the secret.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from gateway.config import Peer
 from gateway.crypt import MasterKey, Purpose, Sealer
 from gateway.errors import CryptoError
 from gateway.failpoints import failpoint
-from gateway.jobs import HeldInstance, Job, JobState, JobStore, RecordOutcome, Reservation
+from gateway.jobs import Job, JobState, JobStore, RecordOutcome, Reservation
 from gateway.spool import Spool
 
 __all__ = ["Assembler", "IncomingInstance", "StoreResult", "complete_due", "force_complete"]
@@ -63,19 +65,11 @@ class Assembler:
         self._jobs = jobs
         self._clock = clock
         self._secret = master.derive("keyed UID hashes")
-        self._digest_secret = master.derive("keyed content digests")
         self.sealer = Sealer(master, jobs)
 
     def key(self, uid: str) -> str:
         """Keyed hash of a UID: stable within this node, meaningless elsewhere."""
         return hmac.new(self._secret, uid.encode("ascii"), hashlib.sha256).hexdigest()
-
-    def digest(self, parts: Iterable[bytes | bytearray | memoryview]) -> str:
-        """Keyed hash of an instance's content, to tell a corrected re-send from a repeated one."""
-        mac = hmac.new(self._digest_secret, digestmod=hashlib.sha256)
-        for part in parts:
-            mac.update(part)
-        return mac.hexdigest()
 
     def accept(self, instance: IncomingInstance, peer: Peer) -> StoreResult:
         """Store *instance* durably in its study's receiving job.
@@ -83,6 +77,7 @@ class Assembler:
         A copy of an instance the job holds already is a duplicate when its content is the same,
         and replaces the held copy when it differs (a corrected re-send: the last one wins); a
         corrected copy of an instance of a study already completed reopens that study's job.
+        Contents are compared only then: a new instance costs no hashing.
 
         Raises
         ------
@@ -91,15 +86,14 @@ class Assembler:
         """
         study_key = self.key(instance.study_uid)
         sop_key = self.key(instance.sop_instance_uid)
-        digest = self.digest(instance.parts[1:])
         for _attempt in range(3):
-            reservation = self._reserve(study_key, sop_key, digest, peer)
+            reservation = self._reserve(study_key, sop_key, instance, peer)
             job_id, held = reservation.job_id, reservation.held
-            if held is not None and held.digest in (None, digest):
+            if held is not None and not reservation.reopened and not self._differs(job_id, held, instance):
                 self._jobs.release(job_id)
                 log.debug("instance_duplicate", job_id=job_id)
                 return StoreResult.DUPLICATE
-            outcome = self._write(job_id, sop_key, digest, held, instance)
+            outcome = self._write(job_id, sop_key, held, instance)
             if outcome is RecordOutcome.STORED:
                 return StoreResult.STORED
             if outcome is RecordOutcome.REPLACED:
@@ -110,8 +104,17 @@ class Assembler:
             # The job was closed while we wrote (forced completion): file it anew.
         raise RuntimeError("job kept closing while an instance was stored")
 
-    def _write(self, job_id: str, sop_key: str, digest: str, held: HeldInstance | None,
-               instance: IncomingInstance) -> RecordOutcome:
+    def _differs(self, job_id: str, file_id: str, instance: IncomingInstance) -> bool:
+        """Whether the data set of *instance* differs from the copy *file_id* of *job_id* holds."""
+        try:
+            held = self.sealer.open(job_id, Purpose.RECEIVED, self._spool.read_instance(job_id, file_id))
+        except (CryptoError, OSError):
+            return True  # an unreadable copy is replaced by the one that arrived
+        data_set = memoryview(held)[144 + int.from_bytes(held[140:144], "little"):]  # after the file meta
+        incoming = instance.parts[1:]
+        return data_set != (incoming[0] if len(incoming) == 1 else b"".join(incoming))
+
+    def _write(self, job_id: str, sop_key: str, held: str | None, instance: IncomingInstance) -> RecordOutcome:
         try:
             sealed = self.sealer.seal(job_id, Purpose.RECEIVED, instance.parts)
             file_id, size = self._spool.write_instance(job_id, sealed)
@@ -121,24 +124,25 @@ class Assembler:
             raise
         try:
             if held is None:
-                outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock(), digest)
+                outcome = self._jobs.record_instance(job_id, sop_key, file_id, size, self._clock())
             else:
-                outcome = self._jobs.replace_instance(job_id, sop_key, held, file_id, size, digest, self._clock())
+                outcome = self._jobs.replace_instance(job_id, sop_key, held, file_id, size, self._clock())
         except BaseException:
             self._spool.remove_instance(job_id, file_id)  # the sender is told it failed
             raise
         if outcome is RecordOutcome.STORED:
             log.debug("instance_stored", job_id=job_id, bytes=size)
-        elif outcome is RecordOutcome.REPLACED:
-            self._spool.remove_instance(job_id, held.file_id if held else file_id)
+        elif outcome is RecordOutcome.REPLACED and held is not None:
+            self._spool.remove_instance(job_id, held)
             log.info("instance_replaced", job_id=job_id, bytes=size)
         else:
             self._spool.remove_instance(job_id, file_id)
         return outcome
 
-    def _reserve(self, study_key: str, sop_key: str, digest: str, peer: Peer) -> Reservation:
-        reservation = self._jobs.reserve(study_key, peer.name, peer.quiet_seconds, self._clock(), sop_key=sop_key,
-                                         digest=digest)
+    def _reserve(self, study_key: str, sop_key: str, instance: IncomingInstance, peer: Peer) -> Reservation:
+        reservation = self._jobs.reserve(
+            study_key, peer.name, peer.quiet_seconds, self._clock(), sop_key=sop_key,
+            differs=lambda job_id, file_id: self._differs(job_id, file_id, instance))
         if reservation.created:
             log.info("job_created", job_id=reservation.job_id, study=study_key[:16], peer=peer.name,
                      previous_job_id=reservation.previous_job_id)
@@ -170,26 +174,22 @@ class Assembler:
             self._jobs.forget_instance(job.job_id, file_id)
             log.warning("instance_row_without_file", job_id=job.job_id)
         for file_id in present - set(registered):
-            found = self._read_sop_instance_uid(job.job_id, file_id)
+            sop_uid = self._read_sop_instance_uid(job.job_id, file_id)
             outcome = RecordOutcome.JOB_CLOSED
-            if found is not None and job.state is JobState.RECEIVING:
-                sop_uid, digest = found
+            if sop_uid is not None and job.state is JobState.RECEIVING:
                 size = self._spool.instance_path(job.job_id, file_id).stat().st_size
-                outcome = self._jobs.record_instance(job.job_id, self.key(sop_uid), file_id, size, self._clock(),
-                                                     digest)
+                outcome = self._jobs.record_instance(job.job_id, self.key(sop_uid), file_id, size, self._clock())
             if outcome is not RecordOutcome.STORED:
                 # Never acknowledged to the sender (it was not registered), so it will be re-sent.
                 self._spool.remove_instance(job.job_id, file_id)
             log.warning("unregistered_instance_file", job_id=job.job_id, outcome=outcome)
 
 
-    def _read_sop_instance_uid(self, job_id: str, file_id: str) -> tuple[str, str] | None:
-        # The SOP Instance UID and content digest of a spooled file (the data set after its file meta).
+    def _read_sop_instance_uid(self, job_id: str, file_id: str) -> str | None:
         try:
             plaintext = self.sealer.open(job_id, Purpose.RECEIVED, self._spool.read_instance(job_id, file_id))
             ds = pydicom.dcmread(io.BytesIO(plaintext), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            meta_end = 144 + int.from_bytes(plaintext[140:144], "little")
-            return str(ds.SOPInstanceUID), self.digest([memoryview(plaintext)[meta_end:]])
+            return str(ds.SOPInstanceUID)
         except (CryptoError, InvalidDicomError, AttributeError, OSError, ValueError):
             return None
 

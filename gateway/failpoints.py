@@ -42,7 +42,7 @@ def failpoint(point: str) -> None:
 
 
 def _exhaust_memory() -> None:
-    hoard = []
+    hoard: list[bytearray] = []
     while len(hoard) * _OOM_CHUNK_BYTES < _OOM_CEILING_BYTES:
         chunk = bytearray(_OOM_CHUNK_BYTES)
         chunk[::4096] = b"\1" * len(chunk[::4096])  # touch every page: resident, not just reserved

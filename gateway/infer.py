@@ -26,17 +26,27 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from gateway.errors import InferenceError
+from gateway.errors import InferenceError, VolumeError
 from gateway.manifest import ClipScale, InputSpec, ModelPackage
 from gateway.orientation import axis_transform, orientation_code, oriented, unoriented
 from gateway.postprocess import ModelGrid, model_affine, postprocess
-from gateway.resample import back_to_grid, nnunet_resize, nnunet_shape, resample_linear, resample_median_linear
+from gateway.resample import (
+    back_to_grid,
+    linear_shape,
+    nnunet_resize,
+    nnunet_shape,
+    resample_linear,
+    resample_median_linear,
+)
 from gateway.tiling import Tiler
-from gateway.volume import Volume
+from gateway.volume import Volume, VolumeLimits
 
 __all__ = ["Prediction", "Predictor"]
 
 log = structlog.get_logger(__name__)
+
+_MAX_VOXELS = VolumeLimits().max_voxels
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -105,13 +115,22 @@ class Predictor:
         providers: list[str] = self._session.get_providers()
         return providers
 
-    def predict(self, volume: Volume, progress: Callable[[int, int], None] | None = None) -> Prediction:
+    def predict(self, volume: Volume, progress: Callable[[int, int], None] | None = None, *,
+                max_voxels: int = _MAX_VOXELS) -> Prediction:
         """Segment *volume*; raise :class:`InferenceError` on any failure.
 
         *progress* is called after each batch of tiles with ``(tiles done, tiles in all)``.
+
+        Raises
+        ------
+        VolumeError
+            ``model_grid_too_large``, before anything is allocated, when *volume* resampled to the
+            model's spacing would have more than *max_voxels* voxels (``VolumeLimits.max_voxels``).
+        InferenceError
+            When the model fails or its output is malformed.
         """
         started = time.monotonic()
-        prepared = self._prepare(volume)
+        prepared = self._prepare(volume, max_voxels)
         output = self.manifest.output
         scores = self._scores(prepared.image, progress)
         order, flips, factors = prepared.order, prepared.flips, prepared.factors
@@ -130,20 +149,39 @@ class Predictor:
                  empty_labels=prediction.empty)
         return prediction
 
-    def probabilities(self, volume: Volume) -> np.ndarray:
+    def probabilities(self, volume: Volume, *, max_voxels: int = _MAX_VOXELS) -> np.ndarray:
         """Per-channel probabilities before any decision, ``[channels, *grid]`` in model axis order: on the model
         grid, or on the CT grid for ``resampling = "nnunet"`` (where nnU-Net computes them)."""
-        prepared = self._prepare(volume)
+        prepared = self._prepare(volume, max_voxels)
         scores = self._scores(prepared.image)
         if self.manifest.input.resampling == "nnunet":
             scores = np.stack(list(self._on_ct_grid(scores, prepared)))
         return self._activate(scores)
 
-    def _prepare(self, volume: Volume) -> _ModelInput:
+    def grid_shapes(self, shape: Sequence[int], spacing: Sequence[float]) -> list[tuple[int, ...]]:
+        """The grids preparing a CT of *shape* and *spacing* (model axis order) allocates: the model's grid,
+        after the prefilter's grid if the manifest has one."""
+        spec = self.manifest.input
+        if spec.resampling == "nnunet":
+            return [nnunet_shape(shape, spacing, spec.spacing_mm)]
+        if spec.prefilter is None:
+            return [linear_shape(shape, [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)])]
+        between = spec.prefilter.spacing_mm
+        filtered = linear_shape(shape, [s / b for s, b in zip(spacing, between, strict=True)])
+        return [filtered, linear_shape(filtered, [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])]
+
+    def _check_grids(self, shape: Sequence[int], spacing: Sequence[float], max_voxels: int) -> None:
+        for grid in self.grid_shapes(shape, spacing):
+            if math.prod(grid) > max_voxels:
+                raise VolumeError("model_grid_too_large", f"{' x '.join(map(str, grid))} voxels on the grid of "
+                                  f"model {self.manifest.model.name}, at most {max_voxels}")
+
+    def _prepare(self, volume: Volume, max_voxels: int) -> _ModelInput:
         spec = self.manifest.input
         order, flips = axis_transform(orientation_code(volume.affine), spec.orientation)
         hu = oriented(volume.hu, order, flips)
         spacing = [volume.spacing[axis] for axis in order]
+        self._check_grids(hu.shape, spacing, max_voxels)
         factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]
         if spec.resampling == "nnunet":  # normalised first, then a cubic resize (nnU-Net's preprocessing)
             shape = nnunet_shape(hu.shape, spacing, spec.spacing_mm)

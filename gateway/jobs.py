@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,7 +23,7 @@ from pathlib import Path
 from gateway.errors import JobNotFoundError
 from gateway.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 
-__all__ = ["HeldInstance", "Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
+__all__ = ["WRITE_LEASE_SECONDS", "Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
 
 #: A write counted in flight for longer than this is a receiver that died: it no longer holds completion back.
 WRITE_LEASE_SECONDS = 600.0
@@ -83,21 +83,13 @@ class Job:
 
 
 @dataclass(frozen=True)
-class HeldInstance:
-    """The copy of an instance a job already holds: its file and the keyed digest of its content."""
-
-    file_id: str
-    digest: str | None  # None: stored before digests were kept
-
-
-@dataclass(frozen=True)
 class Reservation:
     """The receiving job an incoming instance belongs to, and the copy of that instance it holds."""
 
     job_id: str
     created: bool
     previous_job_id: str | None
-    held: HeldInstance | None
+    held: str | None  # the file of the copy of the instance the job holds already
     reopened: bool = False
 
 
@@ -153,15 +145,15 @@ class JobStore:
                     self._db.execute("PRAGMA synchronous=NORMAL")
 
     def reserve(self, study_key: str, peer: str, quiet_seconds: float, now: float, *, sop_key: str | None = None,
-                digest: str | None = None) -> Reservation:
+                differs: Callable[[str, str], bool] | None = None) -> Reservation:
         """Return the receiving job an incoming instance goes to, and the copy of it that job holds.
 
         The job's ``last_received_at`` is moved to *now* and one more write is counted in flight
         (:meth:`record_instance`, :meth:`replace_instance` or :meth:`release` end it), so the job
         cannot complete while the instance is written. With no receiving job for the study, a
-        different copy of the instance held by the study's latest job reopens that job (a
-        corrected re-send: its tasks are dropped and it is processed again once quiet);
-        otherwise a new job is created.
+        copy of the instance held by the study's latest job that *differs* (``(job_id, file_id)``
+        -> whether the incoming content is different) reopens that job (a corrected re-send: its
+        tasks are dropped and it is processed again once quiet); otherwise a new job is created.
         """
         with self._lock:
             row = self._db.execute(
@@ -171,6 +163,7 @@ class JobStore:
             with self.transaction() as db:
                 if _take_writer(db, row["job_id"], now):
                     return Reservation(row["job_id"], False, None, _held(db, row["job_id"], sop_key))
+        corrected = self._corrected_copy(study_key, sop_key, differs)  # compared with no lock held
         with self.transaction(durable=True) as db:
             row = db.execute(
                 "SELECT job_id FROM jobs WHERE study_key = ? AND state = 'receiving'", (study_key,)
@@ -178,9 +171,8 @@ class JobStore:
             if row is not None:
                 _take_writer(db, row["job_id"], now)
                 return Reservation(row["job_id"], False, None, _held(db, row["job_id"], sop_key))
-            reopened = _reopen_for_correction(db, study_key, sop_key, digest, now) if sop_key and digest else None
-            if reopened is not None:
-                return reopened
+            if corrected is not None and sop_key is not None and _latest_holder(db, study_key, sop_key) == corrected:
+                return _reopen(db, *corrected, now)
             previous = db.execute(
                 "SELECT job_id FROM jobs WHERE study_key = ? ORDER BY created_at DESC LIMIT 1", (study_key,)
             ).fetchone()
@@ -192,10 +184,20 @@ class JobStore:
             )
             return Reservation(job_id, True, previous["job_id"] if previous else None, None)
 
+    def _corrected_copy(self, study_key: str, sop_key: str | None,
+                        differs: Callable[[str, str], bool] | None) -> tuple[str, str] | None:
+        # The study's latest job holding this instance, and its file, if that copy differs from the incoming one.
+        # Rare: only the first instance of a study after its completion gets here.
+        if sop_key is None or differs is None:
+            return None
+        with self._lock:
+            holder = _latest_holder(self._db, study_key, sop_key)
+        return holder if holder is not None and differs(*holder) else None
+
     def release(self, job_id: str) -> None:
         """An instance write counted by :meth:`reserve` ended without registering anything."""
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET writing = max(0, writing - 1) WHERE job_id = ?", (job_id,))
+            _end_write(db, job_id)
 
     def has_instance(self, job_id: str, sop_key: str) -> bool:
         """Return whether the job already holds the instance *sop_key*."""
@@ -205,20 +207,17 @@ class JobStore:
             ).fetchone()
         return row is not None
 
-    def record_instance(self, job_id: str, sop_key: str, file_id: str, size: int, now: float,
-                        digest: str | None = None) -> RecordOutcome:
+    def record_instance(self, job_id: str, sop_key: str, file_id: str, size: int, now: float) -> RecordOutcome:
         """Register a durably written instance file with its job (ending the write counted by :meth:`reserve`).
 
         *now* is when the write became durable: the quiet period counts from it.
         """
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET writing = max(0, writing - 1) WHERE job_id = ?", (job_id,))
-            state = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if state is None or state["state"] != JobState.RECEIVING:
+            if not _end_write(db, job_id):
                 return RecordOutcome.JOB_CLOSED
             cur = db.execute(
-                "INSERT OR IGNORE INTO instances (job_id, sop_key, file_id, size, received_at, digest) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (job_id, sop_key, file_id, size, now, digest))
+                "INSERT OR IGNORE INTO instances (job_id, sop_key, file_id, size, received_at) "
+                "VALUES (?, ?, ?, ?, ?)", (job_id, sop_key, file_id, size, now))
             if cur.rowcount == 0:
                 return RecordOutcome.DUPLICATE
             db.execute(
@@ -226,21 +225,19 @@ class JobStore:
                 "last_received_at = max(last_received_at, ?) WHERE job_id = ?", (now, job_id))
             return RecordOutcome.STORED
 
-    def replace_instance(self, job_id: str, sop_key: str, held: HeldInstance, file_id: str, size: int,
-                         digest: str, now: float) -> RecordOutcome:
+    def replace_instance(self, job_id: str, sop_key: str, held: str, file_id: str, size: int,
+                         now: float) -> RecordOutcome:
         """Put the durably written *file_id* in place of the copy *held* (the last copy received wins)."""
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET writing = max(0, writing - 1) WHERE job_id = ?", (job_id,))
-            state = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if state is None or state["state"] != JobState.RECEIVING:
+            if not _end_write(db, job_id):
                 return RecordOutcome.JOB_CLOSED
             cur = db.execute(
-                "UPDATE instances SET file_id = ?, size = ?, received_at = ?, digest = ? "
+                "UPDATE instances SET file_id = ?, size = ?, received_at = ? "
                 "WHERE job_id = ? AND sop_key = ? AND file_id = ?",
-                (file_id, size, now, digest, job_id, sop_key, held.file_id))
+                (file_id, size, now, job_id, sop_key, held))
             if cur.rowcount == 0:  # another copy won the race: this one is the last
                 return RecordOutcome.DUPLICATE
-            db.execute("DELETE FROM quarantine WHERE job_id = ? AND file_id = ?", (job_id, held.file_id))
+            db.execute("DELETE FROM quarantine WHERE job_id = ? AND file_id = ?", (job_id, held))
             db.execute("UPDATE jobs SET last_received_at = max(last_received_at, ?) WHERE job_id = ?",
                        (now, job_id))
             return RecordOutcome.REPLACED
@@ -376,30 +373,37 @@ def _take_writer(db: sqlite3.Connection, job_id: str, now: float) -> bool:
     return cur.rowcount == 1
 
 
-def _held(db: sqlite3.Connection, job_id: str, sop_key: str | None) -> HeldInstance | None:
+def _end_write(db: sqlite3.Connection, job_id: str) -> bool:
+    """One write counted in flight ended; return whether the job is still receiving."""
+    row = db.execute("UPDATE jobs SET writing = max(0, writing - 1) WHERE job_id = ? RETURNING state",
+                     (job_id,)).fetchone()
+    return row is not None and row["state"] == JobState.RECEIVING
+
+
+def _held(db: sqlite3.Connection, job_id: str, sop_key: str | None) -> str | None:
     if sop_key is None:
         return None
-    row = db.execute("SELECT file_id, digest FROM instances WHERE job_id = ? AND sop_key = ?",
-                     (job_id, sop_key)).fetchone()
-    return None if row is None else HeldInstance(row["file_id"], row["digest"])
+    row = db.execute("SELECT file_id FROM instances WHERE job_id = ? AND sop_key = ?", (job_id, sop_key)).fetchone()
+    return None if row is None else str(row["file_id"])
 
 
-def _reopen_for_correction(db: sqlite3.Connection, study_key: str, sop_key: str, digest: str,
-                           now: float) -> Reservation | None:
-    # The study's latest job holding this instance, if its copy differs: a corrected re-send.
+def _latest_holder(db: sqlite3.Connection, study_key: str, sop_key: str) -> tuple[str, str] | None:
     row = db.execute(
-        "SELECT j.job_id, i.file_id, i.digest FROM instances i JOIN jobs j ON j.job_id = i.job_id "
+        "SELECT j.job_id, i.file_id FROM instances i JOIN jobs j ON j.job_id = i.job_id "
         "WHERE j.study_key = ? AND i.sop_key = ? ORDER BY j.created_at DESC LIMIT 1", (study_key, sop_key)
     ).fetchone()
-    if row is None or row["digest"] is None or row["digest"] == digest:
-        return None
-    job_id = row["job_id"]
+    return None if row is None else (str(row["job_id"]), str(row["file_id"]))
+
+
+def _reopen(db: sqlite3.Connection, job_id: str, file_id: str, now: float) -> Reservation:
+    # A corrected re-send: the job forgets its tasks and receives again (its deadline still counts from
+    # its first instance); it is processed again from the received data once quiet.
     for table in ("tasks", "task_files", "deliveries", "stage_times"):
         db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
     db.execute("UPDATE jobs SET state = 'receiving', completed_at = NULL, finished_at = NULL, reason = NULL, "
                "attempts = 0, last_received_at = max(last_received_at, ?), writing = writing + 1 WHERE job_id = ?",
                (now, job_id))
-    return Reservation(job_id, False, None, HeldInstance(row["file_id"], row["digest"]), reopened=True)
+    return Reservation(job_id, False, None, file_id, reopened=True)
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -22,12 +22,16 @@ from prometheus_client.registry import Collector
 from gateway.jobs import JobStore
 from gateway.tasks import TaskStore
 
-__all__ = ["ASSOCIATION_OUTCOMES", "Metrics", "MetricsServer", "NodeCounters"]
+__all__ = ["ASSOCIATION_OUTCOMES", "STORE_REFUSALS", "Metrics", "MetricsServer", "NodeCounters"]
 
 #: Outcomes of an incoming connection, as counted by the listener and the receivers.
 ASSOCIATION_OUTCOMES = ("accepted", "calling_ae_not_recognised", "called_ae_not_recognised", "local_limit_exceeded",
                        "disk_space_low", "address_not_allowed", "too_many_pending_connections")
-_NAMES = (*(f"association_{outcome}" for outcome in ASSOCIATION_OUTCOMES), "instances_stored", "instances_refused")
+#: Why a receiver refused a C-STORE (the ``reason`` of its ``store_refused``/``store_failed`` event).
+STORE_REFUSALS = ("no_data_set_or_peer", "disk_space_low", "dataset_too_large", "too_many_pixels", "undecodable",
+                  "missing_or_invalid_uid", "dataset_does_not_match_request", "out_of_resources", "internal_error")
+_NAMES = (*(f"association_{outcome}" for outcome in ASSOCIATION_OUTCOMES), "instances_stored", "instances_refused",
+          *(f"instances_refused_{reason}" for reason in STORE_REFUSALS))
 
 
 class NodeCounters:
@@ -52,6 +56,12 @@ class NodeCounters:
         with self._lock:
             self.array[self._base + _NAMES.index(name)] += count
 
+    def refused(self, reason: str) -> None:
+        """One C-STORE refused for *reason* (one of :data:`STORE_REFUSALS`)."""
+        with self._lock:
+            self.array[self._base + _NAMES.index("instances_refused")] += 1
+            self.array[self._base + _NAMES.index(f"instances_refused_{reason}")] += 1
+
     def value(self, name: str) -> int:
         """The counter *name* summed over every process."""
         index, width = _NAMES.index(name), len(_NAMES)
@@ -71,12 +81,26 @@ class Metrics:
         self._shredded = Counter("gateway_retention_shredded_total", "Jobs shredded, by reason", ["why"],
                                  registry=self.registry)
         self._sweeps = Counter("gateway_retention_sweeps_total", "Retention sweeps run", registry=self.registry)
+        self._quarantined = Counter("gateway_quarantined_instances_total",
+                                    "Received instances set aside unprocessed, by reason code", ["reason"],
+                                    registry=self.registry)
+        self._failures = Counter("gateway_failures_total", "Jobs and series that ended failed, by stage and reason "
+                                 "code (nothing was sent for them)", ["stage", "reason"], registry=self.registry)
         self.state = _StateCollector(counters, jobs, data_dir, max_age_seconds)
         self.registry.register(self.state)
 
     def stage(self, stage: str, seconds: float) -> None:
         """One stage of one job or series finished."""
         self._stage.labels(stage).observe(seconds)
+
+    def quarantined(self, by_reason: dict[str, int]) -> None:
+        """Instances of a job were quarantined (reason code -> count)."""
+        for reason, count in by_reason.items():
+            self._quarantined.labels(reason).inc(count)
+
+    def failure(self, stage: str, reason: str) -> None:
+        """A job or series ended failed at *stage* with *reason* (a code, never patient data)."""
+        self._failures.labels(stage, reason).inc()
 
     def delivery(self, destination: str, outcome: str) -> None:
         """A delivery ended (``sent`` or ``dead_letter``)."""
@@ -113,6 +137,11 @@ class _StateCollector(Collector):
         instances.add_metric(["stored"], self._counters.value("instances_stored"))
         instances.add_metric(["refused"], self._counters.value("instances_refused"))
         yield instances
+        refusals = CounterMetricFamily("gateway_instances_refused", "C-STORE requests refused, by reason",
+                                       labels=["reason"])
+        for reason in STORE_REFUSALS:
+            refusals.add_metric([reason], self._counters.value(f"instances_refused_{reason}"))
+        yield refusals
         states = GaugeMetricFamily("gateway_jobs", "Jobs in the table by state", labels=["state"])
         counts: dict[str, int] = {}
         for job in self._jobs.jobs():

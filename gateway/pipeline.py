@@ -110,16 +110,18 @@ def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (
         plaintext = ctx.sealer.open(job_id, Purpose.RECEIVED, ctx.spool.read_instance(job_id, file_id))
         ds = pydicom.dcmread(io.BytesIO(plaintext))
         patients.add(patient_of(ds))  # quarantined instances too: the study is suspect either way
-        identity = identity_of(ds)  # before anything decodes the identity elements
+        series_uid = str(ds.get("SeriesInstanceUID", ""))
+        identity = identity_of(ds) if series_uid not in series else b""  # before anything decodes it
         reason = quarantine_reason(ds, unwanted_image_types)
         if reason is not None:
             ctx.jobs.quarantine(job_id, file_id, reason, time.time())
             log.warning("instance_quarantined", job_id=job_id, reason=reason)
             quarantined[reason] = quarantined.get(reason, 0) + 1
             continue
-        series_uid = str(ds.get("SeriesInstanceUID", ""))
         if series_uid not in series:
             series[series_uid] = _SeriesFiles(*route_for(ds, routes), identity)
+            if series[series_uid].route is None:
+                log.info("series_not_routed", job_id=job_id, series=len(series), reason=series[series_uid].reason)
         group = series[series_uid]
         encoded = encode(pseudonymise(ds, uids, pseudonym))
         group.files.append(ctx.spool.write_work(job_id, ctx.sealer.seal(job_id, Purpose.PSEUDONYMISED, [encoded])))

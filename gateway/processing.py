@@ -67,10 +67,15 @@ def load_series(ctx: StageContext, job_id: str, task_no: int, limits: VolumeLimi
     return Series(datasets, volume_from_datasets(datasets, limits or VolumeLimits()))
 
 
-def infer(predictors: Sequence[Predictor], series: Series,
-          progress: Callable[[int, int], None] | None = None) -> Prediction:
-    """Run the route's models, their labels merged in order; an all-empty result is an error (nothing is sent)."""
-    predictions = [predictor.predict(series.volume, progress) for predictor in predictors]
+def infer(predictors: Sequence[Predictor], series: Series, progress: Callable[[int, int], None] | None = None,
+          limits: VolumeLimits | None = None) -> Prediction:
+    """Run the route's models, their labels merged in order; an all-empty result is an error (nothing is sent).
+
+    Raises :class:`VolumeError` (``model_grid_too_large``) before allocating when a model's grid would exceed
+    the series voxel limit.
+    """
+    max_voxels = (limits or VolumeLimits()).max_voxels
+    predictions = [predictor.predict(series.volume, progress, max_voxels=max_voxels) for predictor in predictors]
     prediction = predictions[0] if len(predictions) == 1 else merge_predictions(predictions)
     if prediction.is_empty:
         raise InferenceError("inference_empty")

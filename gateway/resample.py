@@ -14,7 +14,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["back_to_grid", "resample_linear", "resample_median_linear"]
+__all__ = ["back_to_grid", "linear_shape", "resample_linear", "resample_median_linear"]
+
+
+def _count(size: int, factor: float) -> int:
+    """Output extent along an axis of *size* input voxels: every position m / factor within the input."""
+    return max(1, math.floor((size - 1) * factor + 1e-6) + 1)
+
+
+def linear_shape(shape: Sequence[int], factors: Sequence[float]) -> tuple[int, ...]:
+    """The shape :func:`resample_linear` (or :func:`resample_median_linear`) returns, computed without resampling."""
+    return tuple(_count(n, f) for n, f in zip(shape, factors, strict=True))
 
 
 def _taps(size: int, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -22,7 +32,7 @@ def _taps(size: int, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
     Where the position falls on an input voxel, both indices are that voxel (nothing else is read).
     """
-    count = max(1, math.floor((size - 1) * factor + 1e-6) + 1)
+    count = _count(size, factor)
     position = np.minimum(np.arange(count) / factor, size - 1)
     low = np.floor(position).astype(np.int64)
     fraction = (position - low).astype(np.float32)

@@ -13,6 +13,8 @@ Stages: ``pseudonymise`` (job, here) -> per series ``infer`` -> ``structure`` ->
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -120,7 +122,8 @@ class Runner:
             self._finish(job_id)
         except SpoolError as exc:  # disk full or I/O error: nothing was committed, try again later
             log.warning("stage_deferred", reason=str(exc), retry_in_seconds=_DEFER_SECONDS)
-            self._ctx.jobs.end_attempt(job_id)
+            with contextlib.suppress(sqlite3.Error):  # not the job's fault; the database may be short of room too
+                self._ctx.jobs.end_attempt(job_id)
             self._defer(job_id)
         except Exception as exc:
             self._on_error(job_id, exc, attempts)

@@ -3,10 +3,9 @@
 Version 4 adds the pipeline: a job's tasks (one per series), the pseudonymised files of each
 task, the deliveries of each result, and the time every stage took. Version 5 adds retention:
 when a job finished, and the files written for folder destinations (kept until the deadline
-even when the job's own data is shredded on delivery). Version 6 adds a keyed digest of each
-instance's content (a corrected re-send replaces it), the count of instance writes in flight
-(a study completes only after its last durable write) and of the pipeline attempts that did
-not end (a job that kills the process is not retried forever).
+even when the job's own data is shredded on delivery). Version 6 adds the count of instance
+writes in flight (a study completes only after its last durable write) and of the pipeline
+attempts that did not end (a job that kills the process is not retried forever).
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ CREATE TABLE IF NOT EXISTS instances (
     file_id TEXT NOT NULL,
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    digest TEXT,
     PRIMARY KEY (job_id, sop_key)
 );
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -103,5 +101,4 @@ ADDED_COLUMNS = (
     ("jobs", "finished_at", "REAL"),
     ("jobs", "writing", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
-    ("instances", "digest", "TEXT"),
 )

@@ -37,6 +37,7 @@ from gateway.processing import (
 from gateway.progress import InferenceProgress, SpeedMemory
 from gateway.send import Sender
 from gateway.tasks import Task
+from gateway.volume import VolumeLimits
 
 __all__ = ["SeriesStages"]
 
@@ -65,6 +66,7 @@ class SeriesStages:
         self._sender = Sender(config)
         self._predictors = Predictors(config.inference)
         self._speed = SpeedMemory()
+        self._volume_limits = VolumeLimits.from_config(config.limits)
 
     def run(self, task: Task) -> None:
         """Take one series as far as it can go now (its deliveries may wait for a retry)."""
@@ -138,7 +140,7 @@ class SeriesStages:
 
     def _load(self, task: Task) -> Series:
         try:
-            return load_series(self._ctx, task.job_id, task.task_no)
+            return load_series(self._ctx, task.job_id, task.task_no, self._volume_limits)
         except VolumeError as exc:
             raise _TaskFailed(exc.reason) from exc
 
@@ -152,9 +154,12 @@ class SeriesStages:
             slices = series.volume.shape[0]
             log.info("inference_expected", model=route.model_key, slices=slices,
                      expected_seconds=self._speed.expect(route.model_key, slices))
-            prediction = infer([self._predictors.get(model) for model in route.models], series, InferenceProgress())
+            prediction = infer([self._predictors.get(model) for model in route.models], series, InferenceProgress(),
+                               self._volume_limits)
             self._speed.remember(route.model_key, slices, prediction.seconds)
             return prediction
+        except VolumeError as exc:
+            raise _TaskFailed(exc.reason) from exc
         except InferenceError as exc:
             raise _TaskFailed("inference_empty" if str(exc) == "inference_empty" else "inference_failed") from exc
 

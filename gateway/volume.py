@@ -9,7 +9,9 @@ orientation and positions themselves.
 
 A series is rejected, with a reason code, rather than guessed at: too few slices, no or
 several frames of reference, differing orientations or pixel grids, gantry tilt,
-duplicate or missing slices and non-uniform spacing beyond a tolerance.
+duplicate or missing slices and non-uniform spacing beyond a tolerance; and, before any
+pixel is decoded, more voxels than ``max_voxels`` or a pixel spacing or slice gap outside
+its plausible range (``[limits]`` in the configuration).
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
+from gateway.config import Limits
 from gateway.errors import VolumeError
 
 __all__ = ["Volume", "VolumeLimits", "volume_from_datasets"]
+
+
+_DEFAULT = Limits()
 
 
 @dataclass(frozen=True)
@@ -30,12 +36,24 @@ class VolumeLimits:
     """What a series must satisfy to become a volume."""
 
     min_slices: int = 10
+    #: Most voxels (slices x rows x columns) of a volume, and of its resampling to a model's grid.
+    max_voxels: int = _DEFAULT.max_series_voxels
+    #: Plausible pixel spacing (mm), smallest and largest.
+    pixel_spacing_mm: tuple[float, float] = _DEFAULT.pixel_spacing_mm
+    #: Plausible distance between slices (mm), smallest and largest.
+    slice_spacing_mm: tuple[float, float] = _DEFAULT.slice_spacing_mm
     #: Largest deviation of any slice gap from the median gap, as a fraction of it.
     spacing_tolerance: float = 0.05
     #: Largest difference between direction cosines still called "the same orientation".
     orientation_tolerance: float = 1e-4
     #: Largest in-plane drift of consecutive slice positions (mm) still called "no tilt".
     tilt_tolerance_mm: float = 0.01
+
+    @classmethod
+    def from_config(cls, limits: Limits) -> VolumeLimits:
+        """The size and geometry limits of the configuration's ``[limits]``; the tolerances as by default."""
+        return cls(max_voxels=limits.max_series_voxels, pixel_spacing_mm=limits.pixel_spacing_mm,
+                   slice_spacing_mm=limits.slice_spacing_mm)
 
 
 @dataclass(frozen=True)
@@ -70,22 +88,25 @@ class Volume:
 def volume_from_datasets(datasets: Sequence[Dataset], limits: VolumeLimits = VolumeLimits()) -> Volume:
     """Build the :class:`Volume` of one CT series.
 
+    Every check runs before a pixel is decoded or the voxel array allocated.
+
     Raises
     ------
     VolumeError
-        With a reason code when the series cannot be contoured safely.
+        With a reason code when the series cannot be contoured safely: ``too_few_slices``,
+        ``no_pixel_grid``, ``series_too_large``, ``implausible_pixel_spacing``,
+        ``implausible_slice_spacing`` and those of the geometry checks.
     """
     if len(datasets) < limits.min_slices:
         raise VolumeError("too_few_slices", f"{len(datasets)} slices, at least {limits.min_slices} needed")
     frame = _frame_of_reference(datasets)
     row_dir, col_dir = _orientation(datasets, limits)
     normal = np.cross(row_dir, col_dir)
-    _check_pixel_grid(datasets)
+    row_spacing, column_spacing = _check_pixel_grid(datasets, limits)
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     order = np.argsort(positions @ normal, kind="stable")
     positions = positions[order]
     gap = _slice_gap(positions, normal, limits)
-    row_spacing, column_spacing = (float(v) for v in datasets[0].PixelSpacing)
     affine = np.eye(4)
     affine[:3, 0] = normal * gap
     affine[:3, 1] = col_dir * row_spacing
@@ -125,11 +146,24 @@ def _orientation(datasets: Sequence[Dataset], limits: VolumeLimits) -> tuple[np.
     return row_dir, col_dir
 
 
-def _check_pixel_grid(datasets: Sequence[Dataset]) -> None:
-    grids = {(int(ds.Rows), int(ds.Columns), tuple(round(float(v), 6) for v in ds.PixelSpacing))
-             for ds in datasets}
+def _check_pixel_grid(datasets: Sequence[Dataset], limits: VolumeLimits) -> tuple[float, float]:
+    """The (row, column) pixel spacing, once rows, columns and spacing agree, fit the limits and are plausible."""
+    try:
+        grids = {(int(ds.Rows), int(ds.Columns), tuple(round(float(v), 6) for v in ds.PixelSpacing))
+                 for ds in datasets}
+    except (AttributeError, TypeError, ValueError):
+        raise VolumeError("no_pixel_grid", "a slice lacks Rows, Columns or Pixel Spacing") from None
     if len(grids) > 1:
         raise VolumeError("inconsistent_pixel_grid", "slices differ in rows, columns or pixel spacing")
+    rows, columns, _ = grids.pop()
+    if len(datasets) * rows * columns > limits.max_voxels:
+        raise VolumeError("series_too_large", f"{len(datasets)} x {rows} x {columns} voxels, at most "
+                                              f"{limits.max_voxels}")
+    spacing = [float(v) for v in datasets[0].PixelSpacing]
+    low, high = limits.pixel_spacing_mm
+    if len(spacing) != 2 or not all(low <= value <= high for value in spacing):
+        raise VolumeError("implausible_pixel_spacing", f"pixel spacing {spacing} mm, not within {low}-{high} mm")
+    return spacing[0], spacing[1]
 
 
 def _slice_gap(positions: np.ndarray, normal: np.ndarray, limits: VolumeLimits) -> float:
@@ -141,6 +175,9 @@ def _slice_gap(positions: np.ndarray, normal: np.ndarray, limits: VolumeLimits) 
     if drift.max() > limits.tilt_tolerance_mm:
         raise VolumeError("gantry_tilt", f"slice positions drift {drift.max():.2f} mm off the slice normal")
     gap = float(np.median(along))
+    low, high = limits.slice_spacing_mm
+    if not low <= gap <= high:
+        raise VolumeError("implausible_slice_spacing", f"slices {gap:.3f} mm apart, not within {low}-{high} mm")
     worst = float(np.abs(along - gap).max())
     if worst > limits.spacing_tolerance * gap:
         reason = "missing_slices" if along.max() > 1.5 * gap else "non_uniform_spacing"

@@ -60,16 +60,15 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int, counte
     ae = build_ae(config)
     assembler = Assembler(spool, jobs, MasterKey.load(config))
     node = config.node
-    limits = ConnectionLimits(max_pdu_length=node.max_pdu_size,
-                              association_request_seconds=node.association_request_seconds,
-                              pdu_seconds=node.pdu_seconds)
+    limits = ConnectionLimits.from_config(config)
     slots = AssociationSlots(counters, index, node.max_associations)
     tls = None
     if node.tls is not None:
         context = server_context(node.tls.certificate_file, node.tls.private_key_file, node.tls.ca_file,
                                  node.tls.require_client_certificate)
         tls = (context, node.tls.handshake_seconds)
-    server = FdAssociationServer(ae, AssociationPolicy(config), slots, limits, store_handlers(assembler), _closed,
+    server = FdAssociationServer(ae, AssociationPolicy(config), slots, limits,
+                                 store_handlers(assembler, config.limits), _closed,
                                  disk_low=DiskWatermark(config).low, tls=tls,
                                  counters=NodeCounters(node_counters, row=index + 1))
     try:

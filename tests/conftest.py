@@ -228,6 +228,23 @@ def dataset_bytes(source: Path | bytes) -> bytes:
     return raw[144 + group_length:]
 
 
+def group_memory_kib(pgid: int, field: str = "VmRSS") -> dict[int, int]:
+    """*field* of ``/proc/<pid>/status`` (``VmRSS`` now, ``VmHWM`` the peak) of every process in group *pgid*."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        found[int(entry.name)] = next((int(line.split()[1]) for line in status.splitlines()
+                                       if line.startswith(f"{field}:")), 0)
+    return found
+
+
 def dcmtk_env() -> dict[str, str]:
     """Environment for dcmtk tools: TCP_NODELAY, as measured on this machine type."""
     return {**os.environ, "TCP_NODELAY": "1"}

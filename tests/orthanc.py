@@ -95,6 +95,14 @@ class Orthanc:
         """The stored DICOM Part 10 file of one instance."""
         return self._get(f"/instances/{instance_id}/file")
 
+    def file_of(self, sop_instance_uid: str) -> bytes:
+        """The stored Part 10 file of the instance with *sop_instance_uid*, as Orthanc keeps it."""
+        for instance in self.instances():
+            raw = self.file(instance)
+            if str(pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).SOPInstanceUID) == sop_instance_uid:
+                return raw
+        raise AssertionError(f"instance {sop_instance_uid} not found at the TPS")
+
     def datasets(self, modality: str | None = None) -> list[pydicom.Dataset]:
         """Every stored instance parsed with pydicom, optionally only those of *modality*."""
         return [pydicom.dcmread(io.BytesIO(self.file(i))) for i in self._instances_of(modality)]

@@ -6,13 +6,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from structlog.testing import capture_logs
 
+from gateway._encoding import file_meta_bytes
 from gateway.assembly import Assembler, IncomingInstance, StoreResult, complete_due, force_complete
 from gateway.config import Peer
-from gateway.crypt import MasterKey
+from gateway.crypt import MasterKey, Purpose
 from gateway.errors import JobNotFoundError
-from gateway.jobs import JobState, JobStore
+from gateway.jobs import WRITE_LEASE_SECONDS, JobState, JobStore
 from gateway.spool import Spool
 from tests.conftest import make_ct_series
 
@@ -39,8 +41,9 @@ MASTER = MasterKey(bytes(range(32)))
 PEER = Peer(name="pacs", ae_title="PACS", host="127.0.0.1", quiet_seconds=30)
 
 
-def _instance(study: str, sop: str) -> IncomingInstance:
-    return IncomingInstance(study, sop, (b"DICM-ish ", sop.encode()))
+def _instance(study: str, sop: str, content: bytes = b"") -> IncomingInstance:
+    head = file_meta_bytes(CTImageStorage, sop, ExplicitVRLittleEndian, "PACS")
+    return IncomingInstance(study, sop, (head, sop.encode() + content))
 
 
 def test_quiet_period_is_measured_from_the_last_instance(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
@@ -63,6 +66,53 @@ def test_duplicates_are_stored_once(parts: tuple[Spool, JobStore, Clock, Assembl
     [job] = jobs.jobs()
     assert job.instance_count == 1
     assert len(spool.file_ids(job.job_id)) == 1
+
+
+def test_a_different_copy_replaces_the_held_one(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    spool, jobs, _, assembler = parts
+    assert assembler.accept(_instance("1.2.3", "1.2.3.1", b"WRONG NAME"), PEER) is StoreResult.STORED
+    [first] = spool.file_ids(jobs.jobs()[0].job_id)
+    with capture_logs() as logs:
+        assert assembler.accept(_instance("1.2.3", "1.2.3.1", b"RIGHT NAME"), PEER) is StoreResult.REPLACED
+        assert assembler.accept(_instance("1.2.3", "1.2.3.1", b"RIGHT NAME"), PEER) is StoreResult.DUPLICATE
+    [job] = jobs.jobs()
+    [kept] = spool.file_ids(job.job_id)
+    assert job.instance_count == 1 and kept != first
+    assert assembler.sealer.open(job.job_id, Purpose.RECEIVED, spool.read_instance(job.job_id, kept)).endswith(
+        b"RIGHT NAME")
+    assert [e["event"] for e in logs if e["event"].startswith("instance_")] == ["instance_replaced",
+                                                                                 "instance_duplicate"]
+
+
+def test_a_corrected_copy_after_completion_reopens_the_job(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    spool, jobs, clock, assembler = parts
+    assembler.accept(_instance("1.2.3", "1.2.3.1", b"WRONG NAME"), PEER)
+    assembler.accept(_instance("1.2.3", "1.2.3.2", b"WRONG NAME"), PEER)
+    clock.now += 31
+    [done] = complete_due(jobs, clock())
+    assert assembler.accept(_instance("1.2.3", "1.2.3.1", b"WRONG NAME"), PEER) is StoreResult.STORED  # same: new job
+    assert len(jobs.jobs()) == 2
+    clock.now += 31
+    complete_due(jobs, clock())
+    with capture_logs() as logs:
+        assert assembler.accept(_instance("1.2.3", "1.2.3.2", b"RIGHT NAME"), PEER) is StoreResult.REPLACED
+    [reopened] = [e for e in logs if e["event"] == "job_reopened"]
+    assert (reopened["job_id"], reopened["reason"]) == (done.job_id, "instance_corrected")
+    job = jobs.get(done.job_id)
+    assert (job.state, job.completed_at, job.instance_count) == (JobState.RECEIVING, None, 2)
+    assert len(spool.file_ids(done.job_id)) == 2
+
+
+def test_a_write_in_flight_holds_completion_back(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:
+    _, jobs, clock, _ = parts
+    slow = jobs.reserve("s" * 64, "pacs", 30.0, clock()).job_id
+    dead = jobs.reserve("d" * 64, "pacs", 30.0, clock()).job_id  # its receiver dies mid-write
+    clock.now += 60  # the quiet period has passed while both writes go on
+    assert complete_due(jobs, clock()) == []
+    jobs.release(slow)
+    assert [job.job_id for job in complete_due(jobs, clock())] == [slow]
+    clock.now += WRITE_LEASE_SECONDS
+    assert [job.job_id for job in complete_due(jobs, clock())] == [dead]
 
 
 def test_two_studies_make_two_jobs_and_hold_no_uid(parts: tuple[Spool, JobStore, Clock, Assembler]) -> None:

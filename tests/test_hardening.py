@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 import socket
@@ -22,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from tests.conftest import REPO, NodeProcess, write_config
+from tests.conftest import REPO, NodeProcess, group_memory_kib, write_config
 from tests.synthetic import ct_slice
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -45,18 +44,7 @@ def associate_rq(calling: bytes = b"PACS", called: bytes = b"CONTOUR_GW") -> byt
 
 def group_rss_kib(pgid: int) -> int:
     """Resident memory of every process in the node's process group."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry.name)) != pgid:
-                continue
-            status = (entry / "status").read_text()
-        except (OSError, ProcessLookupError):
-            continue
-        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return total
+    return sum(group_memory_kib(pgid).values())
 
 
 def settled_rss_kib(pgid: int, timeout: float = 30.0) -> int:

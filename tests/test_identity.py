@@ -36,6 +36,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.orthanc import Orthanc, orthanc_running
+from tests.realct import real_chest_ct, real_head_ct
 from tests.synthetic import ct_slice
 from tests.test_e2e import (
     audit_records,
@@ -70,53 +71,102 @@ def _no_phi(node: NodeProcess, report: str, *series: CTSeries) -> None:
     assert [(v, sink) for v in values for sink, text in texts.items() if v in text] == []
 
 
-@pytest.mark.parametrize("how", ["one_association", "two_associations", "two_peers"])
-def test_two_patients_under_one_study_uid_send_nothing(how: str, node_factory: Callable[..., NodeProcess],
-                                                       tps: Orthanc, tmp_path: Path) -> None:
+def _conflicting_studies(tmp_path: Path) -> dict[str, tuple[CTSeries, CTSeries]]:
+    """Two patients under one Study UID, per way of arriving; the last pair is real CT (a chest and a head)."""
+    studies = {}
+    for how in ("one_association", "two_associations", "two_peers"):
+        study_uid = generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
+        studies[how] = (phantom(tmp_path / how / "a", study_uid=study_uid, patient=PATIENT_A),
+                        phantom(tmp_path / how / "b", study_uid=study_uid, patient=PATIENT_B))
     study_uid = generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
-    a = phantom(tmp_path / "a", study_uid=study_uid, patient=PATIENT_A)
-    b = phantom(tmp_path / "b", study_uid=study_uid, patient=PATIENT_B)
-    node = node_factory(peers=_two_peers(), destinations=[tps_destination(tps)], routes=[route("tps")])
+    studies["real_ct_two_peers"] = (
+        real_chest_ct(tmp_path / "chest", patient=(*PATIENT_A, "19400101"), study_uid=study_uid, slices=16,
+                      downsample=4),
+        real_head_ct(tmp_path / "head", patient=(*PATIENT_B, "19500202"), study_uid=study_uid, slices=16,
+                     downsample=2))
+    return studies
+
+
+def _send_pair(node: NodeProcess, how: str, a: CTSeries, b: CTSeries) -> None:
     if how == "one_association":
         send(node, [*a.files, *b.files], "PACS_A")
     elif how == "two_associations":
         send(node, a.files, "PACS_A")
         send(node, b.files, "PACS_A")
-    else:
+    else:  # two peers at once
         senders = [threading.Thread(target=send, args=(node, ct.files, ae)) for ct, ae in ((a, "PACS_A"),
                                                                                           (b, "PACS_B"))]
         for thread in senders:
             thread.start()
         for thread in senders:
             thread.join()
-    done = node.wait_for("job_done", timeout=60)
-    assert (done["state"], done["reason"]) == ("failed", "identity_conflict")
-    assert [(state, reason) for _, state, reason in jobs_of(node.data_dir)] == [("failed", "identity_conflict")]
-    alert = node.wait_for("alert", stage="pseudonymise")
-    assert alert["reason"] == "identity_conflict"
-    assert not list((node.data_dir / "work").glob("*/*.dcm")), "nothing of a conflicting study is pseudonymised"
-    assert not (node.data_dir / "vault").exists() or not list((node.data_dir / "vault").iterdir())
-    [record] = [r for r in audit_records(node.data_dir) if r["event"] == "pseudonymised"]
-    assert (record["outcome"], record["reason"]) == ("failed", "identity_conflict")
-    report = status(node)
-    assert "identity_conflict" in report
-    time.sleep(1.0)  # anything sent would have reached Orthanc by now
-    assert rtstructs_of(tps, study_uid) == []
-    _no_phi(node, report, a, b)
 
 
-def test_same_patient_on_two_peers_is_one_study(node_factory: Callable[..., NodeProcess], tps: Orthanc,
-                                               tmp_path: Path) -> None:
-    """The check compares patients, not senders: one patient's two series from two peers are contoured."""
-    study_uid = generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
-    a = phantom(tmp_path / "a", study_uid=study_uid, patient=PATIENT_A, series_description="Thorax A")
-    b = phantom(tmp_path / "b", study_uid=study_uid, patient=PATIENT_A, series_description="Thorax B")
+def test_two_patients_under_one_study_uid_send_nothing(node_factory: Callable[..., NodeProcess], tps: Orthanc,
+                                                       tmp_path: Path) -> None:
+    """On one association, on two, and from two peers (phantoms, then real CT): the job fails closed."""
+    studies = _conflicting_studies(tmp_path)
     node = node_factory(peers=_two_peers(), destinations=[tps_destination(tps)], routes=[route("tps")])
-    send(node, a.files, "PACS_A")
-    send(node, b.files, "PACS_B")
-    node.wait_for("job_done", timeout=120)
+    jobs = []
+    for how, (a, b) in studies.items():
+        _send_pair(node, how, a, b)
+        job_id = node.wait_for("job_created", timeout=30)["job_id"]
+        done = node.wait_for("job_done", timeout=60, job_id=job_id)
+        assert (done["state"], done["reason"]) == ("failed", "identity_conflict"), how
+        alert = node.wait_for("alert", job_id=job_id)
+        assert (alert["stage"], alert["reason"]) == ("pseudonymise", "identity_conflict"), how
+        jobs.append(job_id)
+        node.log_offset = node.log_path.stat().st_size  # the next study's events only
+    node.log_offset = 0
+    assert jobs_of(node.data_dir) == [(job_id, "failed", "identity_conflict") for job_id in jobs]
+    assert not list((node.data_dir / "work").glob("*/*.dcm")), "nothing of a conflicting study is pseudonymised"
+    assert not list((node.data_dir / "vault").glob("*"))
+    records = [r for r in audit_records(node.data_dir) if r["event"] == "pseudonymised"]
+    assert [(r["job_id"], r["outcome"], r["reason"]) for r in records] == [
+        (job_id, "failed", "identity_conflict") for job_id in jobs]
+    report = status(node)
+    assert report.count("identity_conflict") == len(jobs)
+    time.sleep(1.0)  # anything sent would have reached Orthanc by now
+    assert [rtstructs_of(tps, a.study_uid) for a, _ in studies.values()] == [[]] * len(studies)
+    _no_phi(node, report, *(ct for pair in studies.values() for ct in pair))
+
+    # The check compares patients, not senders: one patient's two series from two peers are contoured.
+    study_uid = generate_uid(prefix=CANARY_STUDY_PREFIX + ".")
+    same = [phantom(tmp_path / f"same{n}", study_uid=study_uid, patient=PATIENT_A, series_description=f"Thorax {n}")
+            for n in (1, 2)]
+    node.log_offset = node.log_path.stat().st_size
+    _send_pair(node, "two_peers", *same)
+    job_id = node.wait_for("job_created", timeout=30)["job_id"]
+    assert node.wait_for("job_done", timeout=120, job_id=job_id)["state"] == "sent"
     found = rtstructs_of(tps, study_uid)
     assert len(found) == 2 and {str(ds.PatientID) for ds in found} == {PATIENT_A[1]}
+
+
+def test_real_ct_corrected_after_delivery_carries_the_corrected_patient(
+        node_factory: Callable[..., NodeProcess], tps: Orthanc, tmp_path: Path) -> None:
+    """A real CT sent under the wrong patient, delivered, then re-sent corrected (patient reconciliation)."""
+    ct = real_chest_ct(tmp_path / "wrong", patient=(*PATIENT_B, "19500202"), slices=16, downsample=4)
+    corrected = _rename(ct, tmp_path / "right", PATIENT_A)
+    node = node_factory(destinations=[tps_destination(tps)], routes=[route("tps")],
+                        extra="[retention]\nkeep_after_delivery_seconds = 3600")
+    send(node, ct.files)
+    first = wait_rtstruct(tps, ct.study_uid)
+    job_id = node.wait_for("job_done", timeout=60)["job_id"]
+    send(node, corrected)
+    reopened = node.wait_for("job_reopened", timeout=30)
+    assert (reopened["job_id"], reopened["reason"]) == (job_id, "instance_corrected")
+    deadline = time.monotonic() + 90
+    while len(rtstructs_of(tps, ct.study_uid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [second] = [ds for ds in rtstructs_of(tps, ct.study_uid) if ds.SOPInstanceUID != first.SOPInstanceUID]
+    assert (str(first.PatientID), str(second.PatientID)) == (PATIENT_B[1], PATIENT_A[1])
+    assert str(second.PatientName) == PATIENT_A[0]
+    refs = {image.ReferencedSOPInstanceUID for image in second.ReferencedFrameOfReferenceSequence[0]
+            .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence}
+    assert refs == set(ct.sop_uids)
+    assert [job for job, _, _ in jobs_of(node.data_dir)] == [job_id]  # the same job, processed again
+    assert len(list((node.data_dir / "spool" / job_id).glob("*.dcm"))) == len(ct.files)  # replaced, not added
+    _no_phi(node, status(node), ct)
 
 
 def _rename(ct: CTSeries, folder: Path, patient: tuple[str, str]) -> list[Path]:
@@ -147,32 +197,6 @@ def test_corrected_resend_before_pseudonymisation_replaces(node_factory: Callabl
     assert sum(e["event"] == "instance_replaced" for e in events) == len(ct.files)
     assert sum(e["event"] == "job_created" for e in events) == 1
     assert len(rtstructs_of(tps, ct.study_uid)) == 1
-    _no_phi(node, status(node), ct)
-
-
-def test_corrected_resend_after_delivery_sends_the_corrected_identity(
-        node_factory: Callable[..., NodeProcess], tps: Orthanc, tmp_path: Path) -> None:
-    ct = phantom(tmp_path / "wrong", patient=PATIENT_B)
-    corrected = _rename(ct, tmp_path / "right", PATIENT_A)
-    node = node_factory(destinations=[tps_destination(tps)], routes=[route("tps")],
-                        extra="[retention]\nkeep_after_delivery_seconds = 3600")
-    send(node, ct.files)
-    first = wait_rtstruct(tps, ct.study_uid)
-    job_id = node.wait_for("job_done", timeout=60)["job_id"]
-    assert str(first.PatientID) == PATIENT_B[1]
-    send(node, corrected)
-    reopened = node.wait_for("job_reopened", timeout=30)
-    assert (reopened["job_id"], reopened["reason"]) == (job_id, "instance_corrected")
-    deadline = time.monotonic() + 90
-    while len(rtstructs_of(tps, ct.study_uid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    second = next(ds for ds in rtstructs_of(tps, ct.study_uid) if ds.SOPInstanceUID != first.SOPInstanceUID)
-    assert (str(second.PatientName), str(second.PatientID)) == PATIENT_A
-    refs = {image.ReferencedSOPInstanceUID for image in second.ReferencedFrameOfReferenceSequence[0]
-            .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence}
-    assert refs == set(ct.sop_uids)
-    assert [job for job, _, _ in jobs_of(node.data_dir)] == [job_id]  # the same job, processed again
-    assert len(list((node.data_dir / "spool" / job_id).glob("*.dcm"))) == len(ct.files)  # replaced, not added
     _no_phi(node, status(node), ct)
 
 
@@ -208,20 +232,12 @@ def test_names_come_back_byte_for_byte(node_factory: Callable[..., NodeProcess],
         send(node, ct.files)
     for key, ct in studies.items():
         rtstruct = wait_rtstruct(tps, ct.study_uid)
-        stored = _file_of(tps, str(rtstruct.SOPInstanceUID))
+        stored = tps.file_of(str(rtstruct.SOPInstanceUID))
         charset, name = _NAMES[key]
         received = pydicom.dcmread(io.BytesIO(stored))
         assert received.get_item(0x00100010).value == name, key
         if charset:
             assert received.SpecificCharacterSet == charset, key
-
-
-def _file_of(orthanc: Orthanc, sop_uid: str) -> bytes:
-    for instance in orthanc.instances():
-        raw = orthanc.file(instance)
-        if str(pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).SOPInstanceUID) == sop_uid:
-            return raw
-    raise AssertionError("instance not found at the TPS")
 
 
 class TestPatientOf:
@@ -258,17 +274,17 @@ def _encoded(ds: Dataset) -> io.BytesIO:
 
 def test_a_slow_write_neither_completes_nor_splits_its_study(node_factory: Callable[..., NodeProcess],
                                                              tmp_path: Path) -> None:
-    """Each instance takes 2.5 s to become durable; the quiet period (1 s) counts from the end of the write."""
+    """Each instance takes 2 s to become durable; the quiet period (1 s) counts from the end of the write."""
     ct = phantom(tmp_path / "ct")
-    node = node_factory(env={"CONTOUR_GW_FAILPOINT": "slow:write_instance:2.5"})
-    send(node, ct.files[:4])
+    node = node_factory(env={"CONTOUR_GW_FAILPOINT": "slow:write_instance:2"})
+    send(node, ct.files[:3])
     node.wait_for("job_complete", timeout=60)
     events = node.events()
     assert sum(e["event"] == "job_created" for e in events) == 1
     assert not any(e["event"] == "study_received_after_completion" for e in events)
     [(job_id, _, _)] = jobs_of(node.data_dir)
     complete = next(e for e in events if e["event"] == "job_complete")
-    assert (complete["job_id"], complete["instances"]) == (job_id, 4)
+    assert (complete["job_id"], complete["instances"]) == (job_id, 3)
 
 
 def _cgroup(tmp_path: Path, limit_bytes: int) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ def _write(ds: Dataset, path: Path) -> Path:
 @pytest.fixture
 def canary_study(tmp_path: Path) -> CanaryStudy:
     """4 processable slices with every Table E.1-1 attribute set, plus 4 instances to quarantine:
-    burned-in annotation, a localizer, a secondary capture that does not say, a dose report."""
+    burned-in annotation, a localizer, a secondary capture, a dose report (all of the same patient)."""
     folder = tmp_path / "canary"
     folder.mkdir()
     study, series, frame = f"{CANARY_ROOT}.1", f"{CANARY_ROOT}.2", f"{CANARY_ROOT}.3"
@@ -71,9 +72,14 @@ def canary_study(tmp_path: Path) -> CanaryStudy:
     capture = ct_slice(study, series, frame, 6, 32, rng)
     capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     capture.SOPInstanceUID = capture.file_meta.MediaStorageSOPInstanceUID = f"{CANARY_ROOT}.106"
-    quarantined[str(capture.SOPInstanceUID)] = "burned_in_annotation_unknown"
+    quarantined[str(capture.SOPInstanceUID)] = "secondary_capture"
+    dose = _dose_report(study, f"{CANARY_ROOT}.107")
+    patient = next(iter(originals.values()))
+    for other in (capture, dose):  # the same patient, as the modality writes it on every instance
+        for keyword in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate"):
+            other[keyword] = patient[keyword]
     files.append(_write(capture, folder / "capture.dcm"))
-    files.append(_write(_dose_report(study, f"{CANARY_ROOT}.107"), folder / "dose.dcm"))
+    files.append(_write(dose, folder / "dose.dcm"))
     quarantined[f"{CANARY_ROOT}.107"] = "dose_report"
     texts.append("CANARY^DOSE^REPORT")
     return CanaryStudy(files, sorted(set(texts)), originals, quarantined)
@@ -86,7 +92,7 @@ def _dose_report(study: str, instance: str) -> Dataset:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = instance
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{CANARY_ROOT}.4"
-    ds.Modality, ds.ValueType, ds.PatientName = "SR", "CONTAINER", "CANARY^DOSE^REPORT"
+    ds.Modality, ds.ValueType, ds.StudyDescription = "SR", "CONTAINER", "CANARY^DOSE^REPORT"
     return ds
 
 CT_ROUTE = Route(name="ct", match={"Modality": "CT"}, model="default", destinations=["tps"])
@@ -116,6 +122,7 @@ def pseudonymised(node_factory: Callable[..., NodeProcess], canary_study: Canary
     jobs = JobStore(spool.database_path)
     ctx = StageContext(spool, jobs, Sealer(MasterKey.load(parse_config({"node": {"data_dir": str(node.data_dir)}})),
                                           jobs))
+    jobs.force_complete(job_id, time.time())  # stopped within its quiet period
     with capture_logs() as logs:
         pseudonymise_job(ctx, job_id, [CT_ROUTE])
     datasets = [pydicom.dcmread(io.BytesIO(ctx.sealer.open(job_id, Purpose.PSEUDONYMISED,
@@ -267,11 +274,14 @@ class TestRandomUIDs:
 class TestQuarantineRules:
     @pytest.mark.parametrize(("changes", "reason"), [
         ({"BurnedInAnnotation": "YES"}, "burned_in_annotation"),
-        ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL"]}, "image_type_secondary"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL"]}, None),
+        ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL", "AVERAGE"]}, None),
+        ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL", "MIP"]}, None),
         ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "image_type_localizer"),
         ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "image_type_screen_save"),
-        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "burned_in_annotation_unknown"),
-        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "BurnedInAnnotation": "NO"}, None),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary_capture"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "BurnedInAnnotation": "NO"}, "secondary_capture"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "BurnedInAnnotation": "YES"}, "secondary_capture"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.67"}, "dose_report"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.4"}, "sop_class_not_processed"),
         ({"ImageType": ["DERIVED", "SECONDARY", "DOSE_INFO"]}, "image_type_dose_info"),
@@ -284,10 +294,14 @@ class TestQuarantineRules:
             setattr(ds, keyword, value)
         assert quarantine_reason(ds) == reason
 
-    def test_a_route_may_want_secondary_images(self) -> None:
+    def test_derived_secondary_axial_passes_by_default(self) -> None:
+        """A converted or TPS-exported planning CT (DERIVED\\SECONDARY\\AXIAL) passes, stated burned-in NO or not."""
         ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.5", 0, 8, np.random.default_rng(0))
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        assert quarantine_reason(ds, unwanted_image_types={"LOCALIZER"}) is None
+        assert "BurnedInAnnotation" not in ds
+        assert quarantine_reason(ds) is None
+        ds.BurnedInAnnotation = "NO"
+        assert quarantine_reason(ds) is None
 
 
 def test_pseudonymise_keeps_the_transfer_syntax(tmp_path: Path) -> None:
