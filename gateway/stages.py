@@ -47,6 +47,10 @@ _NEXT_STAGE = {JobState.PSEUDONYMISED: "infer", JobState.INFERRED: "structure", 
                JobState.REIDENTIFIED: "send"}
 
 
+class _TaskGone(Exception):
+    """The series' task no longer exists: a corrected re-send reopened its job, which starts over."""
+
+
 class _TaskFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -96,9 +100,13 @@ class SeriesStages:
                                      results=count)
             if state is JobState.REIDENTIFIED:
                 self._send(task)
+        except _TaskGone:
+            log.info("job_gone", reason="reopened")
         except _TaskFailed as failure:
-            self._ctx.tasks.advance(task.job_id, task.task_no, JobState.FAILED, stage=None, duration_ms=0,
-                                    now=self._clock(), reason=failure.reason)
+            if self._ctx.tasks.advance(task.job_id, task.task_no, JobState.FAILED, stage=None, duration_ms=0,
+                                       now=self._clock(), reason=failure.reason) is None:
+                log.info("job_gone", reason="reopened")  # a corrected re-send reopened the job: this series is gone
+                return
             stage = _NEXT_STAGE.get(state, state.value)
             log.error("alert", stage=stage, outcome="failed", reason=failure.reason)
             if self._metrics is not None:
@@ -127,8 +135,9 @@ class SeriesStages:
                 deliveries: list[tuple[int, str]] | None = None, **counts: int) -> JobState:
         failpoint(f"after:{stage}")
         duration_ms = int((time.monotonic() - started) * 1000)
-        self._ctx.tasks.advance(task.job_id, task.task_no, state, stage=stage, duration_ms=duration_ms,
-                                now=self._clock(), deliveries=deliveries or ())
+        if self._ctx.tasks.advance(task.job_id, task.task_no, state, stage=stage, duration_ms=duration_ms,
+                                   now=self._clock(), deliveries=deliveries or ()) is None:
+            raise _TaskGone(task.task_no)
         log.info("stage_done", stage=stage, duration_ms=duration_ms, outcome=state.value, **counts)
         self.observe(stage, duration_ms)
         return state

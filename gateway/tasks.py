@@ -124,16 +124,16 @@ class TaskStore:
         return [row["file_id"] for row in rows]
 
     def advance(self, job_id: str, task_no: int, state: JobState, *, stage: str | None, duration_ms: int, now: float,
-                reason: str | None = None, deliveries: Sequence[tuple[int, str]] = ()) -> JobState:
+                reason: str | None = None, deliveries: Sequence[tuple[int, str]] = ()) -> JobState | None:
         """Commit a task's new *state* (with the stage's time, and the deliveries it now owes); return the job's.
 
-        A task that is gone (its job was reopened by a corrected re-send) changes nothing.
+        A task that is gone (its job was reopened by a corrected re-send) changes nothing: ``None``.
         """
         with self._jobs.transaction(durable=True) as db:
             cur = db.execute("UPDATE tasks SET state = ?, reason = ? WHERE job_id = ? AND task_no = ?",
                              (state, reason, job_id, task_no))
             if cur.rowcount == 0:
-                return _job_state(db, job_id)
+                return None
             db.executemany("INSERT OR IGNORE INTO deliveries (job_id, task_no, item, destination, state, "
                            "next_attempt_at) VALUES (?, ?, ?, ?, 'reidentified', ?)",
                            [(job_id, task_no, item, name, now) for item, name in deliveries])

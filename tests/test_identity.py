@@ -200,6 +200,30 @@ def test_corrected_resend_before_pseudonymisation_replaces(node_factory: Callabl
     _no_phi(node, status(node), ct)
 
 
+def test_corrected_resend_while_the_study_is_processed_restarts_it(
+        node_factory: Callable[..., NodeProcess], tps: Orthanc, tmp_path: Path) -> None:
+    """Pseudonymised, then held up before inference (a slow stage): the corrected copies reopen the job, the
+    series in progress is dropped without an alert, and the TPS receives one RTSTRUCT, of the right patient."""
+    ct = phantom(tmp_path / "wrong", patient=PATIENT_B)
+    corrected = _rename(ct, tmp_path / "right", PATIENT_A)
+    node = node_factory(destinations=[tps_destination(tps)], routes=[route("tps")],
+                        env={"CONTOUR_GW_FAILPOINT": "slow:before:infer:4"})
+    send(node, ct.files)
+    job_id = node.wait_for("stage_done", stage="pseudonymise", timeout=30)["job_id"]
+    send(node, corrected)
+    assert node.wait_for("job_reopened", timeout=10)["job_id"] == job_id
+    rtstruct = wait_rtstruct(tps, ct.study_uid)
+    node.wait_for("job_done", timeout=60, state="sent")
+    assert (str(rtstruct.PatientName), str(rtstruct.PatientID)) == PATIENT_A
+    assert len(rtstructs_of(tps, ct.study_uid)) == 1
+    events = node.events()
+    assert [e["reason"] for e in events if e["event"] == "job_gone"] == ["reopened"]
+    assert not [e for e in events if e["event"] in ("alert", "job_error")]
+    assert sum(e["event"] == "instance_replaced" for e in events) == len(ct.files)
+    assert [job for job, _, _ in jobs_of(node.data_dir)] in ([job_id], [])  # shredded once delivered
+    _no_phi(node, status(node), ct)
+
+
 # Names whose bytes any decode/encode round trip would change.
 _NAMES = {
     "utf8_invalid": ("ISO_IR 192", b"M\xfcller^J\xc3\xbcrgen"),  # a Latin-1 byte under UTF-8, then UTF-8
