@@ -21,9 +21,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from gateway.errors import JobNotFoundError
-from gateway.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
+from gateway.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, TASK_TABLES
 
-__all__ = ["WRITE_LEASE_SECONDS", "Job", "JobState", "JobStore", "RecordOutcome", "Reservation"]
+__all__ = ["WRITE_LEASE_SECONDS", "Job", "JobState", "JobStore", "RecordOutcome", "Reservation", "forget_tasks"]
 
 #: A write counted in flight for longer than this is a receiver that died: it no longer holds completion back.
 WRITE_LEASE_SECONDS = 600.0
@@ -198,14 +198,6 @@ class JobStore:
         """An instance write counted by :meth:`reserve` ended without registering anything."""
         with self.transaction() as db:
             _end_write(db, job_id)
-
-    def has_instance(self, job_id: str, sop_key: str) -> bool:
-        """Return whether the job already holds the instance *sop_key*."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM instances WHERE job_id = ? AND sop_key = ?", (job_id, sop_key)
-            ).fetchone()
-        return row is not None
 
     def record_instance(self, job_id: str, sop_key: str, file_id: str, size: int, now: float) -> RecordOutcome:
         """Register a durably written instance file with its job (ending the write counted by :meth:`reserve`).
@@ -398,12 +390,17 @@ def _latest_holder(db: sqlite3.Connection, study_key: str, sop_key: str) -> tupl
 def _reopen(db: sqlite3.Connection, job_id: str, file_id: str, now: float) -> Reservation:
     # A corrected re-send: the job forgets its tasks and receives again (its deadline still counts from
     # its first instance); it is processed again from the received data once quiet.
-    for table in ("tasks", "task_files", "deliveries", "stage_times"):
-        db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+    forget_tasks(db, job_id)
     db.execute("UPDATE jobs SET state = 'receiving', completed_at = NULL, finished_at = NULL, reason = NULL, "
                "attempts = 0, last_received_at = max(last_received_at, ?), writing = writing + 1 WHERE job_id = ?",
                (now, job_id))
     return Reservation(job_id, False, None, file_id, reopened=True)
+
+
+def forget_tasks(db: sqlite3.Connection, job_id: str) -> None:
+    """Delete everything pseudonymisation derived for *job_id* (inside the caller's transaction)."""
+    for table in TASK_TABLES:
+        db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
 
 def _job(row: sqlite3.Row) -> Job:

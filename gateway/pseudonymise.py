@@ -35,6 +35,7 @@ from gateway._encoding import file_meta_bytes
 __all__ = [
     "ALLOWED_KEYWORDS",
     "IDENTITY_KEYWORDS",
+    "IDENTITY_TAGS",
     "SECONDARY_CAPTURE",
     "UID_KEYWORDS",
     "ReidentificationRecord",
@@ -81,7 +82,7 @@ IMAGE_SOP_CLASSES = frozenset({SECONDARY_CAPTURE})
 DEFAULT_UNWANTED_IMAGE_TYPES = frozenset({"LOCALIZER", "SCREEN SAVE", "DOSE_INFO", "DOSE REPORT"})
 
 _ALLOWED_TAGS = tuple(int(cast(int, tag_for_keyword(keyword))) for keyword in ALLOWED_KEYWORDS)
-_IDENTITY_TAGS = tuple(int(cast(int, tag_for_keyword(keyword))) for keyword in IDENTITY_KEYWORDS)
+IDENTITY_TAGS = tuple(int(cast(int, tag_for_keyword(keyword))) for keyword in IDENTITY_KEYWORDS)
 _PATIENT_TAGS = (0x00100020, 0x00100021, 0x00100010, 0x00100030)  # ID, issuer, name, birth date
 _CHARSET_TAG = 0x00080005
 #: Value representations of identity attributes with a 2-byte length, copied as raw bytes.
@@ -170,7 +171,7 @@ def identity_of(ds: Dataset) -> bytes:
     """
     charset = ds.get_item(_CHARSET_TAG)
     encodings = None if charset is None else _charset_values(charset)
-    return b"".join(_element_bytes(ds, tag, encodings) for tag in _IDENTITY_TAGS if tag in ds)
+    return b"".join(_element_bytes(ds, tag, encodings) for tag in IDENTITY_TAGS if tag in ds)
 
 
 def patient_of(ds: Dataset) -> tuple[bytes, ...]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -23,11 +22,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from gateway._encoding import file_meta_bytes
 from gateway.errors import ReidentificationError
-from gateway.pseudonymise import IDENTITY_KEYWORDS, ReidentificationRecord
+from gateway.pseudonymise import IDENTITY_KEYWORDS, IDENTITY_TAGS, ReidentificationRecord
 
 __all__ = ["encode_reidentified", "reidentify"]
 
-_IDENTITY_TAGS = frozenset(int(tag_for_keyword(keyword) or 0) for keyword in IDENTITY_KEYWORDS)
 _DEIDENTIFICATION_MARKERS = (
     "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
     "LongitudinalTemporalInformationModified",
@@ -86,7 +84,7 @@ def encode_reidentified(result: Dataset) -> bytes:
         if tag.element == 0 and tag.group > 6:  # retired group lengths are not written (PS3.5 7.2)
             continue
         element = result.get_item(tag)
-        raw = element.is_raw and int(tag) in _IDENTITY_TAGS
+        raw = element.is_raw and int(tag) in IDENTITY_TAGS
         write_data_element(body, element if raw else result[tag], encodings)
     head = file_meta_bytes(str(result.SOPClassUID), str(result.SOPInstanceUID), ExplicitVRLittleEndian)
     return head + body.getvalue()

@@ -116,7 +116,7 @@ class Runner:
             if job.state is JobState.COMPLETE:
                 self._pseudonymise(job)
             for task in self._ctx.tasks.tasks(job_id):
-                if not task.state.terminal and not self._stop.is_set() and not self._reopened(job_id):
+                if not task.state.terminal and not self._stop.is_set():
                     self._stages.run(task)
             self._ctx.jobs.end_attempt(job_id)
             self._finish(job_id)

@@ -10,7 +10,7 @@ attempts that did not end (a job that kills the process is not retried forever).
 
 from __future__ import annotations
 
-__all__ = ["ADDED_COLUMNS", "SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["ADDED_COLUMNS", "SCHEMA", "SCHEMA_VERSION", "TASK_TABLES"]
 
 SCHEMA_VERSION = 6
 SCHEMA = """
@@ -96,6 +96,8 @@ CREATE TABLE IF NOT EXISTS exports (
 );
 """
 
+#: What pseudonymisation derives from a job's received instances; dropped when it is redone.
+TASK_TABLES = ("tasks", "task_files", "deliveries", "stage_times")
 #: Columns added after a table was first created: ``(table, column, declaration)``.
 ADDED_COLUMNS = (
     ("jobs", "finished_at", "REAL"),

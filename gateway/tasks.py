@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.errors import JobNotFoundError
-from gateway.jobs import JobState, JobStore
+from gateway.jobs import JobState, JobStore, forget_tasks
 
 __all__ = ["JOB_STAGE", "Delivery", "Export", "NewTask", "StageTime", "Task", "TaskStore"]
 
@@ -87,8 +87,7 @@ class TaskStore:
     def start_over(self, job_id: str) -> None:
         """Forget the tasks of *job_id* (its pseudonymisation is being redone)."""
         with self._jobs.transaction() as db:
-            for table in ("tasks", "task_files", "deliveries", "stage_times"):
-                db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            forget_tasks(db, job_id)
 
     def create(self, job_id: str, tasks: Sequence[NewTask], *, duration_ms: int, now: float) -> JobState:
         """Record the tasks found by pseudonymisation and move the job on; return its new state.
