@@ -6,7 +6,7 @@ CONFIG ?= config/gateway.toml
 # Debian packages the tests talk to: command (or absolute path of a file) that proves presence -> package.
 # invesalius-examples has no command: its head CT (tests/realct.py) is the proof.
 TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools \
-	/usr/share/doc/invesalius-examples/examples/Cranium.inv3:invesalius-examples
+	/usr/share/doc/invesalius-examples/examples/Cranium.inv3:invesalius-examples systemd-analyze:systemd
 
 .PHONY: run test venv dev peers lint typecheck bench clean install demo liver
 
@@ -29,7 +29,11 @@ venv: $(VENV)/.installed
 
 dev: $(VENV)/.dev-installed
 
+# A development master key, made explicitly (the node never creates one): outside data_dir, git-ignored.
+DEV_KEY := .keys/master.key
+
 run: venv
+	test -f $(DEV_KEY) || $(PY) -m gateway keygen --out $(DEV_KEY)
 	$(PY) -m gateway serve --config $(CONFIG)
 
 peers:
@@ -81,7 +85,14 @@ install:
 	$(PREFIX)/.venv/bin/pip install --quiet $(PREFIX)
 	install -d -m 0750 -g contour-gw /etc/contour-gateway
 	test -f /etc/contour-gateway/gateway.toml || install -m 0640 -g contour-gw deploy/gateway.toml /etc/contour-gateway/gateway.toml
-	install -d -o contour-gw -g contour-gw -m 0700 /var/lib/contour-gateway
-	install -m 0644 deploy/contour-gateway.service /etc/systemd/system/contour-gateway.service
+	install -d -o contour-gw -g contour-gw -m 0700 /var/lib/contour-gateway /var/lib/contour-gateway-keys
+	install -m 0644 deploy/contour-gateway.service deploy/contour-gateway-shred.service \
+	  deploy/contour-gateway-shred.timer /etc/systemd/system/
 	-systemctl daemon-reload
-	@echo "installed: edit /etc/contour-gateway/gateway.toml, then: systemctl enable --now contour-gateway"
+	-systemctl enable --now contour-gateway-shred.timer
+	@test -f /etc/contour-gateway/env || { \
+	  echo "no master key yet: the node refuses to start and the retention sweep fails without one. Create it once:"; \
+	  echo "  $(PREFIX)/.venv/bin/python -m gateway keygen --env-file /etc/contour-gateway/env"; \
+	  echo "  chown root:contour-gw /etc/contour-gateway/env && chmod 0640 /etc/contour-gateway/env"; }
+	@echo "installed; the retention sweep runs on its own timer, node or not: systemctl list-timers contour-gateway-shred.timer"
+	@echo "edit /etc/contour-gateway/gateway.toml, then: systemctl enable --now contour-gateway"

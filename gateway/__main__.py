@@ -1,16 +1,27 @@
-"""Command line: ``python -m gateway {serve,status,complete,echo,shred,audit verify} --config FILE``."""
+"""Command line: ``python -m gateway {serve,status,complete,echo,shred,qa,audit verify} --config FILE``, ``keygen``."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
 
 from gateway import __version__
-from gateway.config import Destination, GatewayConfig, load_config
-from gateway.errors import ConfigError, GatewayError, SendError
+from gateway.config import Destination, GatewayConfig, load_config, load_sweep_config
+from gateway.errors import ConfigError, GatewayError, SendError, StartupError
 from gateway.logs import configure_logging
+from gateway.spool import restrict_file_modes
+
+if TYPE_CHECKING:
+    from gateway.retention import SweepReport
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -34,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     shred = commands.add_parser("shred", help="run a retention sweep now and print what it deleted")
     shred.add_argument("--config", required=True)
     shred.add_argument("--dry-run", action="store_true", help="print what is due without deleting anything")
+    shred.add_argument("--loop", action="store_true",
+                       help="sweep every retention.sweep_interval_seconds until stopped (a container's shredder)")
+    keygen = commands.add_parser("keygen", help="create a new master key (the node never creates one itself)")
+    target = keygen.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="key file to write: 32 random bytes, mode 0600 ([encryption] master_key_file)")
+    target.add_argument("--env-file", help="environment file to write: CONTOUR_GW_MASTER_KEY=<base64>, mode 0600")
     qa = commands.add_parser("qa", help="write the QA picture of a job's series (routes with qa_picture = true)")
     qa.add_argument("--config", required=True)
     qa.add_argument("job_id")
@@ -46,43 +63,83 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _shred(config: GatewayConfig, dry_run: bool) -> int:
-    from gateway.audit import AuditLog
-    from gateway.jobs import JobStore
-    from gateway.retention import Shredder
-    from gateway.spool import Spool
+def _shred(path: str, dry_run: bool, loop: bool) -> int:
+    from gateway.sweeps import sweep_once
 
-    spool = Spool(config.node.data_dir)
-    spool.prepare()
-    jobs = JobStore(spool.database_path)
-    try:
-        audit = AuditLog(spool.audit_path, syslog_address=config.audit.syslog_address)
-        report = Shredder(spool, jobs, config.retention, audit).sweep(dry_run=dry_run)
-    finally:
-        jobs.close()
-    verb = "due" if dry_run else "shredded"
+    config, ignored = load_sweep_config(path)  # the rest of the file may be invalid: retention must not wait
+    configure_logging(config.logging.level, config.logging.format, stream=sys.stderr)
+    for problem in ignored:
+        print(f"ignored (not needed to shred): {problem}", file=sys.stderr)
+    if not loop:
+        return _print_sweep(*sweep_once(config, dry_run=dry_run))
+    stop = _stop_on_signals()
+    while True:
+        try:
+            _print_sweep(*sweep_once(config, dry_run=dry_run))
+        except GatewayError as exc:  # keep sweeping: the next run retries
+            print(f"error: {exc}", file=sys.stderr)
+        if stop.wait(config.retention.sweep_interval_seconds):
+            return EXIT_OK
+
+
+def _print_sweep(report: SweepReport, notes: list[str]) -> int:
+    verb = "due" if report.dry_run else "shredded"
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     for job in report.jobs:
         print(f"{verb}: job {job.job_id} ({job.state}, {job.why}, {job.age_seconds / 3600:.1f} h old)")
     for export in report.exports:
         print(f"{verb}: export {export.destination}/{export.file_id} of job {export.job_id}")
     for orphan in report.orphans:
         print(f"{verb}: orphaned files of job {orphan}")
-    print(f"{len(report.jobs)} job(s), {len(report.exports)} export(s), {len(report.orphans)} orphan(s) {verb}")
+    for key in report.keys:
+        print(f"destroyed: key-encryption key {key}")
+    for job_id in report.failed:
+        print(f"FAILED: job {job_id} could not be shredded (retried by the next sweep)", file=sys.stderr)
+    print(f"{len(report.jobs)} job(s), {len(report.exports)} export(s), {len(report.orphans)} orphan(s) {verb}, "
+          f"{len(report.keys)} key(s) destroyed, {len(report.failed)} failed")
+    return EXIT_FAILURE if report.failed else EXIT_OK
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    return stop
+
+
+def _keygen(out: str | None, env_file: str | None) -> int:
+    import base64
+    import secrets
+
+    from gateway.keys import create_key_file
+
+    key = secrets.token_bytes(32)
+    path = Path(out or env_file or "")
+    content = key if out else f"CONTOUR_GW_MASTER_KEY={base64.b64encode(key).decode()}\n".encode()
+    try:
+        create_key_file(path, content)
+    except FileExistsError:
+        print(f"error: {path} exists; a master key is never overwritten (its data would be lost)", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"master key written to {path} (mode 0600); keep a copy offline: without it nothing held can be read")
     return EXIT_OK
 
 
 def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
     import os
 
-    from gateway.crypt import MasterKey, Sealer
+    from gateway.crypt import Sealer
     from gateway.jobs import JobStore
+    from gateway.keys import KeyRing
     from gateway.processing import StageContext, load_qa_picture
     from gateway.spool import Spool
 
     spool = Spool(config.node.data_dir)
+    ring = KeyRing.open(config)
     jobs = JobStore(spool.database_path)
     try:
-        picture = load_qa_picture(StageContext(spool, jobs, Sealer(MasterKey.load(config), jobs)), job_id, series)
+        picture = load_qa_picture(StageContext(spool, jobs, Sealer(ring, jobs)), job_id, series)
     except (FileNotFoundError, ValueError):
         print(f"job {job_id} series {series} has no QA picture (route without qa_picture, or shredded)",
               file=sys.stderr)
@@ -96,20 +153,34 @@ def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
 
 
 def _audit_verify(config: GatewayConfig) -> int:
+    from gateway.anchors import audit_head
     from gateway.audit import verify
+    from gateway.jobs import JobStore
     from gateway.spool import Spool
 
-    path = Spool(config.node.data_dir).audit_path
+    spool = Spool(config.node.data_dir)
     ceiling = config.retention.max_age_seconds
-    result = verify(path, ceiling, time.time())
+    held: dict[str, float] = {}
+    head = None
+    if spool.database_path.exists():
+        jobs = JobStore(spool.database_path)
+        try:
+            held = {job.job_id: job.created_at for job in jobs.jobs()}
+            head = audit_head(jobs)
+        finally:
+            jobs.close()
+    result = verify(spool.audit_path, ceiling, time.time(), held=held, head=head)
     for job in result.jobs.values():
         age = job.age(time.time())
-        held = "deleted" if job.deleted_at is not None else "HELD"
+        state = "deleted" if job.deleted_at is not None else "HELD"
         verdict = "OVER CEILING" if job.job_id in result.over_ceiling else "ok"
-        print(f"{job.job_id}  study {job.study or '-'}  {held} after "
-              f"{'-' if age is None else f'{age / 3600:.2f} h'}  {verdict}")
+        unaudited = " (in the job table, no audit record)" if job.job_id in result.held_unaudited else ""
+        print(f"{job.job_id}  study {job.study or '-'}  {state} after "
+              f"{'-' if age is None else f'{age / 3600:.2f} h'}  {verdict}{unaudited}")
     for number in result.broken_links:
         print(f"chain broken at line {number}", file=sys.stderr)
+    if result.cut is not None:
+        print(result.cut, file=sys.stderr)
     print(f"{result.records} record(s), {len(result.jobs)} job(s), ceiling {ceiling} s: "
           f"{'OK' if result.ok else 'FAILED'}")
     return EXIT_OK if result.ok else EXIT_FAILURE
@@ -177,39 +248,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: run without -O or PYTHONOPTIMIZE: pynetdicom checks received PDUs with assert statements",
               file=sys.stderr)
         return EXIT_CONFIG
+    restrict_file_modes()  # owner-only files and folders, whatever the umask
     try:
+        if args.command == "keygen":
+            return _keygen(args.out, args.env_file)
+        if args.command == "shred":
+            return _shred(args.config, args.dry_run, args.loop)
+        if args.command == "serve":
+            _sweep_before_start(args.config)
         config = load_config(args.config)
         if args.command == "serve":
-            from gateway.models import check_route_models
-            from gateway.tls import check_certificates
-
-            check_route_models(config.inference.models_dir, config.routes)
-            check_certificates(config)
-    except ConfigError as exc:
+            _check_serve(config)
+    except (ConfigError, StartupError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(config.logging.level, config.logging.format,
                       stream=sys.stdout if args.command == "serve" else sys.stderr)
     try:
-        if args.command == "serve":
-            from gateway.service import serve
-
-            serve(config)
-            return EXIT_OK
-        if args.command == "status":
-            return _status(config)
-        if args.command == "complete":
-            return _complete(config, args.job_id)
-        if args.command == "shred":
-            return _shred(config, args.dry_run)
-        if args.command == "audit":
-            return _audit_verify(config)
-        if args.command == "qa":
-            return _qa(config, args.job_id, args.series, args.out)
-        return _echo(config, args.destination)
+        return _run(args, config)
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _sweep_before_start(path: str) -> None:
+    """Retention first: what is due is shredded even when the node then refuses to start."""
+    from gateway.sweeps import sweep_once
+
+    config, _ignored = load_sweep_config(path)  # the full check below reports every problem
+    configure_logging(config.logging.level, config.logging.format, stream=sys.stdout)
+    try:
+        report, notes = sweep_once(config)
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(f"cannot use data_dir {config.node.data_dir} ({exc})") from exc
+    if report.jobs or report.exports or report.orphans or report.keys or report.failed:
+        structlog.get_logger("gateway.startup").info(
+            "early_sweep_done", jobs=len(report.jobs), exports=len(report.exports), orphans=len(report.orphans),
+            keys_destroyed=len(report.keys), failed=len(report.failed), notes=notes)
+
+
+def _check_serve(config: GatewayConfig) -> None:
+    """Every start-up check that needs no port: the master key (and that it is data_dir's), models, certificates."""
+    from gateway.anchors import check_master_key
+    from gateway.jobs import JobStore
+    from gateway.keys import MasterKey
+    from gateway.models import check_route_models
+    from gateway.spool import Spool
+    from gateway.tls import check_certificates
+
+    master = MasterKey.load(config)
+    database = Spool(config.node.data_dir).database_path
+    if database.exists():
+        jobs = JobStore(database)
+        try:
+            check_master_key(jobs, master.key_id)
+        finally:
+            jobs.close()
+    check_route_models(config.inference.models_dir, config.routes)
+    check_certificates(config)
+
+
+def _run(args: argparse.Namespace, config: GatewayConfig) -> int:
+    if args.command == "serve":
+        from gateway.service import serve
+
+        serve(config)
+        return EXIT_OK
+    if args.command == "status":
+        return _status(config)
+    if args.command == "complete":
+        return _complete(config, args.job_id)
+    if args.command == "audit":
+        return _audit_verify(config)
+    if args.command == "qa":
+        return _qa(config, args.job_id, args.series, args.out)
+    return _echo(config, args.destination)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Subclasses only (no fork of pynetdicom 3.0.4):
 * ``_GatewayDIMSE`` encodes plain C-STORE responses directly instead of through pydicom, and
   bounds what one DIMSE message may buffer: a data set over ``max_dataset_bytes`` is read on
   and dropped, and reaches the C-STORE handler as a :class:`DiscardedDataSet`.
-* ``_PolicyACSE`` applies :class:`gateway.policy.AssociationPolicy` before pynetdicom's
-  own negotiation, and the node-wide association limit.
+* ``_PolicyACSE`` applies :class:`gateway.policy.AssociationPolicy` (with the verified TLS client
+  certificate of the connection, if any) before pynetdicom's own negotiation, and the node-wide association limit.
 * ``FdAssociationServer`` is a pynetdicom server that never listens itself: the parent
   process accepts and hands it connected sockets (see :mod:`gateway.listener`).
 """
@@ -41,8 +41,9 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from gateway._encoding import implicit_element, padded
 from gateway._socket import REACTOR_TICK_S, ConnectionLimits, FastSocket
 from gateway.config import Peer
-from gateway.metrics import NodeCounters
+from gateway.metrics import ASSOCIATION_OUTCOMES, NodeCounters
 from gateway.policy import REJECTIONS, AssociationPolicy, AssociationSlots
+from gateway.tls import ClientCertificate, client_certificate
 
 __all__ = ["DiscardedDataSet", "FdAssociationServer", "encode_c_store_response"]
 
@@ -183,7 +184,7 @@ class _PolicyACSE(ACSE):
         calling = str(getattr(rq, "calling_ae_title", "")).strip()
         called = str(getattr(rq, "called_ae_title", "")).strip()
         address = str(info.address) if info is not None else ""
-        peer, reason = assoc.policy.decide(calling, called, address)
+        peer, reason = assoc.policy.decide(calling, called, address, assoc.client_certificate)
         if peer is not None and assoc.disk_low():
             peer, reason = None, "disk_space_low"
         elif peer is not None:
@@ -191,19 +192,25 @@ class _PolicyACSE(ACSE):
             if not assoc.counted:
                 peer, reason = None, "local_limit_exceeded"
         if assoc.counters is not None:
-            assoc.counters.add(f"association_{reason or 'accepted'}")
+            assoc.counters.add(f"association_{_outcome(reason)}")
         if peer is None:
             assert reason is not None
             log.warning("association_rejected", reason=reason, calling_ae=calling, called_ae=called,
-                        address=address)
+                        address=address, tls=assoc.over_tls)
             self.requestor.ae_title = calling
             self.send_reject(*REJECTIONS[reason])
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return
         assoc.peer = peer
-        log.info("association_accepted", peer=peer.name, calling_ae=calling, address=address)
+        log.info("association_accepted", peer=peer.name, calling_ae=calling, address=address, tls=assoc.over_tls)
         super()._negotiate_as_acceptor()
+
+
+def _outcome(reason: str | None) -> str:
+    """The metrics outcome of a policy decision: a refusal metrics does not list counts as what the peer was told."""
+    outcome = reason or "accepted"
+    return outcome if outcome in ASSOCIATION_OUTCOMES else "calling_ae_not_recognised"
 
 
 class _GatewayAssociation(Association):
@@ -218,6 +225,9 @@ class _GatewayAssociation(Association):
         self.counted = False
         self._on_finished = server.on_closed
         self.peer: Peer | None = None
+        #: Set by the request handler: whether the connection is DICOM TLS, and its verified client certificate.
+        self.over_tls = False
+        self.client_certificate: ClientCertificate | None = None
         self.acse = _PolicyACSE(self)
         self.dimse = _GatewayDIMSE(self, server.limits.max_dataset_bytes)
         self.wakeup_read, self._wakeup_write = os.pipe()
@@ -288,6 +298,8 @@ class _RequestHandler(RequestHandler):
         assoc = _GatewayAssociation(self.ae, "acceptor", self.server)
         assoc._server = self.server
         assoc.name = "AcceptorThread"
+        assoc.over_tls = isinstance(self.request, ssl.SSLSocket)
+        assoc.client_certificate = client_certificate(self.request)
         assoc.set_socket(FastSocket(assoc, self.request, assoc.wakeup_read, self.server.limits))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title

@@ -25,10 +25,11 @@ import structlog
 from pydicom.errors import InvalidDicomError
 
 from gateway.config import Peer
-from gateway.crypt import MasterKey, Purpose, Sealer
+from gateway.crypt import Purpose, Sealer
 from gateway.errors import CryptoError
 from gateway.failpoints import failpoint
 from gateway.jobs import Job, JobState, JobStore, RecordOutcome, Reservation
+from gateway.keys import KeyRing
 from gateway.spool import Spool
 
 __all__ = ["Assembler", "IncomingInstance", "StoreResult", "complete_due", "force_complete"]
@@ -59,13 +60,13 @@ class IncomingInstance:
 class Assembler:
     """Puts received instances into study jobs and closes jobs after their quiet period."""
 
-    def __init__(self, spool: Spool, jobs: JobStore, master: MasterKey, *,
+    def __init__(self, spool: Spool, jobs: JobStore, ring: KeyRing, *,
                  clock: Callable[[], float] = time.time) -> None:
         self._spool = spool
         self._jobs = jobs
         self._clock = clock
-        self._secret = master.derive("keyed UID hashes")
-        self.sealer = Sealer(master, jobs)
+        self._secret = ring.master.derive("keyed UID hashes")
+        self.sealer = Sealer(ring, jobs)
 
     def key(self, uid: str) -> str:
         """Keyed hash of a UID: stable within this node, meaningless elsewhere."""

@@ -3,11 +3,14 @@
 One record per study event (``received``, ``pseudonymised``, ``exported``, ``deleted``), with the
 job id and the pseudonymous study id only, so the file holds no patient data and is kept beyond
 the 24 hours. Each record carries the SHA-256 of the line before it (``prev``); the first one
-the hash of nothing. Appends from several processes (the node, ``python -m gateway shred``) are
-serialised with ``flock``. Records can also be forwarded to syslog.
+the hash of nothing, and its sequence number (``seq``, its line number). Appends from several
+processes (the node, ``python -m gateway shred``) are serialised with ``flock``; the head (sequence
+number and hash of the last record) is anchored in the job database under the same lock, so
+records cut off the end are detected. Records can also be forwarded to syslog.
 
-``verify`` re-computes the chain and, per job, the time from the first instance received to
-the deletion that left nothing behind.
+``verify`` re-computes the chain, compares its end with the anchored head, and checks per job the
+time from the first instance received to the deletion that left nothing behind, and that no job
+still in the job table is older than the ceiling.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import logging.handlers
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +41,10 @@ def _now_iso(when: float) -> str:
 class AuditLog:
     """Appends records to ``data_dir/audit/audit.jsonl`` (and optionally to syslog)."""
 
-    def __init__(self, path: Path, *, syslog_address: str | None = None) -> None:
+    def __init__(self, path: Path, *, syslog_address: str | None = None,
+                 anchor: Callable[[int, str], None] | None = None) -> None:
         self.path = path
+        self._anchor = anchor
         self._lock = threading.Lock()
         self._syslog: logging.Logger | None = None
         if syslog_address:
@@ -52,12 +57,16 @@ class AuditLog:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 size = handle.seek(0, os.SEEK_END)  # now, under the lock: another writer may have appended
-                prev = hashlib.sha256(_last_line(handle)).hexdigest() if size else _GENESIS
-                line = json.dumps({"time": _now_iso(when), "event": event, **fields, "prev": prev},
+                last = _last_line(handle) if size else b""
+                prev = hashlib.sha256(last).hexdigest() if size else _GENESIS
+                seq = _seq_after(handle, last)
+                line = json.dumps({"time": _now_iso(when), "event": event, **fields, "seq": seq, "prev": prev},
                                   separators=(",", ":"), sort_keys=False).encode("utf-8")
                 handle.write(line + b"\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+                if self._anchor is not None:
+                    self._anchor(seq, hashlib.sha256(line).hexdigest())
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         if self._syslog is not None:
@@ -71,6 +80,19 @@ def _last_line(handle: Any) -> bytes:
     tail: bytes = handle.read()
     handle.seek(0, os.SEEK_END)
     return tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
+def _seq_after(handle: Any, last: bytes) -> int:
+    """The sequence number of the record after *last* (its line number; counted once for older trails)."""
+    if not last:
+        return 1
+    try:
+        return int(json.loads(last)["seq"]) + 1
+    except (ValueError, KeyError, TypeError):
+        handle.seek(0)
+        count = sum(1 for _ in handle)
+        handle.seek(0, os.SEEK_END)
+        return count + 1
 
 
 def _syslog_logger(address: str) -> logging.Logger:
@@ -113,33 +135,61 @@ class Verification:
     broken_links: list[int]  # line numbers whose ``prev`` does not match
     jobs: dict[str, JobAudit]
     over_ceiling: list[str]  # job ids held (or deleted) later than the ceiling
+    held_unaudited: list[str] = field(default_factory=list)  # in the job table past the ceiling, no record
+    cut: str | None = None  # how the trail's end disagrees with the anchored head
 
     @property
     def ok(self) -> bool:
-        """Chain intact and every job deleted within the ceiling."""
-        return not self.broken_links and not self.over_ceiling
+        """Chain intact up to the anchored head, and every job deleted within the ceiling."""
+        return not self.broken_links and not self.over_ceiling and not self.held_unaudited and self.cut is None
 
 
-def verify(path: Path, ceiling_seconds: float, now: float) -> Verification:
-    """Check the chain of *path* and every job's receipt-to-deletion age against *ceiling_seconds*."""
+def verify(path: Path, ceiling_seconds: float, now: float, *, held: Mapping[str, float] | None = None,
+           head: tuple[int, str] | None = None) -> Verification:
+    """Check the chain of *path*, its end against *head*, and every job's age against *ceiling_seconds*.
+
+    *held* maps the job ids still in the job table to their first instance's time; *head* is the
+    anchored ``(sequence number, SHA-256)`` of the last record written.
+    """
     broken: list[int] = []
     jobs: dict[str, JobAudit] = {}
-    prev, count = _GENESIS, 0
+    prev, count, digests = _GENESIS, 0, {}
     for number, raw in _lines(path):
         count += 1
+        digest = hashlib.sha256(raw).hexdigest()
+        if head is not None and number == head[0]:
+            digests[number] = digest
         try:
             record = json.loads(raw)
         except json.JSONDecodeError:
             broken.append(number)
-            prev = hashlib.sha256(raw).hexdigest()
+            prev = digest
             continue
         if record.get("prev") != prev:
             broken.append(number)
-        prev = hashlib.sha256(raw).hexdigest()
+        prev = digest
         _account(jobs, record)
+    for job_id, received_at in (held or {}).items():  # what the table holds counts even without a record
+        job = jobs.setdefault(job_id, JobAudit(job_id))
+        job.deleted_at = None
+        if job.received_at is None or received_at < job.received_at:
+            job.received_at = received_at
     over = [job.job_id for job in jobs.values()
             if (age := job.age(now)) is not None and age >= ceiling_seconds]
-    return Verification(count, broken, jobs, over)
+    unaudited = [job_id for job_id in held or {} if job_id in over and "received" not in jobs[job_id].events
+                 and "deleted" not in jobs[job_id].events]
+    return Verification(count, broken, jobs, over, unaudited, _cut(head, count, digests))
+
+
+def _cut(head: tuple[int, str] | None, count: int, digests: dict[int, str]) -> str | None:
+    if head is None:
+        return None
+    seq, digest = head
+    if count < seq:
+        return f"the trail ends at record {count}, but record {seq} was written: records were cut off"
+    if digests.get(seq) != digest:
+        return f"record {seq} differs from the one written: the trail was rewritten"
+    return None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

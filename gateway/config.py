@@ -58,6 +58,7 @@ __all__ = [
     "Route",
     "StructureTemplate",
     "load_config",
+    "load_sweep_config",
 ]
 
 #: The privacy promise: no patient data is kept longer than 24 hours.
@@ -144,12 +145,16 @@ class Node(_Model):
 
 
 class Peer(_Model):
-    """A sender allowed to store studies here: calling AE title and source address must both match."""
+    """A sender allowed to store studies here: calling AE title and source address must both match
+    (and, with ``certificate_name``, its TLS client certificate)."""
 
     name: Name
     ae_title: str
     host: HostOrNetwork
     quiet_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    #: Subject CN, or a DNS, URI or e-mail subjectAltName, that the peer's TLS client certificate must carry;
+    #: set, the peer is accepted only over DICOM TLS with such a certificate (needs mutual TLS on the listener).
+    certificate_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -236,12 +241,20 @@ class Audit(_Model):
 
 
 class Encryption(_Model):
-    """Where the master key comes from: the environment variable if set, else the key file."""
+    """Where the keys are: the master key (environment variable if set, else key file) and the key directory.
 
-    #: Key file (32 raw bytes, mode 0600, created on first start). Default: ``<data_dir>/keys/master.key``;
-    #: keep it on another volume, or use the environment variable, so a copy of data_dir alone is unreadable.
+    Nothing here is created implicitly except ``key_dir`` itself: make the master key with
+    ``python -m gateway keygen``. Both must lie outside ``data_dir``, so that a copy of it alone is
+    unreadable, and ``key_dir`` must stay out of backups (see docs/privacy.md).
+    """
+
+    #: Key file (32 raw bytes, mode 0600), made by ``python -m gateway keygen --out FILE``.
     master_key_file: ConfigPath | None = None
     master_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] = "CONTOUR_GW_MASTER_KEY"
+    #: Hourly key-encryption keys (written by the node, destroyed by retention); default: the key file's folder.
+    key_dir: ConfigPath | None = None
+    #: Allow the key file or key_dir inside data_dir (a copy of data_dir then decrypts itself: tests only).
+    allow_keys_in_data_dir: bool = False
 
 
 _Provider = Literal["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -304,14 +317,10 @@ class GatewayConfig(_Model):
             for dest in route.destinations:
                 if dest not in known:
                     problems.append(f"routes[{i}].destinations: {dest!r} is not a configured destination")
+        problems += _certificate_name_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    @property
-    def master_key_path(self) -> Path:
-        """The master key file, defaulting to ``<data_dir>/keys/master.key``."""
-        return self.encryption.master_key_file or self.node.data_dir / "keys" / "master.key"
 
     def destination(self, name: str) -> Destination | FolderDestination:
         """Return the destination called *name*."""
@@ -327,6 +336,14 @@ class GatewayConfig(_Model):
     def address_allowed(self, address: str) -> bool:
         """Return whether any peer may connect from *address* (checked before any PDU is read)."""
         return any(_address_in(address, p.host) for p in self.peers)
+
+
+def _certificate_name_problems(config: GatewayConfig) -> list[str]:
+    tls = config.node.tls
+    if tls is not None and tls.require_client_certificate:
+        return []
+    return [f"peers[{i}].certificate_name: needs [node.tls] with require_client_certificate = true"
+            for i, peer in enumerate(config.peers) if peer.certificate_name is not None]
 
 
 def _address_in(address: str, network: str) -> bool:
@@ -370,6 +387,17 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", base_dir: Pa
         raise ConfigError(source, _problems(exc)) from None
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file ({exc.strerror})"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     """Read and validate the TOML file at *path*.
 
@@ -379,12 +407,34 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         If the file is missing, is not TOML, or breaks any rule; all problems are listed.
     """
     path = Path(path)
+    return parse_config(_read_toml(path), source=str(path), base_dir=path.resolve().parent)
+
+
+#: What a retention sweep needs: where the data is, where the keys are, how long data may stay, the audit trail.
+_SWEEP_SECTIONS = ("encryption", "retention", "audit")
+
+
+def load_sweep_config(path: str | os.PathLike[str]) -> tuple[GatewayConfig, list[str]]:
+    """The configuration a retention sweep needs, and the problems elsewhere in the file it ignored.
+
+    Only ``node.data_dir`` and the ``[encryption]``, ``[retention]`` and ``[audit]`` sections count;
+    the rest of the file may be invalid (an expired certificate, a missing model, a typo), so that
+    retention never depends on the node being able to start.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read, or the sections a sweep needs are themselves invalid.
+    """
+    path = Path(path)
+    raw = _read_toml(path)
+    base_dir = path.resolve().parent
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read the file ({exc.strerror})"]) from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    return parse_config(raw, source=str(path), base_dir=path.resolve().parent)
+        return parse_config(raw, source=str(path), base_dir=base_dir), []
+    except ConfigError as exc:
+        ignored = exc.problems
+    reduced: dict[str, Any] = {name: raw[name] for name in _SWEEP_SECTIONS if name in raw}
+    node = raw.get("node")
+    if isinstance(node, Mapping) and "data_dir" in node:
+        reduced["node"] = {"data_dir": node["data_dir"]}
+    return parse_config(reduced, source=str(path), base_dir=base_dir), ignored

@@ -70,6 +70,10 @@ class ReidentificationError(GatewayError):
     """A result could not be mapped back to the original identity; it must not be sent."""
 
 
+class PixelDataError(GatewayError, ValueError):
+    """Encapsulated pixel data that cannot be parsed (its frames are not the streams its transfer syntax names)."""
+
+
 class VolumeError(GatewayError, ValueError):
     """A series cannot be contoured safely; ``reason`` is a code such as ``gantry_tilt``."""
 

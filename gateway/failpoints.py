@@ -5,7 +5,9 @@ written its output but before it committed the new state; ``before:<stage>`` bef
 starts; ``delivered`` after a destination confirmed a result but before that was recorded.
 ``oom:<point>`` allocates memory at *point* until the kernel's OOM killer (a cgroup limit) ends
 the process, as a model far too large for the machine would. ``slow:<point>:<seconds>`` stalls
-there (a slow disk). Unset (always, in production) a failpoint does nothing.
+there (a slow disk). ``clock:<seconds>`` shifts the wall clock retention reads by that many seconds
+(negative: set back), as a clock stepped by hand or by NTP would. Unset (always, in production) a
+failpoint does nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import structlog
 
-__all__ = ["FAILPOINT_ENV", "failpoint"]
+__all__ = ["FAILPOINT_ENV", "failpoint", "wall_time"]
 
 FAILPOINT_ENV = "CONTOUR_GW_FAILPOINT"
 #: An ``oom:`` failpoint gives up (MemoryError) past this, should no limit stop it first.
@@ -39,6 +41,14 @@ def failpoint(point: str) -> None:
         _exhaust_memory()
     elif configured.startswith(f"slow:{point}:"):
         time.sleep(float(configured.rsplit(":", 1)[1]))
+
+
+def wall_time() -> float:
+    """``time.time()``, shifted as a ``clock:<seconds>`` failpoint says."""
+    configured = os.environ.get(FAILPOINT_ENV)
+    if configured and configured.startswith("clock:"):
+        return time.time() + float(configured.removeprefix("clock:"))
+    return time.time()
 
 
 def _exhaust_memory() -> None:

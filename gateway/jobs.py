@@ -2,7 +2,7 @@
 
 The database holds no patient data: studies and instances are known only by keyed
 hashes of their UIDs (see :mod:`gateway.assembly`), jobs by random ids, and each job's
-data key only wrapped by the master key (see :mod:`gateway.crypt`). It is shared by
+data key only wrapped by a key-encryption key kept outside ``data_dir`` (see :mod:`gateway.crypt`). It is shared by
 the node's processes (WAL mode). Job creation is committed with ``synchronous=FULL``;
 per-instance rows use ``NORMAL`` because every instance file is itself fsynced and
 :func:`gateway.assembly.Assembler.reconcile` re-registers files after a power loss.
@@ -23,7 +23,8 @@ from pathlib import Path
 from gateway.errors import JobNotFoundError
 from gateway.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, TASK_TABLES
 
-__all__ = ["WRITE_LEASE_SECONDS", "Job", "JobState", "JobStore", "RecordOutcome", "Reservation", "forget_tasks"]
+__all__ = ["WRITE_LEASE_SECONDS", "Job", "JobState", "JobStore", "RecordOutcome", "Reservation", "WrappedKey",
+           "forget_tasks"]
 
 #: A write counted in flight for longer than this is a receiver that died: it no longer holds completion back.
 WRITE_LEASE_SECONDS = 600.0
@@ -58,6 +59,14 @@ class RecordOutcome(StrEnum):
     REPLACED = "replaced"
     DUPLICATE = "duplicate"
     JOB_CLOSED = "job_closed"
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A job's data key as stored: encrypted, with the id of the key-encryption key (``None``: the master key)."""
+
+    wrapped: bytes
+    kek: str | None
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,8 @@ class JobStore:
             job_id = secrets.token_hex(8)
             db.execute(
                 "INSERT INTO jobs (job_id, study_key, peer, quiet_seconds, state, created_at, "
-                "last_received_at, previous_job_id, writing) VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?, 1)",
+                "last_received_at, previous_job_id, writing) VALUES (?, ?, ?, ?, 'receiving', MAX(?, COALESCE("
+                "(SELECT CAST(value AS REAL) FROM anchors WHERE name = 'time_seen'), 0)), ?, ?, 1)",
                 (job_id, study_key, peer, quiet_seconds, now, now, previous["job_id"] if previous else None),
             )
             return Reservation(job_id, True, previous["job_id"] if previous else None, None)
@@ -337,18 +347,19 @@ class JobStore:
             rows = self._db.execute("SELECT file_id, reason FROM quarantine WHERE job_id = ?", (job_id,)).fetchall()
         return {row["file_id"]: row["reason"] for row in rows}
 
-    def load_data_key(self, job_id: str) -> bytes | None:
-        """The wrapped data key of *job_id*, or ``None`` (never created, or shredded)."""
+    def load_data_key(self, job_id: str) -> WrappedKey | None:
+        """The wrapped data key of *job_id* and the key that wraps it, or ``None`` (never created, or shredded)."""
         with self._lock:
-            row = self._db.execute("SELECT wrapped FROM data_keys WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else bytes(row["wrapped"])
+            row = self._db.execute("SELECT wrapped, kek FROM data_keys WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else WrappedKey(bytes(row["wrapped"]), row["kek"])
 
-    def store_data_key(self, job_id: str, wrapped: bytes) -> bytes:
-        """Store *wrapped* durably unless the job has a key already; return the stored key."""
+    def store_data_key(self, job_id: str, key: WrappedKey) -> WrappedKey:
+        """Store *key* durably unless the job has a key already; return the stored key."""
         with self.transaction(durable=True) as db:
-            db.execute("INSERT OR IGNORE INTO data_keys (job_id, wrapped) VALUES (?, ?)", (job_id, wrapped))
-            row = db.execute("SELECT wrapped FROM data_keys WHERE job_id = ?", (job_id,)).fetchone()
-        return bytes(row["wrapped"])
+            db.execute("INSERT OR IGNORE INTO data_keys (job_id, wrapped, kek) VALUES (?, ?, ?)",
+                       (job_id, key.wrapped, key.kek))
+            row = db.execute("SELECT wrapped, kek FROM data_keys WHERE job_id = ?", (job_id,)).fetchone()
+        return WrappedKey(bytes(row["wrapped"]), row["kek"])
 
     def forget_instance(self, job_id: str, file_id: str) -> None:
         """Drop the row of an instance whose file is gone (start-up reconciliation)."""

@@ -100,10 +100,20 @@ class Listener:
             self._socket = self._listen(node.port, _PLAIN)
         if node.tls is not None:
             self._tls_socket = self._listen(node.tls.port, _TLS)
+        self._warn_unauthenticated_plain_port()
         for index in range(node.receive_workers):
             self._spawn(index)
         self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
         self._thread.start()
+
+    def _warn_unauthenticated_plain_port(self) -> None:
+        # With [node.tls], a plain port left open by default is easy to miss: anyone on a peer's address
+        # who knows its AE title can associate there without a certificate. Written explicitly, it is a choice.
+        node = self._config.node
+        if node.tls is None or self.address is None or "plain" in node.model_fields_set:
+            return
+        log.warning("plain_port_unauthenticated", port=self.address[1],
+                    advice="set node.plain = false to accept DICOM TLS only, or plain = true to keep this port")
 
     def healthy(self) -> bool:
         """Whether connections are being accepted and at least one receiver process is alive."""

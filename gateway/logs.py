@@ -1,13 +1,18 @@
 """Structured logs: JSON lines on stdout, with no patient data in any field.
 
-Three leaks are closed here rather than at each call site:
+Four leaks are closed here rather than at each call site:
 
 * exceptions are rendered as type and frames only; local variables never, and the
   message only for our own :class:`~gateway.errors.GatewayError` (built PHI-free);
 * pydicom's warnings quote element values, so warnings are logged by category and
   source line only;
 * pynetdicom logs identifiers and dataset dumps at INFO/DEBUG, so its logger is
-  bridged at WARNING and its identifier logging is switched off.
+  bridged at WARNING and its identifier logging is switched off;
+* third-party records may quote any value of a data set (pydicom logs an invalid UID
+  pre-formatted into its message), so a record from outside ``gateway.*`` keeps only its
+  logger and level, as a ``library_log`` event; its message is kept when it is one of a
+  few fixed strings known to carry no value, and rendered in full only for APScheduler,
+  whose records name jobs and times and nothing else.
 """
 
 from __future__ import annotations
@@ -59,6 +64,58 @@ def _render_exception(
     return event
 
 
+#: Fixed messages, per library, known to carry no value; they are kept when logged without arguments.
+_FIXED_MESSAGES: dict[str, frozenset[str]] = {
+    "pynetdicom": frozenset({
+        "Aborting Association",
+        "Association Aborted",
+        "Association Rejected",
+        "Attempted to send data over closed connection",
+        "Connection closed before the entire PDU was received",
+        "Connection closed while waiting for DIMSE message",
+        "DIMSE timeout reached while waiting for message response",
+        "Exception in DUL.run(), aborting association",
+        "Exception in the handler bound to 'evt.EVT_C_STORE'",
+        "Insufficient data received to decode the PDU",
+        "Invalid status returned by the EVT_C_STORE handler",
+        "Network timeout reached",
+        "No accepted presentation contexts",
+        "Received an invalid A-ASSOCIATE response from the peer",
+        "Unable to decode the received PDU data",
+    }),
+}
+#: Libraries whose records carry no patient data, rendered with their arguments.
+_RENDERED_LIBRARIES = frozenset({"apscheduler"})
+_LIBRARY_EVENT = "library_log"
+
+
+def _library_message(record: logging.LogRecord, args: Any) -> str | None:
+    library = record.name.partition(".")[0]
+    if library in _RENDERED_LIBRARIES:  # as LogRecord.getMessage, whose record has lost its args by now
+        template = str(record.msg)
+        try:
+            return template % args if args else template
+        except (TypeError, ValueError, KeyError):
+            return template  # a raise here would reach Handler.handleError, which prints the arguments
+    if not args and isinstance(record.msg, str) and record.msg in _FIXED_MESSAGES.get(library, frozenset()):
+        return record.msg
+    return None
+
+
+def _redact_foreign(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Reduce a stdlib record from outside ``gateway.*`` to its logger, level and a fixed message."""
+    args = event.pop("positional_args", ())
+    record: logging.LogRecord = event["_record"]
+    if record.name == "gateway" or record.name.startswith("gateway."):
+        return event  # our own templates, never formatted
+    event["event"] = _LIBRARY_EVENT
+    event.pop("stack_info", None)
+    message = _library_message(record, args)
+    if message is not None:
+        event["message"] = message
+    return event
+
+
 def _showwarning(
     message: Warning | str,
     category: type[Warning],
@@ -96,9 +153,11 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        # Third-party records may interpolate dataset values: keep the static template only.
+        foreign_pre_chain=[_redact_foreign, *shared],
+        # Third-party records may interpolate data set values: never format them here;
+        # _redact_foreign decides what of a record is shown, given its arguments.
         use_get_message=False,
+        pass_foreign_args=True,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream)

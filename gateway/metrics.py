@@ -26,7 +26,8 @@ __all__ = ["ASSOCIATION_OUTCOMES", "STORE_REFUSALS", "Metrics", "MetricsServer",
 
 #: Outcomes of an incoming connection, as counted by the listener and the receivers.
 ASSOCIATION_OUTCOMES = ("accepted", "calling_ae_not_recognised", "called_ae_not_recognised", "local_limit_exceeded",
-                       "disk_space_low", "address_not_allowed", "too_many_pending_connections")
+                       "disk_space_low", "address_not_allowed", "too_many_pending_connections",
+                       "client_certificate_missing", "client_certificate_mismatch")
 #: Why a receiver refused a C-STORE (the ``reason`` of its ``store_refused``/``store_failed`` event).
 STORE_REFUSALS = ("no_data_set_or_peer", "disk_space_low", "dataset_too_large", "too_many_pixels", "undecodable",
                   "missing_or_invalid_uid", "dataset_does_not_match_request", "out_of_resources", "internal_error")
@@ -81,6 +82,8 @@ class Metrics:
         self._shredded = Counter("gateway_retention_shredded_total", "Jobs shredded, by reason", ["why"],
                                  registry=self.registry)
         self._sweeps = Counter("gateway_retention_sweeps_total", "Retention sweeps run", registry=self.registry)
+        self._shred_failures = Counter("gateway_retention_shred_failures_total", "Jobs a sweep could not shred "
+                                       "(retried by the next sweep)", registry=self.registry)
         self._quarantined = Counter("gateway_quarantined_instances_total",
                                     "Received instances set aside unprocessed, by reason code", ["reason"],
                                     registry=self.registry)
@@ -107,11 +110,14 @@ class Metrics:
         self._sent.labels(destination, outcome).inc()
 
     def sweep(self, shredded_by_reason: dict[str, int], swept: bool = True) -> None:
-        """Jobs were shredded: by a retention sweep (*swept*), or on delivery."""
+        """Jobs were shredded: by a retention sweep (*swept*), or on delivery; ``failed`` counts those that were not."""
         if swept:
             self._sweeps.inc()
         for why, count in shredded_by_reason.items():
-            self._shredded.labels(why).inc(count)
+            if why == "failed":
+                self._shred_failures.inc(count)
+            else:
+                self._shredded.labels(why).inc(count)
 
 
 class _StateCollector(Collector):

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from gateway.crypt import Purpose
+from gateway.errors import PixelDataError
 from gateway.failpoints import failpoint
 from gateway.jobs import JobState
 from gateway.processing import StageContext, load_results, result_name
@@ -87,6 +88,12 @@ class _SeriesFiles:
     files: list[str] = field(default_factory=list)
 
 
+def _quarantine(ctx: StageContext, job_id: str, file_id: str, reason: str, counts: dict[str, int]) -> None:
+    ctx.jobs.quarantine(job_id, file_id, reason, time.time())
+    log.warning("instance_quarantined", job_id=job_id, reason=reason)
+    counts[reason] = counts.get(reason, 0) + 1
+
+
 def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (), *,
                      unwanted_image_types: Iterable[str] = DEFAULT_UNWANTED_IMAGE_TYPES) -> PseudonymisedJob:
     """Pseudonymise every received instance of *job_id* into ``work/``, one task per series.
@@ -114,16 +121,18 @@ def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (
         identity = identity_of(ds) if series_uid not in series else b""  # before anything decodes it
         reason = quarantine_reason(ds, unwanted_image_types)
         if reason is not None:
-            ctx.jobs.quarantine(job_id, file_id, reason, time.time())
-            log.warning("instance_quarantined", job_id=job_id, reason=reason)
-            quarantined[reason] = quarantined.get(reason, 0) + 1
+            _quarantine(ctx, job_id, file_id, reason, quarantined)
             continue
         if series_uid not in series:
             series[series_uid] = _SeriesFiles(*route_for(ds, routes), identity)
             if series[series_uid].route is None:
                 log.info("series_not_routed", job_id=job_id, series=len(series), reason=series[series_uid].reason)
         group = series[series_uid]
-        encoded = encode(pseudonymise(ds, uids, pseudonym))
+        try:
+            encoded = encode(pseudonymise(ds, uids, pseudonym))
+        except PixelDataError:
+            _quarantine(ctx, job_id, file_id, "undecodable_pixel_data", quarantined)
+            continue
         group.files.append(ctx.spool.write_work(job_id, ctx.sealer.seal(job_id, Purpose.PSEUDONYMISED, [encoded])))
     duration_ms = int((time.monotonic() - started) * 1000)
     written = sum(len(group.files) for group in series.values())

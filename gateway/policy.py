@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import GatewayConfig, Peer
+from gateway.tls import ClientCertificate
 
 __all__ = ["REJECTIONS", "AssociationPolicy", "AssociationSlots", "DiskWatermark"]
 
@@ -17,6 +18,9 @@ REJECTIONS = {
     "called_ae_not_recognised": (0x01, 0x01, 0x07),  # permanent, service user
     "local_limit_exceeded": (0x02, 0x03, 0x02),  # transient, service provider (presentation)
     "disk_space_low": (0x02, 0x03, 0x02),  # transient, service provider (presentation): local limit
+    # The calling AE title is bound to a certificate (``[[peers]] certificate_name``) the connection did not present.
+    "client_certificate_missing": (0x01, 0x01, 0x03),  # permanent, service user, calling AE title not recognised
+    "client_certificate_mismatch": (0x01, 0x01, 0x03),  # permanent, service user, calling AE title not recognised
 }
 
 
@@ -82,15 +86,34 @@ class AssociationSlots:
 @dataclass(frozen=True)
 class AssociationPolicy:
     """Who may associate: a ``[[peers]]`` entry must match calling AE and source address,
-    and the called AE must be ours."""
+    and the called AE must be ours.
+
+    When any entry matching calling AE and address names a ``certificate_name``, the connection
+    must also have presented a verified TLS client certificate carrying one of those names,
+    whatever the order of the entries (a ``*`` entry cannot open a bound AE title); it is then
+    served as the first entry whose name the certificate carries.
+    """
 
     config: GatewayConfig
 
-    def decide(self, calling_ae: str, called_ae: str, address: str) -> tuple[Peer | None, str | None]:
-        """Return ``(peer, None)`` to accept, or ``(None, reason)`` to reject (a :data:`REJECTIONS` key)."""
+    def decide(self, calling_ae: str, called_ae: str, address: str,
+               certificate: ClientCertificate | None = None) -> tuple[Peer | None, str | None]:
+        """Return ``(peer, None)`` to accept, or ``(None, reason)`` to reject (a :data:`REJECTIONS` key).
+
+        *certificate* is the connection's verified client certificate: ``None`` on plain TCP or without one.
+        """
         peer = self.config.peer_for(calling_ae, address)
         if peer is None:
             return None, "calling_ae_not_recognised"
         if called_ae.strip() != self.config.node.ae_title:
             return None, "called_ae_not_recognised"
-        return peer, None
+        bound = [(p, p.certificate_name) for p in self.config.peers
+                 if p.certificate_name is not None and p.admits(calling_ae, address)]
+        if not bound:
+            return peer, None
+        if certificate is None:
+            return None, "client_certificate_missing"
+        for candidate, name in bound:
+            if certificate.carries(name):
+                return candidate, None
+        return None, "client_certificate_mismatch"

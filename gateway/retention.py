@@ -7,15 +7,24 @@ stuck, failed or delivered. A delivered job is shredded at once (or after
 ``keep_after_delivery_seconds``); files written for a folder destination stay until the
 deadline, since they are the delivery.
 
+Jobs whose data keys one key-encryption key (KEK) wraps are shredded together, when the first
+of them is due (up to one KEK period, an hour at 24 h, early); once no data key refers to a KEK
+and its period is over, the sweep destroys the KEK's file in ``key_dir``, so no copy of
+``data_dir`` taken before can be decrypted either, even with the master key.
+
 Shredding one job: its data key is destroyed first (crypto-erase: every sealed file of the job
 is unreadable from that commit on), then its files are unlinked, then its rows deleted
 (``secure_delete``), and after the sweep the WAL is checkpointed (TRUNCATE) so deleted pages do
-not linger there. Each deletion is written to the audit trail.
+not linger there. Each deletion is written to the audit trail. A job that cannot be shredded
+(an unlink race, an unwritable audit file) does not stop the sweep: it is logged as an alert,
+counted, and retried by the next sweep.
+
+Time is the :class:`~gateway.anchors.RetentionClock`: a wall clock set back does not extend a
+study's life.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import sqlite3
 import threading
@@ -25,16 +34,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import structlog
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from gateway.audit import AuditLog
 from gateway.config import Retention
 from gateway.errors import JobNotFoundError
+from gateway.failpoints import wall_time
 from gateway.jobs import Job, JobState, JobStore
+from gateway.keys import KekFiles, kek_period
 from gateway.spool import Spool
 from gateway.tasks import Export, TaskStore
 
-__all__ = ["Shredded", "Shredder", "SweepReport", "SweepSchedule"]
+__all__ = ["Shredded", "Shredder", "SweepReport"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,15 +71,20 @@ class SweepReport:
     jobs: list[Shredded] = field(default_factory=list)
     exports: list[Export] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # key-encryption keys destroyed
+    failed: list[str] = field(default_factory=list)  # job ids left for the next sweep
 
 
 class Shredder:
     """Finds what is due and shreds it; safe to call from any thread of the node or from the CLI."""
 
     def __init__(self, spool: Spool, jobs: JobStore, retention: Retention, audit: AuditLog, *,
+                 keys: KekFiles | None = None, clock: Callable[[], float] = time.time,
                  busy: Callable[[str], bool] = lambda _job_id: False,
                  on_sweep: Callable[[dict[str, int], bool], None] | None = None) -> None:
         self._on_sweep = on_sweep
+        self._keys = keys
+        self._clock = clock
         self._spool = spool
         self._jobs = jobs
         self._tasks = TaskStore(jobs)
@@ -107,35 +122,80 @@ class Shredder:
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
     def sweep(self, now: float | None = None, *, dry_run: bool = False) -> SweepReport:
-        """Shred every job and export file that is due at *now* (default: the current time)."""
+        """Shred every job, export file and key-encryption key that is due at *now* (default: the clock's time)."""
         with self._exclusive():
-            return self._sweep(time.time() if now is None else now, dry_run)
+            if now is None:
+                wall, now = wall_time(), self._clock()
+            else:  # a simulated time stands for the wall clock too
+                wall = now
+            return self._sweep(now, min(wall, now), dry_run)
 
-    def _sweep(self, now: float, dry_run: bool) -> SweepReport:
+    def _sweep(self, now: float, wall: float, dry_run: bool) -> SweepReport:
         report = SweepReport(dry_run)
+        received = self._received_by_key()
         for job in self._jobs.jobs():
-            why = self._why(job, now)
-            if why is not None:
-                report.jobs.append(self._preview(job, why, now) if dry_run else self.shred(job, why, now))
+            why = self._why(job, now, received.get(job.job_id, job.created_at))
+            if why is None:
+                continue
+            if dry_run:
+                report.jobs.append(self._preview(job, why, now))
+                continue
+            shredded = self._shred_or_report(job, why, now)
+            if shredded is None:
+                report.failed.append(job.job_id)
+            else:
+                report.jobs.append(shredded)
         report.exports = self._tasks.exports(received_before=now - self._retention.max_age_seconds
                                              + self.lead_seconds)
         stored = self._spool.stored_job_ids()  # before the rows: a folder's row is committed before it exists
         report.orphans = sorted(stored - {job.job_id for job in self._jobs.jobs()})
-        if not dry_run:
-            self._delete_exports(report.exports, now)
-            self._delete_orphans(report.orphans, now)
-            with self._jobs.transaction() as db:  # a key made for a job shredded while an instance arrived
-                db.execute("DELETE FROM data_keys WHERE job_id NOT IN (SELECT job_id FROM jobs)")
+        if not dry_run:  # each step on its own: one that fails does not keep the others from running
+            for step, run in (("exports", lambda: self._delete_exports(report.exports, now)),
+                              ("orphans", lambda: self._delete_orphans(report.orphans, now)),
+                              ("keys", lambda: report.keys.extend(self._destroy_keys(wall)))):
+                if not _attempt(step, run):
+                    report.failed.append(step)
             self._checkpoint()
         if self._on_sweep is not None and not dry_run:
-            by_reason: dict[str, int] = {}
+            by_reason: dict[str, int] = {"failed": len(report.failed)} if report.failed else {}
             for shredded in report.jobs:
                 by_reason[shredded.why] = by_reason.get(shredded.why, 0) + 1
             self._on_sweep(by_reason, True)
-        if report.jobs or report.exports or report.orphans:
+        if report.jobs or report.exports or report.orphans or report.keys or report.failed:
             log.info("sweep_done", dry_run=dry_run, jobs=len(report.jobs), exports=len(report.exports),
-                     orphans=len(report.orphans))
+                     orphans=len(report.orphans), keys_destroyed=len(report.keys), failed=len(report.failed))
         return report
+
+    def _received_by_key(self) -> dict[str, float]:
+        """Per job, the first instance's time of the earliest job whose data key the same KEK wraps."""
+        with self._jobs.reading() as db:
+            rows = db.execute("SELECT k.job_id, k.kek, j.created_at FROM data_keys k JOIN jobs j USING (job_id) "
+                              "WHERE k.kek IS NOT NULL").fetchall()
+        earliest: dict[str, float] = {}
+        for row in rows:
+            earliest[row["kek"]] = min(earliest.get(row["kek"], row["created_at"]), row["created_at"])
+        return {row["job_id"]: earliest[row["kek"]] for row in rows}
+
+    def _shred_or_report(self, job: Job, why: str, now: float) -> Shredded | None:
+        shredded: list[Shredded] = []
+        _attempt("job", lambda: shredded.append(self.shred(job, why, now)), job_id=job.job_id)
+        return shredded[0] if shredded else None
+
+    def _destroy_keys(self, wall: float) -> list[str]:
+        """Destroy every key-encryption key no data key refers to any more, once its period is over."""
+        with self._jobs.transaction() as db:  # a key made for a job shredded while an instance arrived
+            db.execute("DELETE FROM data_keys WHERE job_id NOT IN (SELECT job_id FROM jobs)")
+        if self._keys is None:
+            return []
+        with self._jobs.reading() as db:
+            in_use = {row["kek"] for row in db.execute("SELECT DISTINCT kek FROM data_keys WHERE kek IS NOT NULL")}
+        destroyed = self._keys.due(in_use, wall, kek_period(self._retention.max_age_seconds))
+        for name in destroyed:
+            self._keys.destroy(name)
+            self._audit.append("key_destroyed", wall, key=name, how="key-encryption key file unlinked; every "
+                               "data key it wrapped, in any copy of data_dir, no longer opens")
+            log.info("key_destroyed", key=name)
+        return destroyed
 
     def shred_delivered(self, job_id: str, now: float | None = None) -> Shredded | None:
         """Shred a job the TPS has confirmed, unless the configuration keeps it a while."""
@@ -147,14 +207,14 @@ class Shredder:
             return None
         if job.state is not JobState.SENT:
             return None
-        shredded = self.shred(job, "delivered", time.time() if now is None else now)
+        shredded = self.shred(job, "delivered", self._clock() if now is None else now)
         self._checkpoint()
         if self._on_sweep is not None:
             self._on_sweep({"delivered": 1}, False)
         return shredded
 
-    def _why(self, job: Job, now: float) -> str | None:
-        if now >= self.shred_at(job.created_at):
+    def _why(self, job: Job, now: float, received_at: float) -> str | None:
+        if now >= self.shred_at(min(received_at, job.created_at)):
             return "deadline"
         keep = self._retention.keep_after_delivery_seconds
         if (job.state is JobState.SENT and job.finished_at is not None and now >= job.finished_at + keep
@@ -177,14 +237,15 @@ class Shredder:
             db.execute("DELETE FROM data_keys WHERE job_id = ?", (job.job_id,))
         removed = self._spool.remove_job(job.job_id)
         removed["quarantined"] = len(self._jobs.quarantined(job.job_id))
-        with self._jobs.transaction(durable=True) as db:
-            db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
         pending = self._tasks.exports(job_id=job.job_id)
         shredded = Shredded(job.job_id, job.study, job.state.value, why, now - job.created_at, removed)
+        # Recorded before the row goes: if the trail cannot be written, the row stays and the next sweep retries.
         self._audit.append("deleted", now, job_id=job.job_id, study=job.study, why=why, state=job.state.value,
                            first_instance_at=job.created_at, instances=job.instance_count,
                            age_seconds=round(now - job.created_at, 3), removed=removed, data_key="destroyed",
                            exports_kept=len(pending), complete=not pending, how=_HOW)
+        with self._jobs.transaction(durable=True) as db:
+            db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
         log.info("job_shredded", job_id=job.job_id, study=job.study, why=why, state=job.state.value,
                  age_seconds=round(now - job.created_at, 1), exports_kept=len(pending))
         return shredded
@@ -220,41 +281,11 @@ class Shredder:
             log.warning("wal_checkpoint_deferred", error=type(exc).__name__)
 
 
-class SweepSchedule:
-    """Runs :meth:`Shredder.sweep` every ``sweep_interval_seconds`` on an APScheduler background thread.
-
-    APScheduler 3's defaults would let a late run be skipped (``misfire_grace_time`` of 1 s) and
-    several missed runs pile up; here a late run always happens (no grace limit), missed runs
-    collapse into one (``coalesce``), and never two run at once. The job store is in memory on
-    purpose: deadlines live in the job table, and :class:`~gateway.service.Node` sweeps once at
-    start-up, before it accepts an association, to catch up on any downtime.
-    """
-
-    def __init__(self, shredder: Shredder, interval_seconds: float) -> None:
-        self._shredder = shredder
-        self._interval = interval_seconds
-        self._scheduler = BackgroundScheduler(
-            timezone=dt.UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
-
-    @property
-    def running(self) -> bool:
-        """Whether the scheduler thread is running."""
-        return bool(self._scheduler.running)
-
-    def start(self) -> None:
-        """Schedule the first sweep one interval from now (the start-up sweep has just run)."""
-        first = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._interval)
-        self._scheduler.add_job(self._sweep, "interval", seconds=self._interval, id="retention-sweep",
-                                next_run_time=first)
-        self._scheduler.start()
-
-    def stop(self) -> None:
-        """Stop, letting a sweep in progress finish."""
-        if self._scheduler.running:
-            self._scheduler.shutdown(wait=True)
-
-    def _sweep(self) -> None:
-        try:
-            self._shredder.sweep()
-        except Exception as exc:  # keep the schedule; the next run retries
-            log.error("sweep_failed", exc_info=exc)
+def _attempt(step: str, run: Callable[[], object], **fields: str) -> bool:
+    """Run one step of a sweep; on any error alert and go on (the next sweep retries it)."""
+    try:
+        run()
+    except Exception as exc:
+        log.error("alert", stage="retention", outcome="shred_failed", step=step, exc_info=exc, **fields)
+        return False
+    return True

@@ -5,14 +5,17 @@ task, the deliveries of each result, and the time every stage took. Version 5 ad
 when a job finished, and the files written for folder destinations (kept until the deadline
 even when the job's own data is shredded on delivery). Version 6 adds the count of instance
 writes in flight (a study completes only after its last durable write) and of the pipeline
-attempts that did not end (a job that kills the process is not retried forever).
+attempts that did not end (a job that kills the process is not retried forever). Version 7 adds the
+key-encryption key that wraps each data key (``data_keys.kek``, ``NULL`` for keys wrapped by the master
+key before) and the node's anchors (``anchors``: the master key's check value, the largest time seen,
+the audit trail's head), none of which is patient data.
 """
 
 from __future__ import annotations
 
 __all__ = ["ADDED_COLUMNS", "SCHEMA", "SCHEMA_VERSION", "TASK_TABLES"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -52,6 +55,10 @@ CREATE TABLE IF NOT EXISTS quarantine (
 CREATE TABLE IF NOT EXISTS data_keys (
     job_id TEXT PRIMARY KEY,
     wrapped BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS anchors (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tasks (
     job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
@@ -103,4 +110,5 @@ ADDED_COLUMNS = (
     ("jobs", "finished_at", "REAL"),
     ("jobs", "writing", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("data_keys", "kek", "TEXT"),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sqlite3
 import threading
@@ -11,18 +12,21 @@ from types import FrameType
 import structlog
 
 from gateway import __version__
+from gateway.anchors import RetentionClock, check_master_key, record_audit_head
 from gateway.assembly import Assembler, complete_due
 from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
-from gateway.crypt import MasterKey, Sealer
+from gateway.crypt import Sealer
 from gateway.errors import StartupError
 from gateway.jobs import Job, JobState, JobStore
+from gateway.keys import KeyRing
 from gateway.listener import Listener
 from gateway.metrics import Metrics, MetricsServer
 from gateway.processing import StageContext
-from gateway.retention import Shredder, SweepSchedule
+from gateway.retention import Shredder
 from gateway.runner import Runner
-from gateway.spool import Spool
+from gateway.spool import Spool, restrict_file_modes
+from gateway.sweeps import SweepSchedule
 
 __all__ = ["Node", "serve"]
 
@@ -53,19 +57,23 @@ class Node:
             When ``data_dir`` cannot be used or the port cannot be bound.
         """
         node = self.config.node
+        restrict_file_modes()
         try:
             self.spool.prepare()
             self._jobs = JobStore(self.spool.database_path)
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"cannot use data_dir {node.data_dir} ({exc})") from exc
-        master = MasterKey.load(self.config, create=True)
-        Assembler(self.spool, self._jobs, master).reconcile()
+        ring = KeyRing.open(self.config)
+        check_master_key(self._jobs, ring.master.key_id)  # another key: refused before any job runs
+        Assembler(self.spool, self._jobs, ring).reconcile()
         complete_due(self._jobs, time.time())  # quiet periods that ended while the node was down
-        audit = AuditLog(self.spool.audit_path, syslog_address=self.config.audit.syslog_address)
-        ctx = StageContext(self.spool, self._jobs, Sealer(master, self._jobs))
+        audit = AuditLog(self.spool.audit_path, syslog_address=self.config.audit.syslog_address,
+                         anchor=functools.partial(record_audit_head, self._jobs))
+        ctx = StageContext(self.spool, self._jobs, Sealer(ring, self._jobs))
         metrics = Metrics(self._listener.counters, self._jobs, node.data_dir, self.config.retention.max_age_seconds)
         self._runner = Runner(self.config, ctx, audit, on_done=self._on_job_done, metrics=metrics)
-        self._shredder = Shredder(self.spool, self._jobs, self.config.retention, audit, busy=self._runner.is_busy,
+        self._shredder = Shredder(self.spool, self._jobs, self.config.retention, audit, keys=ring.files,
+                                  clock=RetentionClock(self._jobs).now, busy=self._runner.is_busy,
                                   on_sweep=metrics.sweep)
         caught_up = self._shredder.sweep()  # what fell due while the node was down, before anyone may connect
         log.info("startup_sweep_done", jobs=len(caught_up.jobs), exports=len(caught_up.exports),

@@ -4,7 +4,6 @@ Layout (every name is a server-generated random hex id, never a UID or patient d
 
     data_dir/
         gateway.db                 job table (gateway.jobs)
-        keys/master.key            the master key, unless configured elsewhere (gateway.crypt)
         spool/<job_id>/<file_id>.dcm   received instances (sealed)
         work/<job_id>/<file_id>.dcm    pseudonymised instances (sealed)
         vault/<job_id>.vault           re-identification entry (sealed; gateway.vault only)
@@ -19,16 +18,18 @@ folder, fsynced, renamed, and the folder fsynced.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gateway.errors import SpoolError
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "fsync_dir", "restrict_file_modes"]
 
 _ID = re.compile(r"^[0-9a-f]{16,64}$")
 _SUFFIX = ".dcm"
@@ -36,7 +37,8 @@ _RESULT = re.compile(r"^t[0-9]{1,4}\.[a-z0-9-]{1,24}$")
 _FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder *path* (a file created, renamed or unlinked in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -65,11 +67,26 @@ def _write_all(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> int:
     return total
 
 
+def restrict_file_modes() -> None:
+    """Make every file and folder this process creates owner-only (0600 / 0700), whatever the umask was.
+
+    Covers what the node does not create itself with an explicit mode: SQLite's database, WAL and
+    shared-memory files, folders made as parents, files written by libraries.
+    """
+    os.umask(0o077)
+
+
+def _restrict(path: Path, mode: int) -> None:
+    with contextlib.suppress(FileNotFoundError):  # shredded meanwhile
+        if stat.S_IMODE(path.lstat().st_mode) & ~mode and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def _make_dir(path: Path, parent: Path) -> Path:
     if not path.is_dir():
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except OSError as exc:
             raise SpoolError(f"cannot create a folder ({_error_code(exc)})") from exc
     return path
@@ -90,7 +107,7 @@ def _durable_write(folder: Path, name: str, parts: Iterable[bytes | bytearray | 
         finally:
             os.close(fd)
         os.rename(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         final.unlink(missing_ok=True)
@@ -113,7 +130,7 @@ def _remove_folder(folder: Path) -> int:
         os.unlink(entry.path)
         count += 1
     folder.rmdir()
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     return count
 
 
@@ -131,10 +148,13 @@ class Spool:
         self.audit_path = data_dir / "audit" / "audit.jsonl"
 
     def prepare(self) -> None:
-        """Create the folders (owner-only) if missing."""
+        """Create the folders (owner-only) if missing; make everything already there owner-only too."""
         for folder in (self.data_dir, self.root):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
+        for below, _dirs, files in os.walk(self.data_dir):  # left by an older version or another umask
+            _restrict(Path(below), 0o700)
+            for name in files:
+                _restrict(Path(below) / name, 0o600)
 
     def job_dir(self, job_id: str) -> Path:
         """Return (creating if needed) the folder of job *job_id*."""

@@ -1,4 +1,5 @@
-"""DICOM TLS (PS3.15 Annex B, BCP 195 profile): server and client contexts, and certificate checks at start-up.
+"""DICOM TLS (PS3.15 Annex B, BCP 195 profile): server and client contexts, certificate checks at start-up,
+and the names a peer's client certificate carries.
 
 TLS 1.2 or 1.3 only, forward-secret AEAD cipher suites only (ECDHE/DHE with AES-GCM or
 ChaCha20-Poly1305), no compression, no renegotiation. The listener can require a client
@@ -9,15 +10,20 @@ destination's certificate against its CA and checks the host name.
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError
 
-__all__ = ["CIPHERS", "certificate_problems", "check_certificates", "client_context", "server_context"]
+__all__ = ["CIPHERS", "ClientCertificate", "certificate_problems", "check_certificates", "client_certificate",
+           "client_context", "server_context"]
 
 #: BCP 195 (RFC 9325) recommended suites for TLS 1.2; TLS 1.3 suites are all AEAD and always on.
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS"
@@ -100,3 +106,43 @@ def check_certificates(config: GatewayConfig) -> None:
                                              tls.private_key_file, tls.ca_file)
     if problems:
         raise ConfigError("TLS", problems)
+
+
+#: subjectAltName kinds (as :meth:`ssl.SSLSocket.getpeercert` names them) a peer's ``certificate_name`` may match.
+_NAME_KINDS = frozenset({"DNS", "URI", "email"})
+_CASE_INSENSITIVE = frozenset({"CN", "DNS"})
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """The names a verified client certificate carries: subject common names and DNS, URI, e-mail subjectAltNames."""
+
+    names: frozenset[tuple[str, str]]  # (kind, value): kind is "CN" or a subjectAltName kind
+
+    @classmethod
+    def from_peercert(cls, certificate: Mapping[str, Any]) -> ClientCertificate:
+        """The names in *certificate*, a dictionary as :meth:`ssl.SSLSocket.getpeercert` returns it."""
+        names = {("CN", str(value)) for rdn in certificate.get("subject", ()) for key, value in rdn
+                 if key == "commonName"}
+        names |= {(str(kind), str(value)) for kind, value in certificate.get("subjectAltName", ())
+                  if kind in _NAME_KINDS}
+        return cls(frozenset(names))
+
+    def carries(self, name: str) -> bool:
+        """Whether *name* is one of the names, exactly (host names and common names without regard to case)."""
+        return any(value == name or (kind in _CASE_INSENSITIVE and value.casefold() == name.casefold())
+                   for kind, value in self.names)
+
+
+def client_certificate(sock: socket.socket) -> ClientCertificate | None:
+    """The verified client certificate of an accepted connection; ``None`` on plain TCP or without one.
+
+    A certificate the listener did not verify (``require_client_certificate = false``) counts as none.
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        certificate = sock.getpeercert()
+    except (OSError, ValueError):  # closed meanwhile, or the handshake never completed
+        return None
+    return ClientCertificate.from_peercert(certificate) if certificate else None

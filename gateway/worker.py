@@ -17,8 +17,8 @@ from gateway._net import FdAssociationServer
 from gateway._socket import ConnectionLimits
 from gateway.assembly import Assembler
 from gateway.config import GatewayConfig
-from gateway.crypt import MasterKey
 from gateway.jobs import JobStore
+from gateway.keys import KeyRing
 from gateway.listener import DRAIN_SECONDS, MSG_ACCEPT_TLS, MSG_CLOSED, MSG_QUIT, ignore_interrupts
 from gateway.logs import configure_logging
 from gateway.metrics import NodeCounters
@@ -58,7 +58,7 @@ def run_worker(config: GatewayConfig, control: socket.socket, index: int, counte
             control.send(MSG_CLOSED)
 
     ae = build_ae(config)
-    assembler = Assembler(spool, jobs, MasterKey.load(config))
+    assembler = Assembler(spool, jobs, KeyRing.open(config))
     node = config.node
     limits = ConnectionLimits.from_config(config)
     slots = AssociationSlots(counters, index, node.max_associations)

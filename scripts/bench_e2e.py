@@ -67,6 +67,7 @@ from bench_ingest import (  # noqa: E402 - the process helpers of the ingest ben
     group_cpu_ticks,
     group_hwm_kib,
     guarded,
+    key_section,
     spawn,
     wait_until,
 )
@@ -129,7 +130,7 @@ def write_node_config(root: Path, orthanc: Orthanc, quiet_seconds: float) -> Pat
         f"port = {orthanc.dicom_port}", "",
         "[[routes]]", 'name = "default"', 'match = { Modality = "CT" }', 'model = "default"',
         'destinations = ["tps"]', "",
-        "[inference]", f"models_dir = {json.dumps(str(REPO / 'models'))}", "",
+        "[inference]", f"models_dir = {json.dumps(str(REPO / 'models'))}", "", *key_section(root),
         "[logging]", 'level = "info"', 'format = "json"', ""]))
     return path
 

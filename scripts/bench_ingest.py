@@ -226,6 +226,16 @@ def node_started(log_path: Path) -> dict[str, Any] | None:
     return None
 
 
+def key_section(root: Path) -> list[str]:
+    """TOML lines naming a master key made for this run under *root* (outside its data_dir)."""
+    from gateway.keys import create_key_file
+
+    key_file = root / "keys" / "master.key"
+    if not key_file.exists():
+        create_key_file(key_file)
+    return ["[encryption]", f"master_key_file = {json.dumps(str(key_file))}", ""]
+
+
 def start_gateway(stack: ExitStack, root: Path) -> Receiver:
     """Start the node on a free port with a fresh data_dir; return it once it accepts."""
     data_dir, config, log_path = root / "gw-data", root / "gateway.toml", root / "gateway.log"
@@ -233,7 +243,7 @@ def start_gateway(stack: ExitStack, root: Path) -> Receiver:
         "[node]", 'ae_title = "CONTOUR_GW"', 'bind = "127.0.0.1"', "port = 0",
         f"data_dir = {json.dumps(str(data_dir))}", "max_associations = 8", "",
         "[[peers]]", 'name = "bench"', 'ae_title = "*"', 'host = "127.0.0.1"',
-        "quiet_seconds = 30", "", "[logging]", 'level = "info"', 'format = "json"', ""]))
+        "quiet_seconds = 30", "", *key_section(root), "[logging]", 'level = "info"', 'format = "json"', ""]))
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     process = stack.enter_context(spawn(command, log_path, REPO))
     started = wait_until(lambda: node_started(log_path), process, "gateway node", log_path)

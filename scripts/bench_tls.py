@@ -48,6 +48,7 @@ from bench_ingest import (
     group_cpu_ticks,
     group_hwm_kib,
     guarded,
+    key_section,
     node_started,
     spawn,
     wait_until,
@@ -100,6 +101,7 @@ def start_node(stack: ExitStack, root: Path, pki: PKI) -> Node:
         f"private_key_file = {json.dumps(str(pki.server.key))}",
         f"ca_file = {json.dumps(str(pki.ca))}", "require_client_certificate = true", "",
         "[[peers]]", 'name = "pacs"', 'ae_title = "*"', 'host = "127.0.0.1"', "quiet_seconds = 600", "",
+        *key_section(root),
         # info, not warning: node_started (the ports) is an info event; bench_ingest runs at info too.
         "[logging]", 'level = "info"', 'format = "json"', ""]))
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]

@@ -28,6 +28,7 @@ from pynetdicom import AE, evt
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from gateway.keys import create_key_file  # noqa: E402
 from gateway.qa import qa_picture, rtstruct_masks  # noqa: E402
 from gateway.volume import volume_from_datasets  # noqa: E402
 from tests.synthetic import couch_phantom, write_volume_series  # noqa: E402 - the phantom the tests use
@@ -55,11 +56,17 @@ def _receiver(port: int, received: queue.Queue[Dataset]) -> Any:
 
 def _config(folder: Path, tps_port: int) -> Path:
     path = folder / "gateway.toml"
+    key_file = folder / "keys" / "master.key"  # a key for this demo only, outside its data_dir
+    if not key_file.exists():
+        create_key_file(key_file)
     path.write_text(f"""
 [node]
 port = 0
 data_dir = "{folder / 'var'}"
 min_free_disk_mb = 0
+
+[encryption]
+master_key_file = "{key_file}"
 
 [[peers]]
 name = "demo"

@@ -21,9 +21,10 @@ import pydicom
 import pytest
 import structlog
 
-from gateway.config import parse_config
-from gateway.crypt import MasterKey, Purpose, Sealer
+from gateway.config import GatewayConfig, parse_config
+from gateway.crypt import Purpose, Sealer
 from gateway.jobs import JobStore
+from gateway.keys import KekFiles, KeyRing, MasterKey, create_key_file
 from tests.synthetic import (
     CANARY_ACCESSION,
     CANARY_BIRTH,
@@ -96,6 +97,8 @@ def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[
             lines += [f"[[{name}]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items()), ""]
     lines += ["[inference]", f'models_dir = "{models_dir}"', "", "[metrics]", "port = 0", "", "[logging]",
               'level = "debug"', extra]
+    if "[encryption]" not in extra:
+        lines += ["", "[encryption]", f'master_key_file = "{node_key_file(data_dir)}"']
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -193,6 +196,25 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
                 node.kill9()
 
 
+def node_key_file(data_dir: Path) -> Path:
+    """The master key file of the tests' node on *data_dir*: beside it (never inside), made once like an admin would."""
+    path = data_dir.parent / "keys" / "master.key"
+    if not path.exists():
+        create_key_file(path)
+    return path
+
+
+def key_config(data_dir: Path) -> GatewayConfig:
+    """A configuration naming *data_dir* and its test key: enough to open what the node sealed."""
+    return parse_config({"node": {"data_dir": str(data_dir)},
+                         "encryption": {"master_key_file": str(node_key_file(data_dir))}})
+
+
+def key_ring(folder: Path, key: bytes = bytes(32)) -> KeyRing:
+    """A key ring on a fixed master key whose hourly keys live in *folder*."""
+    return KeyRing(MasterKey(key), KekFiles(folder), 3600)
+
+
 def spooled_files(data_dir: Path) -> list[Path]:
     """Every instance file in the spool (temporaries excluded)."""
     return sorted((data_dir / "spool").glob("*/*.dcm"))
@@ -200,10 +222,10 @@ def spooled_files(data_dir: Path) -> list[Path]:
 
 def spooled_plaintext(data_dir: Path) -> dict[Path, bytes]:
     """Every spooled instance, decrypted as the gateway does (master key file in data_dir)."""
-    master = MasterKey.load(parse_config({"node": {"data_dir": str(data_dir)}}))
+    ring = KeyRing.open(key_config(data_dir))
     jobs = JobStore(data_dir / "gateway.db")
     try:
-        sealer = Sealer(master, jobs)
+        sealer = Sealer(ring, jobs)
         return {path: sealer.open(path.parent.name, Purpose.RECEIVED, path.read_bytes())
                 for path in spooled_files(data_dir)}
     finally:

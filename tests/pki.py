@@ -27,6 +27,8 @@ class PKI:
     wrong_host: Pair  # signed by the CA, named other.example
     expired: Pair
     other_ca: Path  # a CA that signed none of these
+    pacs_a: Pair  # client: subject CN pacs-a.hospital (its only subjectAltName is an e-mail address)
+    pacs_b: Pair  # client: subject CN "PACS B", DNS subjectAltName pacs-b.hospital
 
 
 def _name(common: str) -> x509.Name:
@@ -77,8 +79,12 @@ def make_pki(folder: Path) -> PKI:
     expired = _leaf(ca, "old", local, ExtendedKeyUsageOID.SERVER_AUTH,
                     (now - dt.timedelta(days=30), now - dt.timedelta(days=1)))
     other_ca = _ca("Somebody Else CA", now)
+    pacs_a = _leaf(ca, "pacs-a.hospital", [x509.RFC822Name("dicom@pacs-a.hospital")],
+                   ExtendedKeyUsageOID.CLIENT_AUTH, valid)
+    pacs_b = _leaf(ca, "PACS B", [x509.DNSName("pacs-b.hospital")], ExtendedKeyUsageOID.CLIENT_AUTH, valid)
     ca_path, other_path = folder / "ca.pem", folder / "other-ca.pem"
     ca_path.write_bytes(ca[0].public_bytes(serialization.Encoding.PEM))
     other_path.write_bytes(other_ca[0].public_bytes(serialization.Encoding.PEM))
     return PKI(ca_path, _write(folder, "server", *server), _write(folder, "client", *client),
-               _write(folder, "wrong-host", *wrong), _write(folder, "expired", *expired), other_path)
+               _write(folder, "wrong-host", *wrong), _write(folder, "expired", *expired), other_path,
+               _write(folder, "pacs-a", *pacs_a), _write(folder, "pacs-b", *pacs_b))

@@ -12,11 +12,11 @@ from structlog.testing import capture_logs
 from gateway._encoding import file_meta_bytes
 from gateway.assembly import Assembler, IncomingInstance, StoreResult, complete_due, force_complete
 from gateway.config import Peer
-from gateway.crypt import MasterKey, Purpose
+from gateway.crypt import Purpose
 from gateway.errors import JobNotFoundError
 from gateway.jobs import WRITE_LEASE_SECONDS, JobState, JobStore
 from gateway.spool import Spool
-from tests.conftest import make_ct_series
+from tests.conftest import key_ring, make_ct_series
 
 
 class Clock:
@@ -33,11 +33,10 @@ def parts(tmp_path: Path) -> tuple[Spool, JobStore, Clock, Assembler]:
     spool.prepare()
     jobs = JobStore(spool.database_path)
     clock = Clock()
-    yield spool, jobs, clock, Assembler(spool, jobs, MASTER, clock=clock)
+    yield spool, jobs, clock, Assembler(spool, jobs, key_ring(tmp_path / "keys", bytes(range(32))), clock=clock)
     jobs.close()
 
 
-MASTER = MasterKey(bytes(range(32)))
 PEER = Peer(name="pacs", ae_title="PACS", host="127.0.0.1", quiet_seconds=30)
 
 

@@ -12,10 +12,9 @@ import pytest
 
 from gateway.assembly import Assembler, IncomingInstance
 from gateway.config import Peer
-from gateway.crypt import MasterKey
 from gateway.jobs import JobStore
 from gateway.spool import Spool
-from tests.conftest import REPO, dcmtk_env, free_port, require_tool, write_config
+from tests.conftest import REPO, dcmtk_env, free_port, key_ring, node_key_file, require_tool, write_config
 
 STUDY_UID = "1.2.840.99.12345"
 
@@ -50,7 +49,8 @@ def test_status_and_complete(tmp_path: Path) -> None:
     spool.prepare()
     jobs = JobStore(spool.database_path)
     peer = Peer(name="pacs", ae_title="PACS", host="127.0.0.1")
-    Assembler(spool, jobs, MasterKey(bytes(32))).accept(IncomingInstance(STUDY_UID, STUDY_UID + ".1", (b"x",)), peer)
+    assembler = Assembler(spool, jobs, key_ring(tmp_path / "keys"))
+    assembler.accept(IncomingInstance(STUDY_UID, STUDY_UID + ".1", (b"x",)), peer)
     [job] = jobs.jobs()
     jobs.close()
 
@@ -104,7 +104,8 @@ def test_serve_reports_a_port_in_use_and_an_unusable_data_dir(tmp_path: Path) ->
 
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("")
-    config = write_config(tmp_path / "gateway2.toml", blocker / "var")
+    key = f'[encryption]\nmaster_key_file = "{node_key_file(tmp_path / "var")}"'
+    config = write_config(tmp_path / "gateway2.toml", blocker / "var", extra=key)
     result = cli(config, "serve")
     assert result.returncode == 1
     assert "cannot use data_dir" in result.stderr
@@ -112,11 +113,11 @@ def test_serve_reports_a_port_in_use_and_an_unusable_data_dir(tmp_path: Path) ->
 
 
 def test_serve_reports_a_damaged_master_key(tmp_path: Path) -> None:
-    key_file = tmp_path / "var" / "keys" / "master.key"
+    key_file = tmp_path / "keys" / "master.key"  # where write_config's node looks for it
     key_file.parent.mkdir(parents=True)
     key_file.write_bytes(b"not 32 bytes")
     result = cli(write_config(tmp_path / "gateway.toml", tmp_path / "var"), "serve")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"master key file {key_file} is damaged" in result.stderr
     assert "Traceback" not in result.stderr
 

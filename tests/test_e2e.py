@@ -315,9 +315,14 @@ def test_what_is_not_sent_says_why(node_factory: Callable[..., NodeProcess], tmp
 
 
 def test_embedded_default_config_contours_into_its_folder(tmp_path: Path) -> None:
-    """config/gateway.toml as shipped (only port, data_dir and models_dir moved): a CT in, an RTSTRUCT out."""
+    """config/gateway.toml as shipped (only port, data_dir, key and models_dir moved): a CT in, an RTSTRUCT out."""
     text = (REPO / "config" / "gateway.toml").read_text()
+    key = tmp_path / "keys" / "master.key"
+    made = subprocess.run([sys.executable, "-m", "gateway", "keygen", "--out", str(key)], capture_output=True,
+                          text=True, cwd=REPO, timeout=30, check=False)  # as `make run` does
+    assert made.returncode == 0, made.stderr
     for old, new in (("port = 11112", "port = 0"), ('data_dir = "../var"', f'data_dir = "{tmp_path / "var"}"'),
+                     ('master_key_file = "../.keys/master.key"', f'master_key_file = "{key}"'),
                      ('models_dir = "../models"', f'models_dir = "{REPO / "models"}"')):
         assert old in text
         text = text.replace(old, new)

@@ -17,16 +17,16 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from structlog.testing import capture_logs
 
-from gateway.config import parse_config
-from gateway.crypt import MasterKey, Purpose, Sealer
+from gateway.crypt import Purpose, Sealer
 from gateway.jobs import JobState, JobStore
+from gateway.keys import KeyRing
 from gateway.pipeline import StageContext, pseudonymise_job
 from gateway.pseudonymise import UIDMap, new_pseudonym, pseudonymise, quarantine_reason
 from gateway.reidentify import reidentify
 from gateway.routes import Route
 from gateway.spool import Spool
 from gateway.vault import Vault
-from tests.conftest import NodeProcess, dcmtk_env, require_tool
+from tests.conftest import NodeProcess, dcmtk_env, key_config, require_tool
 from tests.synthetic import add_confidentiality_canaries, concrete_tag, confidentiality_rows, ct_slice
 
 CANARY_ROOT = "1.2.826.0.1.3680043.8.498.97"
@@ -120,8 +120,7 @@ def pseudonymised(node_factory: Callable[..., NodeProcess], canary_study: Canary
     assert node.stop() == 0
     spool = Spool(node.data_dir)
     jobs = JobStore(spool.database_path)
-    ctx = StageContext(spool, jobs, Sealer(MasterKey.load(parse_config({"node": {"data_dir": str(node.data_dir)}})),
-                                          jobs))
+    ctx = StageContext(spool, jobs, Sealer(KeyRing.open(key_config(node.data_dir)), jobs))
     jobs.force_complete(job_id, time.time())  # stopped within its quiet period
     with capture_logs() as logs:
         pseudonymise_job(ctx, job_id, [CT_ROUTE])

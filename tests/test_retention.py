@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import AuditLog, verify
-from gateway.config import Retention, parse_config
-from gateway.crypt import MasterKey, Purpose, Sealer
+from gateway.config import Retention
+from gateway.crypt import Purpose, Sealer
 from gateway.errors import CryptoError
 from gateway.jobs import JobState, JobStore
-from gateway.retention import Shredder, SweepSchedule
+from gateway.keys import KeyRing
+from gateway.retention import Shredder
 from gateway.spool import Spool
+from gateway.sweeps import SweepSchedule
 from gateway.tasks import Export, TaskStore
 from gateway.vault import Vault
-from tests.conftest import REPO, NodeProcess, dcmtk_env, require_tool
+from tests.conftest import REPO, NodeProcess, dcmtk_env, key_config, key_ring, require_tool
 from tests.test_pseudonymise import CanaryStudy, canary_study  # noqa: F401 (a fixture)
 
 T0 = 1_800_000_000.0
@@ -31,7 +33,7 @@ def _store(tmp_path: Path) -> tuple[Spool, JobStore, Sealer, AuditLog]:
     spool = Spool(tmp_path / "var")
     spool.prepare()
     jobs = JobStore(spool.database_path)
-    return spool, jobs, Sealer(MasterKey(bytes(32)), jobs), AuditLog(spool.audit_path)
+    return spool, jobs, Sealer(key_ring(tmp_path / "keys"), jobs), AuditLog(spool.audit_path)
 
 
 def test_a_thousand_studies_over_two_days_are_each_shredded_before_their_deadline(tmp_path: Path) -> None:
@@ -77,7 +79,7 @@ def test_dry_run_deletes_nothing_and_a_shredded_job_cannot_be_decrypted(tmp_path
     assert [j.why for j in shredder.sweep(T0 + DAY).jobs] == ["deadline"]
     assert jobs.load_data_key(job_id) is None and spool.stored_job_ids() == set()
     with pytest.raises(CryptoError):
-        Sealer(MasterKey(bytes(32)), jobs).open(job_id, Purpose.RECEIVED, b"".join(sealed))
+        Sealer(key_ring(tmp_path / "keys"), jobs).open(job_id, Purpose.RECEIVED, b"".join(sealed))
     jobs.close()
 
 
@@ -121,9 +123,9 @@ def test_shredding_the_canary_study_leaves_no_trace(node_factory: Callable[..., 
     _send(node, canary_study.files)
     job_id = node.wait_for("job_done", timeout=60)["job_id"]
     assert node.stop() == 0
-    master = MasterKey.load(parse_config({"node": {"data_dir": str(node.data_dir)}}))
+    ring = KeyRing.open(key_config(node.data_dir))
     spool, jobs = Spool(node.data_dir), JobStore(node.data_dir / "gateway.db")
-    pseudo_uids = list(Vault(spool, Sealer(master, jobs)).load(job_id).uids)
+    pseudo_uids = list(Vault(spool, Sealer(ring, jobs)).load(job_id).uids)
     [old_file] = spool.file_ids(job_id)[:1]
     ciphertext = spool.read_instance(job_id, old_file)
     jobs.close()
@@ -143,7 +145,7 @@ def test_shredding_the_canary_study_leaves_no_trace(node_factory: Callable[..., 
     try:
         assert jobs.load_data_key(job_id) is None and jobs.jobs() == []
         with pytest.raises(CryptoError):
-            Sealer(master, jobs).open(job_id, Purpose.RECEIVED, ciphertext)
+            Sealer(ring, jobs).open(job_id, Purpose.RECEIVED, ciphertext)
     finally:
         jobs.close()
     assert _cli(node.config_path, "audit", "verify").returncode == 0

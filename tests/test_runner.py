@@ -10,11 +10,12 @@ from structlog.testing import capture_logs
 
 from gateway.audit import AuditLog
 from gateway.config import parse_config
-from gateway.crypt import MasterKey, Sealer
+from gateway.crypt import Sealer
 from gateway.jobs import JobState, JobStore
 from gateway.processing import StageContext
 from gateway.runner import Runner
 from gateway.spool import Spool
+from tests.conftest import key_ring
 
 
 def test_an_unexpected_error_fails_the_job_after_three_tries_instead_of_looping(tmp_path: Path) -> None:
@@ -26,8 +27,8 @@ def test_an_unexpected_error_fails_the_job_after_three_tries_instead_of_looping(
     jobs.record_instance(job_id, "e" * 64, "f" * 32, 10, time.time())  # its file is missing: reading it fails
     jobs.force_complete(job_id, time.time())
     clock = itertools.count(time.time(), 31.0)  # every look is past the 30 s deferral
-    runner = Runner(config, StageContext(spool, jobs, Sealer(MasterKey(bytes(32)), jobs)), AuditLog(spool.audit_path),
-                    clock=lambda: float(next(clock)))
+    ctx = StageContext(spool, jobs, Sealer(key_ring(tmp_path / "keys"), jobs))
+    runner = Runner(config, ctx, AuditLog(spool.audit_path), clock=lambda: float(next(clock)))
     with capture_logs() as logs:
         runner.start()
         deadline = time.monotonic() + 20

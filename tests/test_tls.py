@@ -10,16 +10,26 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
 
 from gateway.config import parse_config
-from gateway.errors import SendError
+from gateway.errors import ConfigError, SendError
+from gateway.policy import AssociationPolicy
 from gateway.send import Sender
-from gateway.tls import client_context
-from tests.conftest import REPO, NodeProcess, dcmtk_env, require_tool, write_config
-from tests.pki import PKI, make_pki
+from gateway.tls import ClientCertificate, client_context
+from tests.conftest import (
+    REPO,
+    CTSeries,
+    NodeProcess,
+    dcmtk_env,
+    require_tool,
+    spooled_files,
+    write_config,
+)
+from tests.pki import PKI, Pair, make_pki
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -29,12 +39,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def tls_node(factory: Callable[..., NodeProcess], pki: PKI, *, plain: bool = False, extra: str = "",
-             server: tuple[Path, Path] | None = None) -> NodeProcess:
+def tls_node(factory: Callable[..., NodeProcess], pki: PKI, *, plain: bool | None = False, extra: str = "",
+             server: tuple[Path, Path] | None = None, **config: Any) -> NodeProcess:
+    """A node with ``[node.tls]``; *plain* ``None`` leaves ``node.plain`` out of the file (its default)."""
     certificate, key = server or (pki.server.certificate, pki.server.key)
-    node_lines = (f"plain = {'true' if plain else 'false'}\nmax_pending_connections = 256\n\n[node.tls]\nport = 0\n"
+    plain_line = "" if plain is None else f"plain = {'true' if plain else 'false'}\n"
+    node_lines = (f"{plain_line}max_pending_connections = 256\n\n[node.tls]\nport = 0\n"
                   f'certificate_file = "{certificate}"\nprivate_key_file = "{key}"\nca_file = "{pki.ca}"\n{extra}')
-    return factory(extra_node=node_lines)
+    return factory(extra_node=node_lines, **config)
 
 
 def tls_echo(node: NodeProcess, context: ssl.SSLContext, server_name: str = "localhost") -> bool:
@@ -168,3 +180,106 @@ def test_expired_or_unreadable_certificates_stop_the_start(tmp_path: Path, pki: 
     assert result.returncode == 2
     assert "node.tls.certificate_file: certificate in" in result.stderr and "expired on" in result.stderr
     assert "node.tls.ca_file: cannot read" in result.stderr
+
+
+def _dcmtk(tool: str, port: int, calling: str, *args: str,
+           client: Pair | None = None, ca: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk SCU against the node, over TLS with *client*'s certificate when given."""
+    tls = ("+tls", str(client.key), str(client.certificate), "+cf", str(ca)) if client is not None else ()
+    return subprocess.run([require_tool(tool), *tls, "-aet", calling, "-aec", "CONTOUR_GW", "127.0.0.1", str(port),
+                           *args], capture_output=True, text=True, env=dcmtk_env(), timeout=60, check=False)
+
+
+def _peer(name: str, ae_title: str, certificate_name: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "ae_title": ae_title, "host": "127.0.0.1", "quiet_seconds": 1}
+    return entry | ({"certificate_name": certificate_name} if certificate_name else {})
+
+
+#: The catch-all comes first: a bound AE title needs its certificate whatever the order of the entries.
+BOUND_PEERS = [_peer("others", "*"), _peer("pacs_a", "PACS_A", "pacs-a.hospital"),
+               _peer("pacs_b", "PACS_B", "pacs-b.hospital")]
+
+
+class TestPeerCertificate:
+    """``[[peers]] certificate_name``: an AE title bound to the certificate it must present."""
+
+    def test_only_the_named_certificate_may_associate_as_the_peer(
+            self, node_factory: Callable[..., NodeProcess], pki: PKI, ct_series: Callable[..., CTSeries]) -> None:
+        node = tls_node(node_factory, pki, plain=True, peers=BOUND_PEERS)
+        files = [str(f) for f in ct_series(2).files]
+
+        result = _dcmtk("storescu", node.tls_port, "PACS_A", *files, client=pki.pacs_b, ca=pki.ca)
+        assert result.returncode != 0
+        assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
+        node.wait_for("association_rejected", reason="client_certificate_mismatch", calling_ae="PACS_A", tls=True)
+
+        result = _dcmtk("storescu", node.port, "PACS_A", *files)  # the plain port: no certificate at all
+        assert result.returncode != 0
+        assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
+        node.wait_for("association_rejected", reason="client_certificate_missing", calling_ae="PACS_A", tls=False)
+        assert spooled_files(node.data_dir) == []
+        assert not any(e["event"] == "association_accepted" for e in node.events())
+
+        result = _dcmtk("storescu", node.tls_port, "PACS_A", *files, client=pki.pacs_a, ca=pki.ca)  # subject CN
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert node.wait_for("association_accepted", calling_ae="PACS_A")["peer"] == "pacs_a"
+        assert len(spooled_files(node.data_dir)) == 2
+        result = _dcmtk("echoscu", node.tls_port, "PACS_B", client=pki.pacs_b, ca=pki.ca)  # DNS subjectAltName
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert node.wait_for("association_accepted", calling_ae="PACS_B")["peer"] == "pacs_b"
+
+        # AE titles bound to no certificate still come in on the plain port, written explicitly: no warning.
+        assert _dcmtk("echoscu", node.port, "MODALITY").returncode == 0
+        assert node.wait_for("association_accepted", calling_ae="MODALITY", tls=False)["peer"] == "others"
+        assert not any(e["event"] == "plain_port_unauthenticated" for e in node.events())
+        text = node.log_text()
+        assert "pacs-b.hospital" not in text and "PACS B" not in text  # reason codes, not certificate contents
+
+    def test_the_policy_matches_common_names_and_subject_alternative_names(self) -> None:
+        tls = {"certificate_file": "server.pem", "private_key_file": "server.key", "ca_file": "ca.pem"}
+        config = parse_config({"node": {"tls": tls}, "peers": BOUND_PEERS})
+        policy = AssociationPolicy(config)
+        a = ClientCertificate.from_peercert({"subject": ((("commonName", "PACS-A.hospital"),),),
+                                             "subjectAltName": (("email", "dicom@pacs-a.hospital"),)})
+        b = ClientCertificate.from_peercert({"subject": ((("organizationName", "pacs-a.hospital"),),
+                                                         (("commonName", "PACS B"),)),
+                                             "subjectAltName": (("IP Address", "127.0.0.1"),
+                                                                ("URI", "urn:pacs-b.hospital"))})
+        decide = policy.decide
+        assert decide("PACS_A", "CONTOUR_GW", "127.0.0.1", a)[0] == config.peers[1]
+        assert decide("PACS_A", "CONTOUR_GW", "127.0.0.1", b) == (None, "client_certificate_mismatch")
+        assert decide("PACS_A", "CONTOUR_GW", "127.0.0.1") == (None, "client_certificate_missing")
+        assert decide("PACS_B", "CONTOUR_GW", "127.0.0.1", b) == (None, "client_certificate_mismatch")
+        assert decide("PACS_B", "CONTOUR_GW", "127.0.0.1", ClientCertificate(frozenset({("URI", "pacs-b.hospital")}))
+                      )[0] == config.peers[2]
+        assert decide("OTHER", "CONTOUR_GW", "127.0.0.1") == (config.peers[0], None)
+        assert decide("PACS_A", "NOT_US", "127.0.0.1", a) == (None, "called_ae_not_recognised")
+
+    @pytest.mark.parametrize("tls", [None, {"require_client_certificate": False}])
+    def test_a_certificate_name_needs_mutual_tls(self, tls: dict[str, Any] | None) -> None:
+        node: dict[str, Any] = {}
+        if tls is not None:
+            node["tls"] = {"certificate_file": "server.pem", "private_key_file": "server.key", **tls}
+        with pytest.raises(ConfigError) as info:
+            parse_config({"node": node, "peers": BOUND_PEERS})
+        problems = "\n".join(info.value.problems)
+        for index in (1, 2):
+            assert f"peers[{index}].certificate_name: needs [node.tls] with require_client_certificate = true" \
+                in problems
+        assert "peers[0]" not in problems
+
+
+@pytest.mark.parametrize("plain", [None, True, False], ids=["plain_unset", "plain_true", "plain_false"])
+def test_a_plain_port_left_open_by_default_is_warned_about(node_factory: Callable[..., NodeProcess], pki: PKI,
+                                                            plain: bool | None) -> None:
+    node = tls_node(node_factory, pki, plain=plain)
+    warnings = [e for e in node.events() if e["event"] == "plain_port_unauthenticated"]
+    if plain is None:
+        assert [w["port"] for w in warnings] == [node.port] and node.port > 0
+        assert warnings[0]["level"] == "warning"
+    else:
+        assert warnings == []
+    if plain is not False:
+        assert _dcmtk("echoscu", node.port, "PACS").returncode == 0
+    else:
+        assert node.port == 0
