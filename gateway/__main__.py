@@ -70,14 +70,15 @@ def _shred(path: str, dry_run: bool, loop: bool) -> int:
     configure_logging(config.logging.level, config.logging.format, stream=sys.stderr)
     for problem in ignored:
         print(f"ignored (not needed to shred): {problem}", file=sys.stderr)
-    if not loop:
-        return _print_sweep(*sweep_once(config, dry_run=dry_run))
-    stop = _stop_on_signals()
+    stop = _stop_on_signals() if loop else None
     while True:
         try:
-            _print_sweep(*sweep_once(config, dry_run=dry_run))
-        except GatewayError as exc:  # keep sweeping: the next run retries
-            print(f"error: {exc}", file=sys.stderr)
+            outcome = _print_sweep(*sweep_once(config, dry_run=dry_run))
+        except (GatewayError, OSError, sqlite3.Error) as exc:  # with --loop the next run retries
+            print(f"error: cannot sweep {config.node.data_dir}: {exc}", file=sys.stderr)
+            outcome = EXIT_FAILURE
+        if stop is None:
+            return outcome
         if stop.wait(config.retention.sweep_interval_seconds):
             return EXIT_OK
 
@@ -262,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StartupError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     configure_logging(config.logging.level, config.logging.format,
                       stream=sys.stdout if args.command == "serve" else sys.stderr)
     try:

@@ -256,6 +256,8 @@ class KeyRing:
         except FileNotFoundError:
             raise CryptoError(f"key-encryption key {name} was destroyed") from None
         with self._lock:
+            if len(self._cache) >= 48:  # two days of hourly keys; older ones are destroyed or rarely needed
+                self._cache.clear()
             self._cache[name] = kek
         return kek
 
