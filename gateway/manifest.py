@@ -7,6 +7,7 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     name = "default"
     version = "1.0.0"
     modality = "CT"
+    regions = ["thorax", "abdomen"]  # body regions covered: head, neck, thorax, abdomen, pelvis, limbs
 
     [input]
     orientation = "SPL"          # direction each array axis increases toward (L/R, A/P, S/I)
@@ -39,8 +40,14 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     interpreted_type = "EXTERNAL"
     keep_largest_component = false
     min_component_ml = 100.0     # drop smaller pieces, keep the arms
+    min_component_extent = 0.5   # drop pieces shorter along the patient than half the largest (a couch bar)
     fill_holes = true
     min_volume_ml = 0.0
+    volume_ml = [500, 150000]    # plausible volume, for contour QA
+    # within = "External"        # keep only what lies inside an earlier label (lungs: never in a couch pad)
+
+Post-processing runs per label in manifest order: within, side, components, length along the patient,
+holes per axial slice, minimum volume.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class ModelInfo(_Model):
     version: Annotated[str, Field(min_length=1, max_length=32)]
     modality: Literal["CT"] = "CT"
     description: str = ""
+    #: The body regions the model was built or trained for (what a site may route to it).
+    regions: list[Literal["head", "neck", "thorax", "abdomen", "pelvis", "limbs"]] = Field(default_factory=list)
 
 
 class ClipScale(_Model):
@@ -181,8 +190,15 @@ class Label(_Model):
     keep_largest_component: bool = False
     #: Drop connected components smaller than this (keeps e.g. both arms with the body, drops debris).
     min_component_ml: Annotated[float, Field(ge=0)] = 0.0
+    #: Drop components shorter along the patient (the slice axis) than this fraction of the largest one's length:
+    #: arms and legs in the field run along the patient, an indexing bar or a head rest's edge do not.
+    min_component_extent: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: Keep only the part inside this earlier label's final mask (lungs inside the External: never in a couch pad).
+    within: str | None = None
     fill_holes: bool = False
     min_volume_ml: Annotated[float, Field(ge=0)] = 0.0
+    #: The volume range a plausible structure has (adult and child anatomy), for contour QA; not enforced here.
+    volume_ml: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] | None = None
     channel: Annotated[int, Field(ge=1, le=255)] | None = None
     side: Literal["left", "right"] | None = None
     #: The model ("name version") that found this label, where a route merges several models' labels.
@@ -224,6 +240,11 @@ class ModelManifest(_Model):
             raise ValueError("label values and names must be unique")
         if len(self.labels) > 32:
             raise ValueError("at most 32 labels per model")
+        for index, label in enumerate(self.labels):
+            if label.within is not None and label.within not in names[:index]:
+                raise ValueError(f"label {label.name!r}: within must name a label listed before it")
+            if label.volume_ml is not None and label.volume_ml[0] >= label.volume_ml[1]:
+                raise ValueError(f"label {label.name!r}: volume_ml must be [smallest, largest]")
         if self.input.resampling == "nnunet" and not self.output.logits:
             raise ValueError("resampling = \"nnunet\" resamples logits: set output.logits = true")
         if self.output.kind == "sigmoid":

@@ -39,15 +39,21 @@ def model_affine(affine: np.ndarray, order: tuple[int, int, int], flips: tuple[b
 
 
 def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid, kind: str) -> np.ndarray:
-    """Per label: its raw mask, the side of the midline, the largest component, holes, minimum volume."""
+    """Per label, in manifest order: its raw mask, inside another label, the side of the midline, components
+    (largest, minimum size, length along the patient), holes, minimum volume."""
     out = np.zeros(decided.shape, dtype=np.uint8 if len(specs) <= 8 else np.uint32)
     voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
+    bits = {spec.name: spec.value - 1 for spec in specs}
     for spec in specs:
         mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
+        if spec.within is not None:
+            mask &= (out >> bits[spec.within]) & 1 == 1
         if spec.side is not None and mask.any():
             mask = _one_side(mask, grid.affine, spec.side)
         if (spec.keep_largest_component or spec.min_component_ml) and mask.any():
             mask = _components(mask, spec.keep_largest_component, spec.min_component_ml / voxel_ml)
+        if spec.min_component_extent and mask.any():
+            mask = _long_components(mask, grid.slice_axis, spec.min_component_extent)
         if spec.fill_holes:  # per axial slice, as contours are drawn: a hole open at the scan's end still fills
             planes = np.moveaxis(mask, grid.slice_axis, 0)
             mask = np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, grid.slice_axis)
@@ -67,6 +73,19 @@ def _components(mask: np.ndarray, largest_only: bool, min_voxels: float) -> np.n
     else:
         keep = sizes >= min_voxels
         keep[0] = False
+    kept: np.ndarray = keep[components]
+    return kept
+
+
+def _long_components(mask: np.ndarray, axis: int, fraction: float) -> np.ndarray:
+    """The components of *mask* at least *fraction* as long along *axis* as the largest component."""
+    components, count = ndimage.label(mask)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    spans = [(s[axis].stop - s[axis].start) if s is not None else 0 for s in ndimage.find_objects(components)]
+    longest = spans[int(np.argmax(sizes)) - 1]
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[1:] = np.array(spans) >= fraction * longest
     kept: np.ndarray = keep[components]
     return kept
 

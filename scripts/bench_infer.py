@@ -93,13 +93,14 @@ def child(npy: Path, model: Path, measure: str) -> dict[str, float]:
     volume = axial_volume(np.load(npy), SLICE, PIXEL)
     predictor = Predictor(load_model_package(model))
     shapes: list[tuple[int, ...]] = []
-    run = predictor._run
+    tiler = predictor._tiler
+    run = tiler._network  # what the tiler calls per batch (the predictor's session run, bound at construction)
 
     def recording(batch: np.ndarray) -> np.ndarray:
         shapes.append(batch.shape)
         return run(batch)
 
-    predictor._run = recording  # type: ignore[method-assign]
+    tiler._network = recording
     started = time.perf_counter()
     predictor.predict(volume)
     seconds = time.perf_counter() - started

@@ -2,21 +2,22 @@
 """Build ``models/default/model.onnx``: External and lungs from HU thresholds and morphology, as ONNX ops.
 
 The network (float32 ``[N, 1, D, H, W]`` in, ``[N, 2, D, H, W]`` out, axes S-P-L at 3 mm, input
-scaled from HU -1024..1024 to 0..1) computes two sigmoid channels:
+scaled from HU -1024..1024 to 0..1) computes two sigmoid channels of local evidence only:
 
-1. body: tissue (HU above -400) together with whatever is not air (above -950) and
-   lies inside the tissue, i.e. has tissue somewhere in each of the four in-plane
-   directions (directional running maxima). The lungs thus belong to the body, which makes a
-   thin chest wall part of a thick solid; a morphological opening (erosion and dilation by
-   max pooling, 15 mm in-plane) then removes couch shells, immobilisation masks and other
-   thin structures outside the patient. The foam of a couch is not inside: no tissue beside it;
-2. lungs: HU between -950 and -400, inside the tissue.
+1. body: tissue (HU above -300: skin, fat, muscle, bone), opened in-plane by a 3x3 window so
+   that shells up to two voxels (6 mm) thick go: couch skins, curved couch shells, thermoplastic
+   masks, the plastic skin of a vacuum bag, sheets. Foam pads, mattresses, vacuum-bag beads,
+   head-rest foam and blankets (all below -300 HU) are never tissue;
+2. lungs: the aerated band (HU between -950 and -400), opened in 3D by a 3x3x3 window, which
+   removes the one- or two-voxel rims that partial volume leaves around gas (bowel, stomach,
+   sinuses, the airway) while lung parenchyma, many voxels deep, stays; then the band voxels
+   next to what stayed are given back, so the lungs keep their own edge.
 
-No smoothing: the resampling to 3 mm already averages the noise, and a smoothing kernel would
-erase a chest wall two voxels thick; the thresholds sit 300 HU or more from the tissues they
-separate.
-
-Components, hole filling and the left/right split are the manifest's post-processing. The
+What needs the whole scan is the manifest's post-processing: the External is the body's
+components that are the patient (the largest, and those as long along the patient as half of
+it: arms and legs, not an indexing bar), with holes filled per slice (lungs, gas, sinuses);
+the lungs are kept only inside that External (pads and air outside it never count), split
+left/right, largest component, a minimum volume, so a scan without lung yields none. The
 build is deterministic: the same script writes the same bytes.
 """
 
@@ -31,10 +32,8 @@ from onnx import TensorProto, helper
 
 REPO = Path(__file__).resolve().parents[1]
 HU_MIN, HU_MAX = -1024.0, 1024.0
-BODY_HU, LUNG_LOW_HU = -400.0, -950.0
+BODY_HU, LUNG_LOW_HU, LUNG_HIGH_HU = -300.0, -950.0, -400.0
 STEEPNESS = 200.0  # per unit of scaled intensity: a transition about 10 HU wide
-OPENING = 5  # voxels in-plane (15 mm at 3 mm)
-DOUBLINGS = 9  # "inside" looks up to 2**9 voxels (1.5 m at 3 mm) each way
 
 
 def _scaled(hu: float) -> float:
@@ -45,70 +44,44 @@ def _constant(name: str, value: float) -> onnx.TensorProto:
     return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
 
 
-def _pool(op: str, source: str, target: str, kernel: list[int], pads: list[int]) -> onnx.NodeProto:
-    return helper.make_node(op, [source], [target], kernel_shape=kernel, pads=pads, strides=[1, 1, 1])
+def _sigmoid_above(source: str, cut: str, target: str) -> list[onnx.NodeProto]:
+    """``target = sigmoid((source - cut) * steepness)``: about 1 above the cut, 0 below."""
+    return [helper.make_node("Sub", [source, cut], [f"{target}_shift"]),
+            helper.make_node("Mul", [f"{target}_shift", "steepness"], [f"{target}_logit"]),
+            helper.make_node("Sigmoid", [f"{target}_logit"], [target])]
 
 
-def _directional_reach(source: str, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """min over the four in-plane directions of "is there *source* somewhere that way".
-
-    Each direction is a running maximum built by doubling: pad by d on one side, then a max
-    pool of two taps d apart, for d = 1, 2, 4, ... (reach 2**DOUBLINGS voxels in a few passes).
-    """
-    nodes: list[onnx.NodeProto] = []
-    tensors: list[onnx.TensorProto] = []
-    ends = []
-    for name, axis, before in (("anterior", 3, True), ("posterior", 3, False), ("right", 4, True),
-                               ("left", 4, False)):
-        current = source
-        for step in range(DOUBLINGS):
-            distance = 2 ** step
-            pads = [0] * 10  # [begin N, C, D, H, W, end N, C, D, H, W]
-            pads[axis if before else axis + 5] = distance
-            kernel, dilations = [1, 1, 1], [1, 1, 1]
-            kernel[axis - 2], dilations[axis - 2] = 2, distance
-            stem = f"{prefix}_{name}_{step}"
-            pad_name, padded, target = f"{stem}_pads", f"{stem}_padded", stem
-            tensors.append(helper.make_tensor(pad_name, TensorProto.INT64, [10], pads))
-            nodes.append(helper.make_node("Pad", [current, pad_name], [padded], mode="constant"))
-            nodes.append(helper.make_node("MaxPool", [padded], [target], kernel_shape=kernel, dilations=dilations,
-                                          strides=[1, 1, 1]))
-            current = target
-        ends.append(current)
-    nodes.append(helper.make_node("Min", ends, [prefix]))
-    return nodes, tensors
+def _opening(source: str, target: str, kernel: list[int]) -> list[onnx.NodeProto]:
+    """Morphological opening of a soft mask: erosion (a min: max pooling of the negation), then dilation."""
+    pads = [k // 2 for k in kernel] * 2
+    return [helper.make_node("Neg", [source], [f"{target}_neg"]),
+            helper.make_node("MaxPool", [f"{target}_neg"], [f"{target}_eroded_neg"], kernel_shape=kernel, pads=pads,
+                             strides=[1, 1, 1]),
+            helper.make_node("Neg", [f"{target}_eroded_neg"], [f"{target}_eroded"]),
+            helper.make_node("MaxPool", [f"{target}_eroded"], [target], kernel_shape=kernel, pads=pads,
+                             strides=[1, 1, 1])]
 
 
 def build() -> onnx.ModelProto:
-    body_cut, low_cut = _scaled(BODY_HU), _scaled(LUNG_LOW_HU)
-    half = OPENING // 2
-    inside_nodes, inside_tensors = _directional_reach("tissue", "inside")
     nodes = [
-        # tissue, and what lies inside it
-        helper.make_node("Sub", ["image", "body_cut"], ["tissue_shift"]),
-        helper.make_node("Mul", ["tissue_shift", "steepness"], ["tissue_logit"]),
-        helper.make_node("Sigmoid", ["tissue_logit"], ["tissue"]),
-        *inside_nodes,
-        helper.make_node("Sub", ["image", "low_cut"], ["low_shift"]),
-        helper.make_node("Mul", ["low_shift", "steepness"], ["low_logit"]),
-        helper.make_node("Sigmoid", ["low_logit"], ["not_air"]),
-        # body: tissue plus non-air inside it, then an opening against thin outside structures
-        helper.make_node("Mul", ["not_air", "inside"], ["enclosed"]),
-        helper.make_node("Max", ["tissue", "enclosed"], ["body_full"]),
-        helper.make_node("Neg", ["body_full"], ["body_neg"]),
-        _pool("MaxPool", "body_neg", "eroded_neg", [1, OPENING, OPENING], [0, half, half, 0, half, half]),
-        helper.make_node("Neg", ["eroded_neg"], ["eroded"]),
-        _pool("MaxPool", "eroded", "body", [1, OPENING, OPENING], [0, half, half, 0, half, half]),
-        # lungs: the low-density band inside the tissue
-        helper.make_node("Sub", ["one", "tissue"], ["below_tissue"]),
-        helper.make_node("Mul", ["not_air", "below_tissue"], ["band"]),
-        helper.make_node("Mul", ["band", "inside"], ["lungs"]),
+        *_sigmoid_above("image", "body_cut", "tissue"),
+        *_opening("tissue", "body", [1, 3, 3]),  # thin shells outside the patient go
+        *_sigmoid_above("image", "low_cut", "not_air"),
+        *_sigmoid_above("image", "high_cut", "dense"),
+        helper.make_node("Sub", ["one", "dense"], ["not_dense"]),
+        helper.make_node("Mul", ["not_air", "not_dense"], ["band"]),
+        *_opening("band", "lung_core", [3, 3, 3]),  # partial-volume rims around gas go
+        # the opening also shaved the lungs' own edge: give back the band voxels next to what stayed
+        helper.make_node("MaxPool", ["lung_core"], ["lung_reach"], kernel_shape=[3, 3, 3], pads=[1] * 6,
+                         strides=[1, 1, 1]),
+        helper.make_node("Mul", ["band", "lung_reach"], ["lungs"]),
         helper.make_node("Concat", ["body", "lungs"], ["scores"], axis=1),
     ]
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, "d", "h", "w"])
     scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 2, "d", "h", "w"])
-    initializers = [_constant("body_cut", body_cut), _constant("low_cut", low_cut),
-                    _constant("steepness", STEEPNESS), _constant("one", 1.0), *inside_tensors]
+    initializers = [_constant("body_cut", _scaled(BODY_HU)), _constant("low_cut", _scaled(LUNG_LOW_HU)),
+                    _constant("high_cut", _scaled(LUNG_HIGH_HU)), _constant("steepness", STEEPNESS),
+                    _constant("one", 1.0)]
     graph = helper.make_graph(nodes, "default-external-lungs", [image], [scores], initializer=initializers)
     # IR version 8 goes with opset 17: every onnxruntime we support (>= 1.17) loads it, whatever onnx writes by default.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="contour-gateway",

@@ -9,8 +9,9 @@ import pytest
 
 from gateway.errors import ConfigError, InferenceError
 from gateway.infer import Predictor
-from gateway.manifest import load_model_package
+from gateway.manifest import Label, load_model_package
 from gateway.orientation import axis_transform, orientation_code, oriented, unoriented
+from gateway.postprocess import ModelGrid, postprocess
 from gateway.volume import Volume
 from tests.onnx_models import bands_network, broken_network, manifest, threshold_network, valid_network
 
@@ -182,8 +183,51 @@ class TestManifest:
         assert "input.orientation" in text
         assert "labels.0.name" in text and "labels.0.interpreted_type" in text
 
+    def test_within_must_name_an_earlier_label_and_volume_ranges_be_ordered(self, tmp_path: Path) -> None:
+        threshold_network(tmp_path / "w" / "model.onnx")
+        folder = manifest(tmp_path / "w", labels=[
+            {"value": 1, "name": "Bright", "colour": [1, 2, 3], "within": "Later"}])
+        with pytest.raises(ConfigError, match="within must name a label listed before it"):
+            load_model_package(folder)
+        folder = manifest(tmp_path / "v", labels=[
+            {"value": 1, "name": "Bright", "colour": [1, 2, 3], "volume_ml": [500, 50]}])
+        threshold_network(tmp_path / "v" / "model.onnx")
+        with pytest.raises(ConfigError, match=r"volume_ml must be \[smallest, largest\]"):
+            load_model_package(folder)
+
     def test_sigmoid_labels_must_match_channels(self, tmp_path: Path) -> None:
         threshold_network(tmp_path / "s" / "model.onnx")
         folder = manifest(tmp_path / "s", labels=[{"value": 2, "name": "Bright", "colour": [1, 2, 3]}])
         with pytest.raises(ConfigError, match=r"sigmoid labels must read channels 1\.\.N"):
             load_model_package(folder)
+
+
+class TestPostprocessing:
+    """The topology steps a manifest asks for, on the model grid (slice axis 0, 3 mm voxels)."""
+
+    @staticmethod
+    def _labels(**extra: object) -> list[Label]:
+        body = Label(value=1, name="Body", colour=[0, 255, 0], min_component_ml=1, **extra)  # type: ignore[arg-type]
+        inner = Label(value=2, name="Inner", colour=[0, 0, 255], within="Body")
+        return [body, inner]
+
+    @staticmethod
+    def _grid() -> ModelGrid:
+        return ModelGrid(np.diag([3.0, 3.0, 3.0, 1.0]), slice_axis=0)
+
+    def test_components_shorter_than_half_the_longest_are_dropped(self) -> None:
+        decided = np.zeros((40, 40, 40), dtype=np.uint8)
+        decided[2:38, 5:20, 5:20] = 1  # the trunk: 36 slices
+        decided[5:35, 25:28, 25:28] = 1  # an arm: thin, but 30 slices long
+        decided[18:22, 30:38, 2:38] = 1  # a bar across the couch: bulky, 4 slices
+        out = postprocess(decided, self._labels(min_component_extent=0.5)[:1], self._grid(), "sigmoid")
+        assert out[20, 10, 10] and out[20, 26, 26] and not out[20, 34, 20]
+
+    def test_a_label_within_another_keeps_only_what_lies_inside_it(self) -> None:
+        decided = np.zeros((10, 20, 20), dtype=np.uint8)
+        decided[:, 2:10, 2:10] = 0b01  # the body
+        decided[:, 4:8, 4:8] = 0b11  # an inner structure inside it ...
+        decided[:, 12:18, 12:18] = 0b10  # ... and one outside it (a foam pad)
+        out = postprocess(decided, self._labels(), self._grid(), "sigmoid")
+        inner = (out >> 1) & 1 == 1
+        assert inner[:, 4:8, 4:8].all() and not inner[:, 12:18, 12:18].any()

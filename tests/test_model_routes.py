@@ -41,7 +41,7 @@ class TestCombinedManifest:
         combined = combine_manifests([default, bone])
         assert [(label.value, label.name) for label in combined.labels] == [
             (1, "External"), (2, "Lung_L"), (3, "Lung_R"), (4, "Bones")]
-        assert [label.origin for label in combined.labels] == ["default 1.0.0"] * 3 + ["test 0.1"]
+        assert [label.origin for label in combined.labels] == ["default 2.0.0"] * 3 + ["test 0.1"]
         assert combined.model.name == "default+test"
         assert combine_manifests([default]) is default
 
@@ -87,7 +87,7 @@ def test_two_models_one_structure_set(node_factory: Callable[..., NodeProcess], 
     rois = {roi.ROIName: roi for roi in rtstruct.StructureSetROISequence}
     assert list(rois) == ["Skeleton", "External", "Lung_L", "Lung_R"]
     assert rois["Skeleton"].ROIGenerationDescription == "test 0.1"
-    assert rois["External"].ROIGenerationDescription == "default 1.0.0"
+    assert rois["External"].ROIGenerationDescription == "default 2.0.0"
     assert rtstruct.StructureSetName == "default+test"
     contours = {int(item.ReferencedROINumber): len(item.ContourSequence) for item in rtstruct.ROIContourSequence}
     assert all(count > 0 for count in contours.values())
