@@ -46,10 +46,12 @@ peers:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
+# Two pytest workers, each taking whole files (module fixtures stay in one process): most tests wait on real
+# peers and node processes, so two overlap well even on 2 CPUs.
 test: dev peers
 	$(PY) -m ruff check gateway tests scripts
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: dev
 	$(PY) -m ruff check gateway tests scripts
