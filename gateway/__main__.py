@@ -97,9 +97,11 @@ def _print_sweep(report: SweepReport, notes: list[str]) -> int:
         print(f"destroyed: key-encryption key {key}")
     for job_id in report.failed:
         print(f"FAILED: job {job_id} could not be shredded (retried by the next sweep)", file=sys.stderr)
+    for step in report.failed_steps:
+        print(f"FAILED: the sweep's {step} step (retried by the next sweep)", file=sys.stderr)
     print(f"{len(report.jobs)} job(s), {len(report.exports)} export(s), {len(report.orphans)} orphan(s) {verb}, "
           f"{len(report.keys)} key(s) destroyed, {len(report.failed)} failed")
-    return EXIT_FAILURE if report.failed else EXIT_OK
+    return EXIT_FAILURE if report.failed or report.failed_steps else EXIT_OK
 
 
 def _stop_on_signals() -> threading.Event:
@@ -285,7 +287,7 @@ def _sweep_before_start(path: str) -> None:
         report, notes = sweep_once(config)
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"cannot use data_dir {config.node.data_dir} ({exc})") from exc
-    if report.jobs or report.exports or report.orphans or report.keys or report.failed:
+    if report.jobs or report.exports or report.orphans or report.keys or report.failed or report.failed_steps:
         structlog.get_logger("gateway.startup").info(
             "early_sweep_done", jobs=len(report.jobs), exports=len(report.exports), orphans=len(report.orphans),
             keys_destroyed=len(report.keys), failed=len(report.failed), notes=notes)

@@ -73,6 +73,7 @@ class SweepReport:
     orphans: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # key-encryption keys destroyed
     failed: list[str] = field(default_factory=list)  # job ids left for the next sweep
+    failed_steps: list[str] = field(default_factory=list)  # exports, orphans, keys: retried by the next sweep
 
 
 class Shredder:
@@ -154,16 +155,18 @@ class Shredder:
                               ("orphans", lambda: self._delete_orphans(report.orphans, now)),
                               ("keys", lambda: report.keys.extend(self._destroy_keys(wall)))):
                 if not _attempt(step, run):
-                    report.failed.append(step)
+                    report.failed_steps.append(step)
             self._checkpoint()
         if self._on_sweep is not None and not dry_run:
-            by_reason: dict[str, int] = {"failed": len(report.failed)} if report.failed else {}
+            failures = len(report.failed) + len(report.failed_steps)
+            by_reason: dict[str, int] = {"failed": failures} if failures else {}
             for shredded in report.jobs:
                 by_reason[shredded.why] = by_reason.get(shredded.why, 0) + 1
             self._on_sweep(by_reason, True)
-        if report.jobs or report.exports or report.orphans or report.keys or report.failed:
+        if report.jobs or report.exports or report.orphans or report.keys or report.failed or report.failed_steps:
             log.info("sweep_done", dry_run=dry_run, jobs=len(report.jobs), exports=len(report.exports),
-                     orphans=len(report.orphans), keys_destroyed=len(report.keys), failed=len(report.failed))
+                     orphans=len(report.orphans), keys_destroyed=len(report.keys), failed=len(report.failed),
+                     failed_steps=report.failed_steps)
         return report
 
     def _received_by_key(self) -> dict[str, float]:
