@@ -34,6 +34,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage
 
 from gateway._encoding import file_meta_bytes
+from gateway.coded_terms import DEFINED_TERMS, is_numeric, narrowed
 from gateway.encapsulated import MARKER_SYNTAXES, strip_pixel_data
 from gateway.errors import PixelDataError
 
@@ -65,27 +66,6 @@ ALLOWED_KEYWORDS = (
     "RescaleIntercept", "RescaleSlope", "RescaleType",
     "PixelData",
 )
-#: The Defined Terms (PS3.3) a coded attribute of :data:`ALLOWED_KEYWORDS` may keep, per value: any other value is
-#: free text to this node and is emptied (ImageType, where positions matter), replaced by US "Unspecified"
-#: (RescaleType, as HU is implied when it is absent) or dropped with the attribute. Only CT Image Storage is
-#: pseudonymised, so the CT Image IOD's terms are enough.
-DEFINED_TERMS: dict[str, tuple[frozenset[str], ...]] = {
-    "ImageType": (
-        frozenset({"ORIGINAL", "DERIVED"}),  # C.7.6.1.1.2 value 1
-        frozenset({"PRIMARY", "SECONDARY"}),  # C.7.6.1.1.2 value 2
-        frozenset({"AXIAL", "LOCALIZER"}),  # C.8.2.1.1.1 value 3 of a CT image; later values are vendor text ...
-        frozenset({"VMI", "MAT_SPECIFIC", "MAT_REMOVED", "MAT_FRACTIONAL", "EFF_ATOMIC_NUM", "ELECTRON_DENSITY",
-                   "MAT_MODIFIED", "MAT_VALUE_BASED"}),  # ... but value 4 of multi-energy CT (C.8.2.1.1.1)
-    ),
-    "Modality": (frozenset({"CT"}),),  # C.7.3.1.1.1; the only modality of the CT Image IOD
-    "PatientPosition": (frozenset({  # C.7.3.1.1.2
-        "HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS", "LFP", "LFS", "RFP", "RFS",
-        "AFDR", "AFDL", "PFDR", "PFDL"}),),
-    "PhotometricInterpretation": (frozenset({  # C.7.6.3.1.2, retired terms left out
-        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
-        "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}),),
-    "RescaleType": (frozenset({"OD", "HU", "US", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"}),),  # C.11.1.1.2
-}
 #: Replaced by random UIDs, the same original always by the same pseudo within a study.
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
 #: What the TPS needs to file a result: Patient and General Study modules, Frame of Reference.
@@ -112,11 +92,6 @@ DEFAULT_UNWANTED_IMAGE_TYPES = frozenset({"LOCALIZER", "SCREEN SAVE", "DOSE_INFO
 _ALLOWED_TAGS = tuple(int(cast(int, tag_for_keyword(keyword))) for keyword in ALLOWED_KEYWORDS)
 _CODED_TERMS = {int(cast(int, tag_for_keyword(keyword))): terms for keyword, terms in DEFINED_TERMS.items()}
 _NUMERIC_TAGS = frozenset(tag for tag in _ALLOWED_TAGS if dictionary_VR(tag) in ("DS", "IS"))
-#: Bytes a DS or IS value may hold (PS3.5 Table 6.2-1), NUL padding included.
-_NUMERIC_BYTES = b"0123456789+-.eE \\\0"
-#: Replaces a value none of whose values is kept: Rescale Type US, "Unspecified" (C.11.1.1.2), as an absent one
-#: would mean HU in a CT image (C.8.2.1).
-_FALLBACK_TERMS = {0x00281054: ["US"]}
 _PIXEL_DATA_TAG = 0x7FE00010
 _Element = DataElement | RawDataElement
 IDENTITY_TAGS = tuple(int(cast(int, tag_for_keyword(keyword))) for keyword in IDENTITY_KEYWORDS)
@@ -284,43 +259,12 @@ def _allowed_element(ds: Dataset, tag: int) -> _Element | None:
         return None
     terms = _CODED_TERMS.get(tag)
     if terms is not None:
-        return _coded(elem, terms)
+        return narrowed(elem, terms)
     if tag in _NUMERIC_TAGS:
-        return elem if _is_numeric(elem) else None
+        return elem if is_numeric(elem) else None
     if tag == _PIXEL_DATA_TAG and str(ds.file_meta.get("TransferSyntaxUID", "")) in MARKER_SYNTAXES:
         return _stripped_pixel_data(ds, elem)
     return elem
-
-
-def _coded(elem: _Element, terms: tuple[frozenset[str], ...]) -> _Element | None:
-    """*elem* with each value not a Defined Term of its position emptied; trailing empty values left out."""
-    values = [value.strip(" \0") for value in _text_values(elem.value)]
-    kept = [value if value.upper() in allowed else "" for value, allowed in zip(values, terms, strict=False)]
-    if kept == values:
-        return elem  # the common case: nothing to narrow, so nothing to re-encode
-    kept = [value.upper() for value in kept]
-    while kept and not kept[-1]:
-        kept.pop()
-    if not kept and any(values):
-        kept = _FALLBACK_TERMS.get(int(elem.tag), [])
-    if not kept:
-        return None
-    return DataElement(elem.tag, dictionary_VR(elem.tag), kept if len(kept) > 1 else kept[0])
-
-
-def _text_values(value: object) -> list[str]:
-    if value is None or value == b"" or value == "":
-        return []
-    if isinstance(value, bytes):
-        return value.decode("latin-1").split("\\")
-    if isinstance(value, MultiValue | list):
-        return [str(item) for item in value]
-    return [str(value)]
-
-
-def _is_numeric(elem: _Element) -> bool:
-    """Whether a DS or IS value holds only the characters of numbers (decoded values were parsed as numbers)."""
-    return not isinstance(elem.value, bytes) or not elem.value.translate(None, _NUMERIC_BYTES)
 
 
 def _stripped_pixel_data(ds: Dataset, elem: _Element) -> DataElement:

@@ -60,6 +60,7 @@ class Node:
         restrict_file_modes()
         try:
             self.spool.prepare()
+            self.spool.restrict_modes()
             self._jobs = JobStore(self.spool.database_path)
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"cannot use data_dir {node.data_dir} ({exc})") from exc

@@ -148,9 +148,12 @@ class Spool:
         self.audit_path = data_dir / "audit" / "audit.jsonl"
 
     def prepare(self) -> None:
-        """Create the folders (owner-only) if missing; make everything already there owner-only too."""
+        """Create the folders (owner-only) if missing."""
         for folder in (self.data_dir, self.root):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def restrict_modes(self) -> None:
+        """Make everything already under ``data_dir`` owner-only (once, when the node starts)."""
         for below, _dirs, files in os.walk(self.data_dir):  # left by an older version or another umask
             _restrict(Path(below), 0o700)
             for name in files:
