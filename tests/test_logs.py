@@ -27,8 +27,9 @@ from tests.test_e2e import phantom, route, send, ui_values
 UID_CANARIES = {"SOPInstanceUID": "1.2.826.0.1.CANARYSOP1", "StudyInstanceUID": "1.2.826.0.1.CANARYSTU2",
                 "SeriesInstanceUID": "1.2.826.0.1.CANARYSER3", "FrameOfReferenceUID": "1.2.826.0.1.CANARYFOR9"}
 NESTED_UID_CANARY, PRIVATE_UID_CANARY = "1.2.826.0.1.CANARYREF4", "1.2.826.0.1.CANARYPRIV5"
-#: The standard's own UIDs (SOP classes, transfer syntaxes) and pydicom's implementation UID identify no one.
-PUBLIC_UID_PREFIXES = ("1.2.840.10008.", pydicom.uid.PYDICOM_IMPLEMENTATION_UID)
+#: The standard's own UIDs (SOP classes, transfer syntaxes) and pydicom's implementation UID identify no one. The
+#: latter is compared whole: it is a prefix of one in nine UIDs that pydicom generates.
+PUBLIC_UID_ROOT, PUBLIC_UIDS = "1.2.840.10008.", {pydicom.uid.PYDICOM_IMPLEMENTATION_UID}
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -180,7 +181,7 @@ def _uid_texts(files: list[Path]) -> set[str]:
     texts: set[str] = set()
     for path in files:
         for uid in ui_values(pydicom.dcmread(path)):
-            if not uid.startswith(PUBLIC_UID_PREFIXES):
+            if not uid.startswith(PUBLIC_UID_ROOT) and uid not in PUBLIC_UIDS:
                 texts |= {uid, *(part for part in uid.split(".") if not part.isdigit())}
     return texts
 
