@@ -10,18 +10,29 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
 from gateway import __version__
 from gateway.config import Destination, GatewayConfig, load_config, load_sweep_config
 from gateway.errors import ConfigError, GatewayError, SendError, StartupError
-from gateway.logs import configure_logging
-from gateway.spool import restrict_file_modes
-
-if TYPE_CHECKING:
-    from gateway.retention import SweepReport
+from gateway.inference.model_cache import check_route_models
+from gateway.ops.audit import verify
+from gateway.ops.logs import configure_logging
+from gateway.ops.process import configure_process
+from gateway.ops.retention import SweepReport
+from gateway.ops.status import status_lines
+from gateway.ops.sweeps import sweep_once
+from gateway.ops.tls import check_certificates
+from gateway.receiving.assembly import force_complete
+from gateway.sending.scu import Sender
+from gateway.service import serve
+from gateway.store.anchors import audit_head, check_master_key
+from gateway.store.jobs import JobStore
+from gateway.store.keys import KeyRing, MasterKey, create_key_file
+from gateway.store.outputs import StageContext, load_output
+from gateway.store.sealing import Sealer
+from gateway.store.spool import Spool
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -64,7 +75,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _shred(path: str, dry_run: bool, loop: bool) -> int:
-    from gateway.sweeps import sweep_once
 
     config, ignored = load_sweep_config(path)  # the rest of the file may be invalid: retention must not wait
     configure_logging(config.logging.level, config.logging.format, stream=sys.stderr)
@@ -115,7 +125,6 @@ def _keygen(out: str | None, env_file: str | None) -> int:
     import base64
     import secrets
 
-    from gateway.keys import create_key_file
 
     key = secrets.token_bytes(32)
     path = Path(out or env_file or "")
@@ -132,17 +141,12 @@ def _keygen(out: str | None, env_file: str | None) -> int:
 def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
     import os
 
-    from gateway.crypt import Sealer
-    from gateway.jobs import JobStore
-    from gateway.keys import KeyRing
-    from gateway.processing import StageContext, load_qa_picture
-    from gateway.spool import Spool
 
     spool = Spool(config.node.data_dir)
     ring = KeyRing.open(config)
     jobs = JobStore(spool.database_path)
     try:
-        picture = load_qa_picture(StageContext(spool, jobs, Sealer(ring, jobs)), job_id, series)
+        picture = load_output(StageContext(spool, jobs, Sealer(ring, jobs)), job_id, series, "qa-png")
     except (FileNotFoundError, ValueError):
         print(f"job {job_id} series {series} has no QA picture (route without qa_picture, or shredded)",
               file=sys.stderr)
@@ -156,10 +160,6 @@ def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
 
 
 def _audit_verify(config: GatewayConfig) -> int:
-    from gateway.anchors import audit_head
-    from gateway.audit import verify
-    from gateway.jobs import JobStore
-    from gateway.spool import Spool
 
     spool = Spool(config.node.data_dir)
     ceiling = config.retention.max_age_seconds
@@ -190,9 +190,6 @@ def _audit_verify(config: GatewayConfig) -> int:
 
 
 def _status(config: GatewayConfig) -> int:
-    from gateway.jobs import JobStore
-    from gateway.spool import Spool
-    from gateway.status import status_lines
 
     spool = Spool(config.node.data_dir)
     if not spool.database_path.exists():
@@ -208,9 +205,6 @@ def _status(config: GatewayConfig) -> int:
 
 
 def _complete(config: GatewayConfig, job_id: str) -> int:
-    from gateway.assembly import force_complete
-    from gateway.jobs import JobStore
-    from gateway.spool import Spool
 
     spool = Spool(config.node.data_dir)
     spool.prepare()
@@ -224,7 +218,6 @@ def _complete(config: GatewayConfig, job_id: str) -> int:
 
 
 def _echo(config: GatewayConfig, name: str) -> int:
-    from gateway.send import Sender
 
     try:
         destination = config.destination(name)
@@ -251,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: run without -O or PYTHONOPTIMIZE: pynetdicom checks received PDUs with assert statements",
               file=sys.stderr)
         return EXIT_CONFIG
-    restrict_file_modes()  # owner-only files and folders, whatever the umask
+    configure_process()  # owner-only files and folders whatever the umask, pynetdicom's settings, warnings
     try:
         if args.command == "keygen":
             return _keygen(args.out, args.env_file)
@@ -279,7 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _sweep_before_start(path: str) -> None:
     """Retention first: what is due is shredded even when the node then refuses to start."""
-    from gateway.sweeps import sweep_once
 
     config, _ignored = load_sweep_config(path)  # the full check below reports every problem
     configure_logging(config.logging.level, config.logging.format, stream=sys.stdout)
@@ -295,12 +287,6 @@ def _sweep_before_start(path: str) -> None:
 
 def _check_serve(config: GatewayConfig) -> None:
     """Every start-up check that needs no port: the master key (and that it is data_dir's), models, certificates."""
-    from gateway.anchors import check_master_key
-    from gateway.jobs import JobStore
-    from gateway.keys import MasterKey
-    from gateway.models import check_route_models
-    from gateway.spool import Spool
-    from gateway.tls import check_certificates
 
     master = MasterKey.load(config)
     database = Spool(config.node.data_dir).database_path
@@ -316,7 +302,6 @@ def _check_serve(config: GatewayConfig) -> None:
 
 def _run(args: argparse.Namespace, config: GatewayConfig) -> int:
     if args.command == "serve":
-        from gateway.service import serve
 
         serve(config)
         return EXIT_OK

@@ -16,7 +16,9 @@
         ├── TransientSendError            worth retrying (refused, timeout, 0xA7xx)
         └── PermanentSendError            never retried (rejected, 0xCxxx, 0xA9xx)
 
-Third-party exceptions are translated at the module boundary with ``raise ... from exc``.
+Every error carries ``reason``, a short code (``inference_empty``, ``disk_full`` ...) that status, metrics, alerts
+and the job table record; nothing parses the message. Third-party exceptions are translated at the module
+boundary with ``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -41,11 +43,20 @@ __all__ = [
 
 
 class GatewayError(Exception):
-    """Base class of every error the gateway raises on purpose."""
+    """Base class of every error the gateway raises on purpose; ``reason`` is its code (a class default)."""
+
+    reason: str = "error"
+
+    def __init__(self, *args: object, reason: str | None = None) -> None:
+        super().__init__(*args)
+        if reason is not None:
+            self.reason = reason
 
 
 class ConfigError(GatewayError, ValueError):
     """The configuration file is unusable; ``problems`` holds one line per fault."""
+
+    reason = "invalid_configuration"
 
     def __init__(self, source: str, problems: Sequence[str]) -> None:
         self.source = source
@@ -57,41 +68,56 @@ class ConfigError(GatewayError, ValueError):
 class StartupError(GatewayError, OSError):
     """The node cannot start: its port is taken, or ``data_dir`` cannot be used."""
 
+    reason = "startup_failed"
+
 
 class SpoolError(GatewayError, OSError):
     """An instance could not be written durably; nothing partial is left behind."""
+
+    reason = "spool_write_failed"
 
 
 class CryptoError(GatewayError):
     """A sealed file or a wrapped key does not open: wrong master key, tampering, or shredded."""
 
+    reason = "crypto_failed"
+
 
 class ReidentificationError(GatewayError):
     """A result could not be mapped back to the original identity; it must not be sent."""
 
+    reason = "reidentification_failed"
+
 
 class PixelDataError(GatewayError, ValueError):
     """Encapsulated pixel data that cannot be parsed (its frames are not the streams its transfer syntax names)."""
+
+    reason = "undecodable_pixel_data"
 
 
 class VolumeError(GatewayError, ValueError):
     """A series cannot be contoured safely; ``reason`` is a code such as ``gantry_tilt``."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(f"{reason}: {detail}", reason=reason)
 
 
 class InferenceError(GatewayError):
     """A model could not be loaded or run, or its output was malformed (shape, NaN, infinity)."""
 
+    reason = "inference_failed"
+
 
 class StructureSetError(GatewayError):
     """No RT Structure Set can be written: every structure is empty, or the CT lacks a frame of reference."""
 
+    reason = "structure_set_failed"
+
 
 class JobNotFoundError(GatewayError, LookupError):
     """No job with the given id exists."""
+
+    reason = "job_not_found"
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
@@ -107,9 +133,8 @@ class SendError(GatewayError):
 
     def __init__(self, destination: str, reason: str, *, status: int | None = None) -> None:
         self.destination = destination
-        self.reason = reason
         self.status = status
-        super().__init__(f"send to {destination!r} failed: {reason}")
+        super().__init__(f"send to {destination!r} failed: {reason}", reason=reason)
 
 
 class TransientSendError(SendError):

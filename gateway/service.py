@@ -12,21 +12,21 @@ from types import FrameType
 import structlog
 
 from gateway import __version__
-from gateway.anchors import RetentionClock, check_master_key, record_audit_head
-from gateway.assembly import Assembler, complete_due
-from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
-from gateway.crypt import Sealer
 from gateway.errors import StartupError
-from gateway.jobs import Job, JobState, JobStore
-from gateway.keys import KeyRing
-from gateway.listener import Listener
-from gateway.metrics import Metrics, MetricsServer
-from gateway.processing import StageContext
-from gateway.retention import Shredder
-from gateway.runner import Runner
-from gateway.spool import Spool, restrict_file_modes
-from gateway.sweeps import SweepSchedule
+from gateway.ops.audit import AuditLog
+from gateway.ops.metrics import Metrics, MetricsServer
+from gateway.ops.retention import Shredder
+from gateway.ops.sweeps import SweepSchedule
+from gateway.pipeline.runner import Runner
+from gateway.receiving.assembly import Assembler, complete_due
+from gateway.receiving.listener import Listener
+from gateway.store.anchors import RetentionClock, check_master_key, record_audit_head
+from gateway.store.jobs import Job, JobState, JobStore
+from gateway.store.keys import KeyRing
+from gateway.store.outputs import StageContext
+from gateway.store.sealing import Sealer
+from gateway.store.spool import Spool
 
 __all__ = ["Node", "serve"]
 
@@ -57,7 +57,6 @@ class Node:
             When ``data_dir`` cannot be used or the port cannot be bound.
         """
         node = self.config.node
-        restrict_file_modes()
         try:
             self.spool.prepare()
             self.spool.restrict_modes()

@@ -5,7 +5,7 @@ Method
 ------
 * 300 CT instances of 512x512 (about 512 KB each) are generated in memory as Part 10 bytes.
 * Each side does the same work per instance, in memory: parse the bytes, transform, encode
-  to Part 10 bytes. Ours: :func:`gateway.pseudonymise.pseudonymise` (a new dataset from the
+  to Part 10 bytes. Ours: :func:`gateway.identity.pseudonymise.pseudonymise` (a new dataset from the
   allow-list, random UIDs, pseudonym). Peer: the usual pydicom loop that blanks ~30
   identifying attributes in place and remaps the four study UIDs to new ones.
 * The sides alternate over ``--repeat`` rounds; the median instances/s and the ratio
@@ -28,7 +28,7 @@ from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from gateway.pseudonymise import UIDMap, encode, new_pseudonym, pseudonymise  # noqa: E402
+from gateway.identity.pseudonymise import UIDMap, encode, new_pseudonym, pseudonymise  # noqa: E402
 from tests.synthetic import ct_slice  # noqa: E402
 
 TARGET = 1.3

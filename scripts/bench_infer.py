@@ -30,9 +30,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from gateway.infer import Predictor  # noqa: E402
-from gateway.manifest import load_model_package  # noqa: E402
-from gateway.volume import Volume  # noqa: E402
+from gateway.inference.manifest import load_model_package  # noqa: E402
+from gateway.inference.predictor import Predictor  # noqa: E402
+from gateway.inference.volume import Volume  # noqa: E402
 from tests.synthetic import couch_phantom  # noqa: E402
 
 PIXEL, SLICE = 512 / 500 * 0.96, 3.0  # ~0.98 mm pixels: a 500 mm field

@@ -228,7 +228,7 @@ def node_started(log_path: Path) -> dict[str, Any] | None:
 
 def key_section(root: Path) -> list[str]:
     """TOML lines naming a master key made for this run under *root* (outside its data_dir)."""
-    from gateway.keys import create_key_file
+    from gateway.store.keys import create_key_file
 
     key_file = root / "keys" / "master.key"
     if not key_file.exists():

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench_infer import axial_volume, peak_rss_mb  # noqa: E402 - the inference benchmark's helpers
 
-from gateway.infer import Predictor  # noqa: E402
-from gateway.manifest import load_model_package  # noqa: E402
+from gateway.inference.manifest import load_model_package  # noqa: E402
+from gateway.inference.predictor import Predictor  # noqa: E402
 from tests.synthetic import abdomen_phantom  # noqa: E402
 
 PIXEL, SLICE, SLICES = 512 / 500 * 0.96, 2.5, 100

@@ -5,7 +5,7 @@ Method
 ------
 * CT: the couch phantom of the tests (trunk, arms, lungs, couch) as 100 DICOM slices of
   512 x 512, 0.98 mm pixels, 3 mm apart, with its known masks.
-* Ours: :func:`gateway.rtstruct.build_structure_set` (0.5 mm point reduction), then written to
+* Ours: :func:`gateway.rt.rtstruct.build_structure_set` (0.5 mm point reduction), then written to
   bytes. rt-utils 1.2.7 (PyPI): ``RTStructBuilder.create_new`` + ``add_roi`` per mask, then
   written. Both are timed over ``--repeat`` rounds (median), and their file sizes and mean
   points per contour are printed with the ratios. rt-utils is installed on first use into
@@ -28,9 +28,9 @@ import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from gateway.manifest import load_model_package  # noqa: E402
-from gateway.rtstruct import StructureSetInput, build_structure_set  # noqa: E402
-from gateway.volume import volume_from_datasets  # noqa: E402
+from gateway.inference.manifest import load_model_package  # noqa: E402
+from gateway.inference.volume import volume_from_datasets  # noqa: E402
+from gateway.rt.rtstruct import StructureSetInput, build_structure_set  # noqa: E402
 from tests.synthetic import couch_phantom, ct_slice  # noqa: E402
 
 RT_UTILS = REPO / ".bench" / "rt-utils"

@@ -28,9 +28,9 @@ from pynetdicom import AE, evt
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from gateway.keys import create_key_file  # noqa: E402
-from gateway.qa import qa_picture, rtstruct_masks  # noqa: E402
-from gateway.volume import volume_from_datasets  # noqa: E402
+from gateway.inference.volume import volume_from_datasets  # noqa: E402
+from gateway.rt.qa_picture import qa_picture, rtstruct_masks  # noqa: E402
+from gateway.store.keys import create_key_file  # noqa: E402
 from tests.synthetic import couch_phantom, write_volume_series  # noqa: E402 - the phantom the tests use
 
 

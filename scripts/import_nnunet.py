@@ -32,7 +32,7 @@ It refuses (exit code 2, naming the problem) what the gateway cannot reproduce: 
 a normalisation other than ``CTNormalization``, a custom preprocessor, resampling functions or arguments other
 than the defaults above, region-based training, a cascade, a 2d configuration, missing files. The package
 is built and checked (ONNX written with IR version 8 and compared with torch on a random tile, the manifest
-with ``gateway.manifest.load_model_package``) in a temporary folder beside ``--out`` and renamed into place,
+with ``gateway.inference.manifest.load_model_package``) in a temporary folder beside ``--out`` and renamed into place,
 so a failed import leaves no half package. Exit codes: 0 success, 1 failure, 2 refused.
 """
 
@@ -63,7 +63,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from gateway.errors import ConfigError  # noqa: E402
-from gateway.manifest import load_model_package  # noqa: E402
+from gateway.inference.manifest import load_model_package  # noqa: E402
 
 OPSET = 17
 #: ONNX IR version written: opset 17's. onnxruntime 1.31 refuses IR 14, which onnx >= 1.23 writes by default.

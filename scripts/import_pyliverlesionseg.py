@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from gateway.errors import ConfigError  # noqa: E402
-from gateway.manifest import load_model_package  # noqa: E402
+from gateway.inference.manifest import load_model_package  # noqa: E402
 
 REQUIREMENT = "pyliverlesionseg==0.3"
 WHEEL_NAME = "pyliverlesionseg-0.3-py3-none-any.whl"

@@ -22,9 +22,10 @@ import pytest
 import structlog
 
 from gateway.config import GatewayConfig, parse_config
-from gateway.crypt import Purpose, Sealer
-from gateway.jobs import JobStore
-from gateway.keys import KekFiles, KeyRing, MasterKey, create_key_file
+from gateway.ops.process import ProcessSettings
+from gateway.store.jobs import JobStore
+from gateway.store.keys import KekFiles, KeyRing, MasterKey, create_key_file
+from gateway.store.sealing import Purpose, Sealer
 from tests.synthetic import (
     CANARY_ACCESSION,
     CANARY_BIRTH,
@@ -274,7 +275,9 @@ def dcmtk_env() -> dict[str, str]:
 
 @pytest.fixture(autouse=True)
 def _reset_global_state() -> Iterator[None]:
-    """structlog, contextvars and pydicom settings back to defaults after each test."""
+    """Process-wide settings (umask, pynetdicom, warnings, logging), contextvars and pydicom's validation modes
+    back to what they were after each test."""
+    settings = ProcessSettings.snapshot()
     reading, writing = pydicom.config.settings.reading_validation_mode, pydicom.config.settings.writing_validation_mode
     pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
     pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
@@ -282,4 +285,4 @@ def _reset_global_state() -> Iterator[None]:
     pydicom.config.settings.reading_validation_mode = reading
     pydicom.config.settings.writing_validation_mode = writing
     structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
+    settings.restore()

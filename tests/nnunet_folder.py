@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from gateway.volume import Volume
+from gateway.inference.volume import Volume
 
 SPACING = (2.5, 1.5, 1.5)  # z, y, x: the network's grid before transpose_forward, and the CT's by default
 PATCH = (24, 40, 40)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from gateway.volume import Volume
+from gateway.inference.volume import Volume
 
 __all__ = ["SCENES", "Scene", "abdomen_bowel_gas", "curved_couch_abdomen", "curved_couch_thorax",
            "flat_couch_thorax", "head_in_mask", "neck_and_upper_thorax", "pelvis", "vacuum_bag_thorax"]

@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from gateway.volume import Volume
+from gateway.inference.volume import Volume
 
 #: Canary values: if any of these shows up in a log, path or metric, PHI leaked.
 CANARY_NAME = "CANARY^PATIENT^ZQX"

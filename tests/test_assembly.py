@@ -9,13 +9,13 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from structlog.testing import capture_logs
 
-from gateway._encoding import file_meta_bytes
-from gateway.assembly import Assembler, IncomingInstance, StoreResult, complete_due, force_complete
 from gateway.config import Peer
-from gateway.crypt import Purpose
+from gateway.encoding import file_meta_bytes
 from gateway.errors import JobNotFoundError
-from gateway.jobs import WRITE_LEASE_SECONDS, JobState, JobStore
-from gateway.spool import Spool
+from gateway.receiving.assembly import Assembler, IncomingInstance, StoreResult, complete_due, force_complete
+from gateway.store.jobs import WRITE_LEASE_SECONDS, JobState, JobStore
+from gateway.store.sealing import Purpose
+from gateway.store.spool import Spool
 from tests.conftest import key_ring, make_ct_series
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.audit import AuditLog, verify
+from gateway.ops.audit import AuditLog, verify
 from tests.conftest import REPO, write_config
 
 T0 = 1_800_000_000.0
@@ -56,7 +56,7 @@ def test_data_held_or_deleted_past_the_ceiling_fails(tmp_path: Path) -> None:
 
 def test_two_processes_appending_at_once_keep_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    script = ("import sys; from pathlib import Path; from gateway.audit import AuditLog\n"
+    script = ("import sys; from pathlib import Path; from gateway.ops.audit import AuditLog\n"
               "a = AuditLog(Path(sys.argv[1]))\n"
               "for n in range(150): a.append('pseudonymised', 1.0, job_id=sys.argv[2] + str(n))")
     writers = [subprocess.Popen([sys.executable, "-c", script, str(path), name], cwd=REPO) for name in "xy"]

@@ -20,9 +20,9 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from gateway.infer import Prediction, Predictor
-from gateway.manifest import load_model_package
-from gateway.volume import Volume
+from gateway.inference.manifest import load_model_package
+from gateway.inference.predictor import Prediction, Predictor
+from gateway.inference.volume import Volume
 from tests.conftest import REPO, NodeProcess
 from tests.region_phantoms import SCENES, curved_couch_abdomen
 from tests.synthetic import write_volume_series

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.assembly import Assembler, IncomingInstance
 from gateway.config import Peer
-from gateway.jobs import JobStore
-from gateway.spool import Spool
+from gateway.receiving.assembly import Assembler, IncomingInstance
+from gateway.store.jobs import JobStore
+from gateway.store.spool import Spool
 from tests.conftest import REPO, dcmtk_env, free_port, key_ring, node_key_file, require_tool, write_config
 
 STUDY_UID = "1.2.840.99.12345"
@@ -139,7 +139,7 @@ def test_serve_refuses_a_route_naming_a_missing_or_invalid_model(tmp_path: Path)
 
 def test_the_embedded_default_configuration_names_a_valid_model() -> None:
     from gateway.config import load_config
-    from gateway.models import check_route_models
+    from gateway.inference.model_cache import check_route_models
 
     config = load_config(REPO / "config" / "gateway.toml")
     check_route_models(config.inference.models_dir, config.routes)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 from gateway.config import parse_config
-from gateway.receive import build_ae
-from gateway.rtstruct import StructureSetInput
-from gateway.seg import build_segmentation
-from gateway.send import Sender
+from gateway.receiving.storage_scp import build_ae
+from gateway.rt.rtstruct import StructureSetInput
+from gateway.rt.seg import build_segmentation
+from gateway.sending.scu import Sender
 from tests.conftest import REPO
 from tests.test_rtstruct import MANIFEST, _build
 

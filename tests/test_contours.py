@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import polygon as fill_polygon
 
-from gateway.contours import format_ds, mask_contours, plane_contours
+from gateway.rt.contours import format_ds, mask_contours, plane_contours
 
 
 def _rasterise(contours: list[tuple[np.ndarray, bool]], shape: tuple[int, int]) -> np.ndarray:
@@ -96,7 +96,7 @@ def test_decimal_string_out_of_range() -> None:
 
 
 def test_self_crossing_polygons_are_detected() -> None:
-    from gateway.contours import _is_simple
+    from gateway.rt.contours import _is_simple
 
     assert _is_simple(np.array([[0, 0], [0, 2], [2, 2], [2, 0]], dtype=float))
     assert not _is_simple(np.array([[0, 0], [0, 2], [2, 0], [2, 2]], dtype=float))

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewayConfig, parse_config
-from gateway.crypt import MAGIC, Purpose, Sealer
 from gateway.errors import CryptoError, StartupError
-from gateway.jobs import JobStore, WrappedKey
-from gateway.keys import KekFiles, KeyRing, MasterKey, create_key_file, kek_period
+from gateway.store.data_keys import DataKeys
+from gateway.store.jobs import JobStore, WrappedKey
+from gateway.store.keys import KekFiles, KeyRing, MasterKey, create_key_file, kek_period
+from gateway.store.sealing import MAGIC, Purpose, Sealer
 from tests.conftest import key_ring
 
 JOB = "0123456789abcdef"
@@ -120,7 +121,7 @@ class TestSealer:
         sealer = Sealer(ring, jobs)
         b"".join(sealer.seal(JOB, Purpose.RECEIVED, [b"x"]))
         b"".join(sealer.seal(OTHER_JOB, Purpose.RECEIVED, [b"x"]))
-        wrapped = {jobs.load_data_key(JOB), jobs.load_data_key(OTHER_JOB)}
+        wrapped = {DataKeys(jobs).load(JOB), DataKeys(jobs).load(OTHER_JOB)}
         assert len(wrapped) == 2 and None not in wrapped
 
     def test_tampered_file_does_not_open(self, jobs: JobStore, ring: KeyRing) -> None:
@@ -177,7 +178,7 @@ class TestKeyEncryptionKeys:
     def test_data_keys_are_wrapped_by_an_hourly_key_outside_data_dir(self, jobs: JobStore, ring: KeyRing,
                                                                        tmp_path: Path) -> None:
         b"".join(Sealer(ring, jobs).seal(JOB, Purpose.RECEIVED, [b"x"]))
-        stored = jobs.load_data_key(JOB)
+        stored = DataKeys(jobs).load(JOB)
         assert stored is not None and stored.kek is not None and int(stored.kek) % 3600 == 0
         kek_file = tmp_path / "keys" / f"kek-{stored.kek}.key"
         assert kek_file.stat().st_mode & 0o777 == 0o600
@@ -189,7 +190,7 @@ class TestKeyEncryptionKeys:
         copy = tmp_path / "copy.db"
         with sqlite3.connect(tmp_path / "var" / "gateway.db") as db, sqlite3.connect(copy) as target:
             db.backup(target)
-        stored = jobs.load_data_key(JOB)
+        stored = DataKeys(jobs).load(JOB)
         assert stored is not None and stored.kek is not None
         KekFiles(tmp_path / "keys").destroy(stored.kek)
         restored = JobStore(copy)
@@ -201,8 +202,8 @@ class TestKeyEncryptionKeys:
 
     def test_a_data_key_wrapped_by_the_master_key_before_still_opens(self, jobs: JobStore, ring: KeyRing) -> None:
         data_key = bytes(range(32))
-        jobs.store_data_key(JOB, WrappedKey(ring.master.wrap(data_key, JOB), None))
-        assert ring.unwrap(jobs.load_data_key(JOB) or WrappedKey(b"", None), JOB) == data_key
+        DataKeys(jobs).store(JOB, WrappedKey(ring.master.wrap(data_key, JOB), None))
+        assert ring.unwrap(DataKeys(jobs).load(JOB) or WrappedKey(b"", None), JOB) == data_key
 
     def test_kek_period_is_an_hour_at_the_ceiling_and_a_24th_below(self) -> None:
         assert kek_period(86_400) == 3600

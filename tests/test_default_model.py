@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from gateway.infer import Predictor
-from gateway.manifest import load_model_package
-from gateway.volume import volume_from_datasets
+from gateway.inference.manifest import load_model_package
+from gateway.inference.predictor import Predictor
+from gateway.inference.volume import volume_from_datasets
 from tests.conftest import REPO, require_tool
 from tests.synthetic import couch_phantom
 

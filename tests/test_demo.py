@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gateway.manifest import load_model_package
+from gateway.inference.manifest import load_model_package
 from tests.conftest import REPO, NodeProcess, dcmtk_env, require_tool
 from tests.synthetic import couch_phantom, write_volume_series
 

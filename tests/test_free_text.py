@@ -29,15 +29,15 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from gateway.crypt import Purpose, Sealer
-from gateway.encapsulated import MARKER_SYNTAXES, strip_frame, strip_pixel_data
-from gateway.jobs import JobStore
-from gateway.pipeline import pseudonymise_job, route_for
-from gateway.processing import StageContext
-from gateway.pseudonymise import UIDMap, encode, pseudonymise, quarantine_reason
-from gateway.receive import TRANSFER_SYNTAXES
+from gateway.identity.encapsulated import MARKER_SYNTAXES, strip_frame, strip_pixel_data
+from gateway.identity.pseudonymise import UIDMap, encode, pseudonymise, quarantine_reason
+from gateway.identity.stages import pseudonymise_job, route_for
 from gateway.routes import Route, RouteImages
-from gateway.spool import Spool
+from gateway.sop import TRANSFER_SYNTAXES
+from gateway.store.jobs import JobStore
+from gateway.store.outputs import StageContext
+from gateway.store.sealing import Purpose, Sealer
+from gateway.store.spool import Spool
 from tests.conftest import key_ring
 from tests.realct import real_ct_slice
 from tests.synthetic import ct_slice

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
-from gateway.pseudonymise import identity_of, patient_of
+from gateway.identity.pseudonymise import identity_of, patient_of
 from tests.conftest import (
     CANARY_STUDY_PREFIX,
     REPO,

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from gateway.manifest import ModelPackage, load_model_package
+from gateway.inference.manifest import ModelPackage, load_model_package
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))

@@ -34,9 +34,9 @@ from nnunetv2.inference import predict_from_raw_data
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, determine_do_sep_z_and_axis
 
-from gateway.infer import Predictor
-from gateway.manifest import load_model_package
-from gateway.volume import Volume
+from gateway.inference.manifest import load_model_package
+from gateway.inference.predictor import Predictor
+from gateway.inference.volume import Volume
 from tests.conftest import REPO
 from tests.nnunet_folder import PATCH, SPACING, Recipe, ct_volume, write_results_folder
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from gateway.errors import ConfigError, InferenceError
-from gateway.infer import Predictor
-from gateway.manifest import Label, load_model_package
-from gateway.orientation import axis_transform, orientation_code, oriented, unoriented
-from gateway.postprocess import ModelGrid, postprocess
-from gateway.volume import Volume
+from gateway.inference.manifest import Label, load_model_package
+from gateway.inference.orientation import axis_transform, orientation_code, oriented, unoriented
+from gateway.inference.postprocess import ModelGrid, postprocess
+from gateway.inference.predictor import Predictor
+from gateway.inference.volume import Volume
 from tests.onnx_models import bands_network, broken_network, manifest, threshold_network, valid_network
 
 #: Voxel -> LPS axes of axial CT, per patient position: columns are the k (slice), i (row), j (column) axes.

@@ -24,14 +24,14 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from gateway._net import DiscardedDataSet, _GatewayDIMSE
 from gateway.config import Limits, parse_config
 from gateway.errors import VolumeError
-from gateway.infer import Predictor
-from gateway.manifest import load_model_package
-from gateway.metrics import STORE_REFUSALS
-from gateway.receive import REFUSALS, UndecodableError, identify
-from gateway.volume import Volume, VolumeLimits, volume_from_datasets
+from gateway.inference.manifest import load_model_package
+from gateway.inference.predictor import Predictor
+from gateway.inference.volume import Volume, VolumeLimits, volume_from_datasets
+from gateway.ops.metrics import STORE_REFUSALS
+from gateway.receiving.acceptor import DiscardedDataSet, _GatewayDIMSE
+from gateway.receiving.storage_scp import REFUSALS, UndecodableError, identify
 from tests.conftest import (
     CANARY_ACCESSION,
     CANARY_BIRTH,
@@ -240,7 +240,7 @@ class TestPixels:
 
 
 def test_the_limits_section_sets_the_receive_caps(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
-    """The receiver process takes both caps from ``[limits]`` (gateway.worker passes them on)."""
+    """The receiver process takes both caps from ``[limits]`` (gateway.receiving.receiver passes them on)."""
     node = node_factory(extra="[limits]\nmax_dataset_bytes = 1048576\nmax_pixels_per_instance = 4096")
     small, wide = _write(_slice(1), tmp_path / "small.dcm"), _write(_slice(2, size=128), tmp_path / "wide.dcm")
     _oversized(tmp_path / "big.dcm", 2 * MIB)

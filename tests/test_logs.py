@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from gateway.errors import SpoolError
-from gateway.logs import bind_job, configure_logging
+from gateway.ops.logs import bind_job, configure_logging
+from gateway.ops.process import configure_process
 from tests.conftest import CANARY_ID, CANARY_NAME, NodeProcess
 from tests.test_e2e import phantom, route, send, ui_values
 
@@ -69,8 +70,7 @@ def test_library_warnings_lose_their_text() -> None:
     configure_logging("info", "json", stream=stream)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = warnings.showwarning  # keep the one configure_logging installed
-        configure_logging("info", "json", stream=stream)
+        configure_process()  # inside catch_warnings, which restores showwarning on exit
         warnings.warn(f"Invalid value for VR PN: '{CANARY_NAME}'", UserWarning, stacklevel=1)
     assert CANARY_NAME not in stream.getvalue()
     [event] = [e for e in _lines(stream) if e["event"] == "library_warning"]

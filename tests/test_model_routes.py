@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.manifest import load_model_package
-from gateway.models import check_route_models, combine_manifests
+from gateway.inference.manifest import load_model_package
+from gateway.inference.model_cache import check_route_models, combine_manifests
 from gateway.routes import Route
 from tests.conftest import REPO, NodeProcess, dcmtk_env, require_tool
 from tests.onnx_models import manifest, threshold_network

@@ -23,16 +23,17 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.anchors import RetentionClock
-from gateway.audit import AuditLog, verify
 from gateway.config import Retention
-from gateway.crypt import Purpose, Sealer
 from gateway.errors import CryptoError
-from gateway.jobs import JobStore
-from gateway.keys import KeyRing
-from gateway.metrics import Metrics, NodeCounters
-from gateway.retention import Shredder
-from gateway.spool import Spool
+from gateway.ops.audit import AuditLog, verify
+from gateway.ops.metrics import Metrics, NodeCounters
+from gateway.ops.retention import Shredder
+from gateway.store.anchors import RetentionClock
+from gateway.store.data_keys import DataKeys
+from gateway.store.jobs import JobStore
+from gateway.store.keys import KeyRing
+from gateway.store.sealing import Purpose, Sealer
+from gateway.store.spool import Spool
 from tests.conftest import (
     REPO,
     CTSeries,
@@ -164,7 +165,7 @@ class TestOneFailureDoesNotStopTheSweep:
             assert report.failed == [stuck] and [j.job_id for j in report.jobs] == [other]
             assert next(e for e in logs if e["event"] == "alert")["outcome"] == "shred_failed"
             assert metrics.registry.get_sample_value("gateway_retention_shred_failures_total") == 1
-            assert jobs.load_data_key(stuck) is None  # crypto-erased already: the files no longer open
+            assert DataKeys(jobs).load(stuck) is None  # crypto-erased already: the files no longer open
         finally:
             subprocess.run(["chattr", "-i", str(pinned)], check=True)
         retried = shredder.sweep(T0 + DAY + 300)
@@ -183,7 +184,7 @@ class TestOneFailureDoesNotStopTheSweep:
         try:
             report = shredder.sweep(T0 + DAY - 350)
             assert report.failed == [job_id] and report.jobs == []
-            assert jobs.exists(job_id) and jobs.load_data_key(job_id) is None  # erased, not yet recorded
+            assert jobs.exists(job_id) and DataKeys(jobs).load(job_id) is None  # erased, not yet recorded
         finally:
             subprocess.run(["chattr", "-i", str(spool.audit_path)], check=True)
         assert [j.job_id for j in shredder.sweep(T0 + DAY - 50).jobs] == [job_id]  # the next sweep

@@ -6,9 +6,9 @@ import time
 
 from structlog.testing import capture_logs
 
-from gateway.infer import Predictor
-from gateway.manifest import load_model_package
-from gateway.progress import InferenceProgress, SpeedMemory
+from gateway.inference.manifest import load_model_package
+from gateway.inference.predictor import Predictor
+from gateway.inference.progress import InferenceProgress, SpeedMemory
 from tests.conftest import REPO
 from tests.synthetic import couch_phantom
 

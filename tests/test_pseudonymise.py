@@ -17,15 +17,16 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from structlog.testing import capture_logs
 
-from gateway.crypt import Purpose, Sealer
-from gateway.jobs import JobState, JobStore
-from gateway.keys import KeyRing
-from gateway.pipeline import StageContext, pseudonymise_job
-from gateway.pseudonymise import UIDMap, new_pseudonym, pseudonymise, quarantine_reason
-from gateway.reidentify import reidentify
+from gateway.identity.pseudonymise import UIDMap, new_pseudonym, pseudonymise, quarantine_reason
+from gateway.identity.reidentify import reidentify
+from gateway.identity.stages import pseudonymise_job
+from gateway.identity.vault import Vault
 from gateway.routes import Route
-from gateway.spool import Spool
-from gateway.vault import Vault
+from gateway.store.jobs import JobState, JobStore
+from gateway.store.keys import KeyRing
+from gateway.store.outputs import StageContext
+from gateway.store.sealing import Purpose, Sealer
+from gateway.store.spool import Spool
 from tests.conftest import NodeProcess, dcmtk_env, key_config, require_tool
 from tests.synthetic import add_confidentiality_canaries, concrete_tag, confidentiality_rows, ct_slice
 
@@ -314,7 +315,7 @@ def test_pseudonymise_keeps_the_transfer_syntax(tmp_path: Path) -> None:
 @pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian,
                                     pydicom.uid.RLELossless])
 def test_encode_equals_pydicom(syntax: UID) -> None:
-    from gateway.pseudonymise import encode
+    from gateway.identity.pseudonymise import encode
 
     ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.5", 0, 16, np.random.default_rng(0))
     if syntax.is_compressed:

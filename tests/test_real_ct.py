@@ -23,9 +23,9 @@ import pytest
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from gateway.infer import Predictor
-from gateway.manifest import load_model_package
-from gateway.volume import volume_from_datasets
+from gateway.inference.manifest import load_model_package
+from gateway.inference.predictor import Predictor
+from gateway.inference.volume import volume_from_datasets
 from tests.conftest import REPO, NodeProcess, canaries, require_tool
 from tests.orthanc import Orthanc, orthanc_running
 from tests.realct import four_d_ct, localizer, real_chest_ct, real_ct_slice, real_head_ct, secondary_capture

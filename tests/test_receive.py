@@ -19,6 +19,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
+from gateway.ops.process import ProcessSettings, configure_process
 from tests.conftest import (
     CTSeries,
     NodeProcess,
@@ -294,7 +295,12 @@ class TestFileMeta:
         from pydicom.filewriter import write_file_meta_info
         from pydicom.uid import JPEGLSLossless
 
-        from gateway.receive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Identity, file_meta_bytes
+        from gateway.receiving.storage_scp import (
+            IMPLEMENTATION_CLASS_UID,
+            IMPLEMENTATION_VERSION_NAME,
+            Identity,
+            file_meta_bytes,
+        )
 
         identity = Identity(CTImageStorage, "1.2.3.45", "1.2.3", "1.2.3.4")
         meta = FileMetaDataset()
@@ -317,7 +323,7 @@ class TestResponseEncoding:
         from pynetdicom.dimse_messages import C_STORE_RSP
         from pynetdicom.dimse_primitives import C_STORE
 
-        from gateway._net import encode_c_store_response
+        from gateway.receiving.acceptor import encode_c_store_response
 
         response = C_STORE()
         response.MessageIDBeingRespondedTo = 7
@@ -332,10 +338,15 @@ class TestResponseEncoding:
         assert value == b"\x03" + encode_c_store_response(response)
 
 
-def test_received_data_sets_never_go_to_plaintext_temporary_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.config import parse_config
-    from gateway.receive import build_ae
-
-    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", True)
-    build_ae(parse_config({}))
-    assert pynetdicom_config.STORE_RECV_CHUNKED_DATASET is False
+def test_received_data_sets_never_go_to_plaintext_temporary_files() -> None:
+    before = ProcessSettings.snapshot()
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    os.umask(0o022)
+    configure_process()
+    umask = os.umask(0o022)
+    assert pynetdicom_config.STORE_RECV_CHUNKED_DATASET is False and umask == 0o077
+    assert pynetdicom_config.LOG_REQUEST_IDENTIFIERS is False and pynetdicom_config.LOG_RESPONSE_IDENTIFIERS is False
+    before.restore()  # what the autouse fixture does after every test
+    umask = os.umask(before.umask)
+    assert umask == before.umask and pynetdicom_config.STORE_RECV_CHUNKED_DATASET is before.pynetdicom[
+        "STORE_RECV_CHUNKED_DATASET"]

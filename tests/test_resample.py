@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy.ndimage import median_filter
 
-from gateway.resample import back_to_grid, nnunet_resize, nnunet_shape, resample_linear, resample_median_linear
+from gateway.inference.resample import (
+    back_to_grid,
+    nnunet_resize,
+    nnunet_shape,
+    resample_linear,
+    resample_median_linear,
+)
 
 
 @pytest.mark.parametrize(("shape", "factors", "size"), [
@@ -22,7 +28,7 @@ def test_fused_median_equals_filtering_everything(shape: tuple[int, int, int], f
 
 
 def test_fused_median_in_small_slabs() -> None:
-    from gateway.resample import _median_at
+    from gateway.inference.resample import _median_at
 
     array = np.random.default_rng(4).normal(0, 1, (15, 9, 8)).astype(np.float32)
     needed = [np.arange(0, 15, 2), np.arange(9), np.arange(0, 8, 3)]

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog, verify
 from gateway.config import Retention
-from gateway.crypt import Purpose, Sealer
 from gateway.errors import CryptoError
-from gateway.jobs import JobState, JobStore
-from gateway.keys import KeyRing
-from gateway.retention import Shredder
-from gateway.spool import Spool
-from gateway.sweeps import SweepSchedule
-from gateway.tasks import Export, TaskStore
-from gateway.vault import Vault
+from gateway.identity.vault import Vault
+from gateway.ops.audit import AuditLog, verify
+from gateway.ops.retention import Shredder
+from gateway.ops.sweeps import SweepSchedule
+from gateway.store.data_keys import DataKeys
+from gateway.store.jobs import JobState, JobStore
+from gateway.store.keys import KeyRing
+from gateway.store.sealing import Purpose, Sealer
+from gateway.store.spool import Spool
+from gateway.store.tasks import Export, TaskStore
 from tests.conftest import REPO, NodeProcess, dcmtk_env, key_config, key_ring, require_tool
 from tests.test_pseudonymise import CanaryStudy, canary_study  # noqa: F401 (a fixture)
 
@@ -75,9 +76,9 @@ def test_dry_run_deletes_nothing_and_a_shredded_job_cannot_be_decrypted(tmp_path
     spool.write_instance(job_id, sealed)
     shredder = Shredder(spool, jobs, Retention(), audit)
     assert [j.job_id for j in shredder.sweep(T0 + DAY, dry_run=True).jobs] == [job_id]
-    assert spool.stored_job_ids() == {job_id} and jobs.load_data_key(job_id) is not None
+    assert spool.stored_job_ids() == {job_id} and DataKeys(jobs).load(job_id) is not None
     assert [j.why for j in shredder.sweep(T0 + DAY).jobs] == ["deadline"]
-    assert jobs.load_data_key(job_id) is None and spool.stored_job_ids() == set()
+    assert DataKeys(jobs).load(job_id) is None and spool.stored_job_ids() == set()
     with pytest.raises(CryptoError):
         Sealer(key_ring(tmp_path / "keys"), jobs).open(job_id, Purpose.RECEIVED, b"".join(sealed))
     jobs.close()
@@ -143,7 +144,7 @@ def test_shredding_the_canary_study_leaves_no_trace(node_factory: Callable[..., 
     assert [(needle, sink) for needle in needles for sink, text in sinks.items() if needle in text] == []
     jobs = JobStore(node.data_dir / "gateway.db")
     try:
-        assert jobs.load_data_key(job_id) is None and jobs.jobs() == []
+        assert DataKeys(jobs).load(job_id) is None and jobs.jobs() == []
         with pytest.raises(CryptoError):
             Sealer(ring, jobs).open(job_id, Purpose.RECEIVED, ciphertext)
     finally:

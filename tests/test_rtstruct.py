@@ -11,9 +11,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from gateway.errors import StructureSetError
-from gateway.manifest import ModelManifest
-from gateway.rtstruct import StructureSetInput, build_structure_set
-from gateway.volume import Volume, volume_from_datasets
+from gateway.inference.manifest import ModelManifest
+from gateway.inference.volume import Volume, volume_from_datasets
+from gateway.rt.rtstruct import StructureSetInput, build_structure_set
 from tests.conftest import require_tool
 from tests.test_volume import series
 
@@ -171,7 +171,7 @@ def test_site_template_names_orders_colours_and_keeps_empty_structures(tmp_path:
 def test_templates_must_name_labels_of_the_model(tmp_path: Path) -> None:
     from gateway.config import parse_config
     from gateway.errors import ConfigError
-    from gateway.models import check_route_models
+    from gateway.inference.model_cache import check_route_models
     from tests.conftest import REPO
 
     config = parse_config({
@@ -187,7 +187,7 @@ def test_templates_must_name_labels_of_the_model(tmp_path: Path) -> None:
 def test_dicom_segmentation_twin(tmp_path: Path) -> None:
     import highdicom as hd
 
-    from gateway.seg import build_segmentation
+    from gateway.rt.seg import build_segmentation
 
     slices, volume, masks, _ = _build("FFS")
     seg = build_segmentation(StructureSetInput(volume, slices, masks, MANIFEST))

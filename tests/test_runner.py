@@ -8,13 +8,13 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from gateway.audit import AuditLog
 from gateway.config import parse_config
-from gateway.crypt import Sealer
-from gateway.jobs import JobState, JobStore
-from gateway.processing import StageContext
-from gateway.runner import Runner
-from gateway.spool import Spool
+from gateway.ops.audit import AuditLog
+from gateway.pipeline.runner import Runner
+from gateway.store.jobs import JobState, JobStore
+from gateway.store.outputs import StageContext
+from gateway.store.sealing import Sealer
+from gateway.store.spool import Spool
 from tests.conftest import key_ring
 
 

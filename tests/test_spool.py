@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from gateway.errors import SpoolError
-from gateway.spool import Spool
+from gateway.store.spool import Spool
 from tests.conftest import (
     CTSeries,
     NodeProcess,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.jobs import JobState, JobStore
-from gateway.tasks import NewTask, TaskStore
+from gateway.store.jobs import JobState, JobStore
+from gateway.store.tasks import DeliveryState, NewTask, TaskStore
 
 NOW = 1_800_000_000.0
 
@@ -67,15 +67,29 @@ def test_runnable_jobs_and_due_deliveries(store: tuple[JobStore, TaskStore]) -> 
     tasks.advance(sending, 1, JobState.REIDENTIFIED, stage="reidentify", duration_ms=1, now=NOW,
                   deliveries=[(0, "tps"), (0, "folder")])
     [tps] = [d for d in tasks.deliveries(sending, 1) if d.destination == "tps"]
-    tasks.record_attempt(sending, tps, JobState.REIDENTIFIED, next_attempt_at=NOW + 60, reason="refused")
+    tasks.record_attempt(sending, tps, DeliveryState.PENDING, next_attempt_at=NOW + 60, reason="refused")
     assert sending in tasks.runnable(NOW)  # the folder delivery is still due
     [folder] = [d for d in tasks.deliveries(sending, 1) if d.destination == "folder"]
-    tasks.record_attempt(sending, folder, JobState.SENT, next_attempt_at=NOW)
+    tasks.record_attempt(sending, folder, DeliveryState.SENT, next_attempt_at=NOW)
     assert sending not in tasks.runnable(NOW + 59)  # only the retry is left, not due yet
     assert sending in tasks.runnable(NOW + 60)
     [tps] = [d for d in tasks.deliveries(sending, 1) if d.destination == "tps"]
-    assert (tps.attempts, tps.reason) == (1, "refused")
+    assert (tps.attempts, tps.reason, tps.state) == (1, "refused", DeliveryState.PENDING)
     assert receiving not in tasks.runnable(NOW + 60)
+
+
+def test_a_delivery_written_as_reidentified_by_version_7_opens_as_pending(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path / "gateway.db")
+    tasks = TaskStore(jobs)
+    job_id = _job(jobs, tasks, "a")
+    tasks.advance(job_id, 1, JobState.REIDENTIFIED, stage="reidentify", duration_ms=1, now=NOW,
+                  deliveries=[(0, "tps")])
+    with jobs.transaction() as db:  # as schema version 7 wrote it
+        db.execute("UPDATE deliveries SET state = 'reidentified'")
+    jobs.close()
+    reopened = JobStore(tmp_path / "gateway.db")
+    [delivery] = TaskStore(reopened).deliveries(job_id, 1)
+    assert delivery.state is DeliveryState.PENDING and job_id in TaskStore(reopened).runnable(NOW)
 
 
 def test_start_over_forgets_the_tasks(store: tuple[JobStore, TaskStore]) -> None:

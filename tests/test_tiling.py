@@ -1,4 +1,4 @@
-"""Sliding-window inference (gateway.tiling) with stand-in networks whose answers are known in advance."""
+"""Sliding-window inference (gateway.inference.tiling) with stand-in networks whose answers are known in advance."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.manifest import InputSpec
-from gateway.tiling import Tiler, gaussian_weights, window_steps
+from gateway.inference.manifest import InputSpec
+from gateway.inference.tiling import Tiler, gaussian_weights, window_steps
 
 
 def spec(patch: list[int], **extra: Any) -> InputSpec:

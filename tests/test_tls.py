@@ -17,9 +17,9 @@ from pynetdicom import AE
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError, SendError
-from gateway.policy import AssociationPolicy
-from gateway.send import Sender
-from gateway.tls import ClientCertificate, client_context
+from gateway.ops.tls import ClientCertificate, client_context
+from gateway.receiving.policy import AssociationPolicy
+from gateway.sending.scu import Sender
 from tests.conftest import (
     REPO,
     CTSeries,

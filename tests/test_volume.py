@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
 from gateway.errors import VolumeError
-from gateway.volume import VolumeLimits, volume_from_datasets
+from gateway.inference.volume import VolumeLimits, volume_from_datasets
 from tests.synthetic import ct_slice
 
 #: Image Orientation (Patient) of axial slices per patient position (PS3.3 C.7.6.2.1.1).

@@ -1,0 +1,113 @@
+"""Label post-processing: each label cleaned on the model grid as its manifest entry says.
+
+Left/right split of a shared channel at the mask's own midline, largest component or minimum
+component size, holes filled per axial plane (as contours are drawn), minimum volume. Labels
+may overlap, so masks are kept as bits: bit ``value - 1`` of a voxel is set where that label is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from gateway.inference.manifest import Label
+
+__all__ = ["ModelGrid", "model_affine", "postprocess"]
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """The model's voxel grid: its affine to patient LPS, and which axis runs along the CT's slices."""
+
+    affine: np.ndarray
+    slice_axis: int
+
+
+def model_affine(affine: np.ndarray, order: tuple[int, int, int], flips: tuple[bool, bool, bool],
+                  factors: Sequence[float], oriented_shape: Sequence[int]) -> np.ndarray:
+    """Affine from model-grid indices to patient LPS: model index m is oriented scan index m / factor."""
+    to_scan = np.zeros((4, 4))
+    to_scan[3, 3] = 1.0
+    for axis, (source, flip, factor) in enumerate(zip(order, flips, factors, strict=True)):
+        to_scan[source, axis] = (-1.0 if flip else 1.0) / factor
+        to_scan[source, 3] = oriented_shape[axis] - 1 if flip else 0.0
+    model: np.ndarray = affine @ to_scan
+    return model
+
+
+def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid, kind: str) -> np.ndarray:
+    """Per label, in manifest order: its raw mask, inside another label, the side of the midline, components
+    (largest, minimum size, length along the patient), holes, minimum volume."""
+    out = np.zeros(decided.shape, dtype=np.uint8 if len(specs) <= 8 else np.uint32)
+    voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
+    bits = {spec.name: spec.value - 1 for spec in specs}
+    for spec in specs:
+        mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
+        if spec.within is not None:
+            mask &= (out >> bits[spec.within]) & 1 == 1
+        if spec.side is not None and mask.any():
+            mask = _one_side(mask, grid.affine, spec.side)
+        if (spec.keep_largest_component or spec.min_component_ml) and mask.any():
+            mask = _components(mask, spec.keep_largest_component, spec.min_component_ml / voxel_ml)
+        if spec.min_component_extent and mask.any():
+            mask = _long_components(mask, grid.slice_axis, spec.min_component_extent)
+        if spec.fill_holes:  # per axial slice, as contours are drawn: a hole open at the scan's end still fills
+            planes = np.moveaxis(mask, grid.slice_axis, 0)
+            mask = np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, grid.slice_axis)
+        if spec.min_volume_ml and mask.sum() * voxel_ml < spec.min_volume_ml:
+            mask[:] = False
+        out |= mask.astype(out.dtype) << (spec.value - 1)
+    return out
+
+
+def _components(mask: np.ndarray, largest_only: bool, min_voxels: float) -> np.ndarray:
+    components, _count = ndimage.label(mask)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    if largest_only:
+        keep = np.zeros_like(sizes, dtype=bool)
+        keep[int(np.argmax(sizes))] = True
+    else:
+        keep = sizes >= min_voxels
+        keep[0] = False
+    kept: np.ndarray = keep[components]
+    return kept
+
+
+def _long_components(mask: np.ndarray, axis: int, fraction: float) -> np.ndarray:
+    """The components of *mask* at least *fraction* as long along *axis* as the largest component."""
+    components, count = ndimage.label(mask)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    spans = [(s[axis].stop - s[axis].start) if s is not None else 0 for s in ndimage.find_objects(components)]
+    longest = spans[int(np.argmax(sizes)) - 1]
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[1:] = np.array(spans) >= fraction * longest
+    kept: np.ndarray = keep[components]
+    return kept
+
+
+def _one_side(mask: np.ndarray, affine: np.ndarray, side: str) -> np.ndarray:
+    """The part of *mask* on the patient's left (+x in LPS) or right of the mask's own centre.
+
+    x is affine-linear in the voxel indices, so its mean over the mask comes from per-axis
+    counts, and only the axes x actually varies along are broadcast (no full-size float array).
+    """
+    total = int(mask.sum())
+    middle = float(affine[0, 3])
+    x: np.ndarray = np.full((1, 1, 1), affine[0, 3], dtype=np.float32)
+    for axis in range(3):
+        coefficient = float(affine[0, axis])
+        if abs(coefficient) < 1e-9:
+            continue
+        others = tuple(a for a in range(3) if a != axis)
+        counts = mask.sum(axis=others)
+        middle += coefficient * float(np.dot(np.arange(mask.shape[axis]), counts)) / total
+        shape = [1, 1, 1]
+        shape[axis] = mask.shape[axis]
+        x = x + np.float32(coefficient) * np.arange(mask.shape[axis], dtype=np.float32).reshape(shape)
+    half: np.ndarray = mask & (x > middle if side == "left" else x <= middle)
+    return half

@@ -1,0 +1,282 @@
+"""Inference: one onnxruntime session per model; ``predict(volume)`` -> label bit-planes on the CT grid.
+
+The predictor reorients the volume to the model's axis convention, resamples it to the
+model's spacing (through a median filter on its own grid if the manifest asks), normalises it,
+and runs the network tile by tile (:mod:`gateway.inference.tiling`). Logits are averaged over tiles and
+then turned into probabilities, as nnU-Net does. Structures may overlap (an External encloses the
+lungs), so the result holds one bit per label in each voxel. Each label is cleaned on the
+(small) model grid as the manifest says (left/right split, largest component, holes per
+axial plane, minimum volume), then the bits are mapped to the original CT grid; with
+``resampling = "nnunet"`` the logits go back to the CT grid first and everything after happens
+there, as in nnU-Net. The pure geometry helpers are in :mod:`gateway.inference.orientation`,
+:mod:`gateway.inference.resample` and :mod:`gateway.inference.tiling`.
+
+Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *output]``, or
+the same with the channel axis last (``layout = "channels_last"``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from gateway.errors import InferenceError, VolumeError
+from gateway.inference.manifest import ClipScale, InputSpec, ModelPackage
+from gateway.inference.orientation import axis_transform, orientation_code, oriented, unoriented
+from gateway.inference.postprocess import ModelGrid, model_affine, postprocess
+from gateway.inference.resample import (
+    back_to_grid,
+    linear_shape,
+    nnunet_resize,
+    nnunet_shape,
+    resample_linear,
+    resample_median_linear,
+)
+from gateway.inference.tiling import Tiler
+from gateway.inference.volume import Volume, VolumeLimits
+
+__all__ = ["Prediction", "Predictor"]
+
+log = structlog.get_logger(__name__)
+
+_MAX_VOXELS = VolumeLimits().max_voxels
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Label bit-planes on the CT grid: bit ``value - 1`` of a voxel is set where that label is."""
+
+    bits: np.ndarray
+    values: dict[str, int]  # label name -> label value
+    voxels: dict[str, int]  # label name -> voxel count
+    seconds: float
+
+    def mask(self, name: str) -> np.ndarray:
+        """The boolean mask of label *name* on the CT grid."""
+        mask: np.ndarray = (self.bits >> (self.values[name] - 1)) & 1 == 1
+        return mask
+
+    @property
+    def empty(self) -> list[str]:
+        """Names of labels that found nothing."""
+        return [name for name, count in self.voxels.items() if count == 0]
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether no label found anything (the pipeline must not send such a result)."""
+        return all(count == 0 for count in self.voxels.values())
+
+
+@dataclass(frozen=True)
+class _ModelInput:
+    """The volume as the network sees it, and how its grid maps back to the CT's."""
+
+    image: np.ndarray
+    order: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    factors: list[float]  # model voxels per scan voxel along each model axis
+    shape: tuple[int, ...]  # the reoriented CT's shape
+    spacing: list[float]  # ... and its voxel size
+
+
+class Predictor:
+    """Runs one model package; build once, call :meth:`predict` per series."""
+
+    def __init__(self, package: ModelPackage, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int = 0, cuda_tf32: bool = False) -> None:
+        self.package = package
+        self.manifest = package.manifest
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        # TF32 convolutions differ from the CPU's float32 by up to 3e-3 in a probability (measured on the liver
+        # network, H100); exact float32 costs some 20 % of the GPU time, so it is the default.
+        settings = [{"use_tf32": "1" if cuda_tf32 else "0"} if p == "CUDAExecutionProvider" else {} for p in chosen]
+        try:
+            self._session = ort.InferenceSession(str(package.onnx_path), options, providers=chosen,
+                                                 provider_options=settings)
+        except Exception as exc:  # onnxruntime raises its own untyped errors; theirs name the model, not the patient
+            detail = str(exc).strip().splitlines()[-1][-160:] if str(exc).strip() else type(exc).__name__
+            raise InferenceError(f"model {self.manifest.model.name} cannot be loaded: {detail}") from exc
+        self._input = self._session.get_inputs()[0].name
+        self._channels = self.manifest.channels
+        self._tiler = Tiler(self.manifest.input, self._channels, self._run)
+
+    @property
+    def providers(self) -> list[str]:
+        """The onnxruntime execution providers the session runs on, preferred first."""
+        providers: list[str] = self._session.get_providers()
+        return providers
+
+    def predict(self, volume: Volume, progress: Callable[[int, int], None] | None = None, *,
+                max_voxels: int = _MAX_VOXELS) -> Prediction:
+        """Segment *volume*; raise :class:`InferenceError` on any failure.
+
+        *progress* is called after each batch of tiles with ``(tiles done, tiles in all)``.
+
+        Raises
+        ------
+        VolumeError
+            ``model_grid_too_large``, before anything is allocated, when *volume* resampled to the
+            model's spacing would have more than *max_voxels* voxels (``VolumeLimits.max_voxels``).
+        InferenceError
+            When the model fails or its output is malformed.
+        """
+        started = time.monotonic()
+        prepared = self._prepare(volume, max_voxels)
+        output = self.manifest.output
+        scores = self._scores(prepared.image, progress)
+        order, flips, factors = prepared.order, prepared.flips, prepared.factors
+        if self.manifest.input.resampling == "nnunet":  # logits back to the CT grid, decided there (as nnU-Net)
+            decided = _decide_logits(self._on_ct_grid(scores, prepared), output.kind, output.threshold)
+            factors = [1.0, 1.0, 1.0]
+        else:  # decided and cleaned up on the (small) model grid, then the bits mapped to the CT grid
+            decided = _decide(self._activate(scores), output.kind, output.threshold)
+        grid = ModelGrid(model_affine(volume.affine, order, flips, factors, prepared.shape), order.index(0))
+        bits = postprocess(decided, self.manifest.labels, grid, output.kind)
+        bits = unoriented(back_to_grid(bits, prepared.shape, factors), order, flips)
+        values = {label.name: label.value for label in self.manifest.labels}
+        voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
+        prediction = Prediction(bits, values, voxels, time.monotonic() - started)
+        log.info("inference_done", model=self.manifest.model.name, seconds=round(prediction.seconds, 2),
+                 empty_labels=prediction.empty)
+        return prediction
+
+    def probabilities(self, volume: Volume, *, max_voxels: int = _MAX_VOXELS) -> np.ndarray:
+        """Per-channel probabilities before any decision, ``[channels, *grid]`` in model axis order: on the model
+        grid, or on the CT grid for ``resampling = "nnunet"`` (where nnU-Net computes them)."""
+        prepared = self._prepare(volume, max_voxels)
+        scores = self._scores(prepared.image)
+        if self.manifest.input.resampling == "nnunet":
+            scores = np.stack(list(self._on_ct_grid(scores, prepared)))
+        return self._activate(scores)
+
+    def grid_shapes(self, shape: Sequence[int], spacing: Sequence[float]) -> list[tuple[int, ...]]:
+        """The grids preparing a CT of *shape* and *spacing* (model axis order) allocates: the model's grid,
+        after the prefilter's grid if the manifest has one."""
+        spec = self.manifest.input
+        if spec.resampling == "nnunet":
+            return [nnunet_shape(shape, spacing, spec.spacing_mm)]
+        if spec.prefilter is None:
+            return [linear_shape(shape, [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)])]
+        between = spec.prefilter.spacing_mm
+        filtered = linear_shape(shape, [s / b for s, b in zip(spacing, between, strict=True)])
+        return [filtered, linear_shape(filtered, [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])]
+
+    def _check_grids(self, shape: Sequence[int], spacing: Sequence[float], max_voxels: int) -> None:
+        for grid in self.grid_shapes(shape, spacing):
+            if math.prod(grid) > max_voxels:
+                raise VolumeError("model_grid_too_large", f"{' x '.join(map(str, grid))} voxels on the grid of "
+                                  f"model {self.manifest.model.name}, at most {max_voxels}")
+
+    def _prepare(self, volume: Volume, max_voxels: int) -> _ModelInput:
+        spec = self.manifest.input
+        order, flips = axis_transform(orientation_code(volume.affine), spec.orientation)
+        hu = oriented(volume.hu, order, flips)
+        spacing = [volume.spacing[axis] for axis in order]
+        self._check_grids(hu.shape, spacing, max_voxels)
+        factors = [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)]
+        if spec.resampling == "nnunet":  # normalised first, then a cubic resize (nnU-Net's preprocessing)
+            shape = nnunet_shape(hu.shape, spacing, spec.spacing_mm)
+            image = nnunet_resize(_normalise(hu, spec), shape, spacing, spec.spacing_mm, order=3)
+            return _ModelInput(image, order, flips, factors, hu.shape, spacing)
+        if spec.prefilter is None:
+            resampled = resample_linear(hu, factors)
+        else:  # resample, median-filter on the filter's grid, resample again (corner-aligned, so factors compose)
+            between = spec.prefilter.spacing_mm
+            resampled = resample_median_linear(resample_linear(hu, [s / b for s, b in zip(spacing, between,
+                                                                                            strict=True)]),
+                                               spec.prefilter.size,
+                                               [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])
+        return _ModelInput(_normalise(resampled, spec), order, flips, factors, hu.shape, spacing)
+
+    def _scores(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        spec = self.manifest.input
+        padding = spec.padding_value
+        if padding is None:
+            padding = float(_normalise(np.float32(spec.padding_hu), spec))
+        return self._tiler.scores(image, padding, progress)
+
+    def _on_ct_grid(self, scores: np.ndarray, prepared: _ModelInput) -> Iterator[np.ndarray]:
+        """Each channel's logits resampled to the (oriented) CT grid, linearly as nnU-Net does."""
+        for channel in scores:
+            yield nnunet_resize(channel, prepared.shape, self.manifest.input.spacing_mm, prepared.spacing, order=1)
+
+    def _activate(self, scores: np.ndarray) -> np.ndarray:
+        output = self.manifest.output
+        if not output.logits:
+            return scores
+        if output.kind == "sigmoid":
+            return np.asarray(1 / (1 + np.exp(-scores)), dtype=np.float32)
+        scores -= scores.max(axis=0, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=0, keepdims=True)
+        return scores
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        channels_last = self.manifest.input.layout == "channels_last"
+        feed = np.moveaxis(batch, 1, -1) if channels_last else batch
+        try:
+            (output,) = self._session.run(None, {self._input: np.ascontiguousarray(feed, dtype=np.float32)})[:1]
+        except Exception as exc:
+            raise InferenceError(f"model {self.manifest.model.name} failed on a tile ({type(exc).__name__})") from exc
+        expected = (batch.shape[0], self._channels, *self.manifest.input.output_size)
+        if channels_last:
+            expected = (expected[0], *expected[2:], expected[1])
+        if output.shape != expected:
+            raise InferenceError(f"model output shape {output.shape}, expected {expected}")
+        if not np.isfinite(output).all():
+            raise InferenceError("model output contains NaN or infinite values")
+        result: np.ndarray = output.astype(np.float32, copy=False)
+        return np.moveaxis(result, -1, 1) if channels_last else result
+
+
+def _normalise(hu: np.ndarray | np.float32, spec: InputSpec) -> np.ndarray:
+    norm = spec.normalisation
+    if isinstance(norm, ClipScale):
+        clipped = np.clip(hu, norm.hu_min, norm.hu_max)
+        scaled = (clipped - norm.hu_min) / (norm.hu_max - norm.hu_min) * (norm.out_max - norm.out_min) + norm.out_min
+        return np.asarray(scaled, dtype=np.float32)
+    low = -np.inf if norm.hu_min is None else norm.hu_min
+    high = np.inf if norm.hu_max is None else norm.hu_max
+    return np.asarray((np.clip(hu, low, high) - norm.mean) / norm.std, dtype=np.float32)
+
+
+def _decide_logits(channels: Iterable[np.ndarray], kind: str, threshold: float) -> np.ndarray:
+    """:func:`_decide` on logits, one channel at a time (each a whole CT of floats)."""
+    decided: np.ndarray | None = None
+    if kind == "softmax":  # the first largest logit wins, as argmax; softmax does not change the order
+        best: np.ndarray | None = None
+        for index, logit in enumerate(channels):
+            if best is None or decided is None:
+                best, decided = logit.copy(), np.zeros(logit.shape, dtype=np.uint8)
+                continue
+            decided[logit > best] = index
+            np.maximum(best, logit, out=best)
+    else:
+        cut = math.log(threshold / (1 - threshold))  # sigmoid(x) >= threshold
+        for index, logit in enumerate(channels):
+            if decided is None:
+                decided = np.zeros(logit.shape, dtype=np.uint32)
+            decided |= (logit >= cut).astype(np.uint32) << index
+    assert decided is not None  # a manifest has one channel at least
+    return decided
+
+
+def _decide(scores: np.ndarray, kind: str, threshold: float) -> np.ndarray:
+    """Softmax: the winning class index (0 = background). Sigmoid: bit c set where channel c >= threshold."""
+    if kind == "softmax":
+        winner: np.ndarray = np.argmax(scores, axis=0).astype(np.uint8)
+        return winner
+    dtype = np.uint8 if len(scores) <= 8 else np.uint32
+    bits = np.zeros(scores.shape[1:], dtype=dtype)
+    for channel, score in enumerate(scores):
+        bits |= (score >= threshold).astype(dtype) << channel
+    return bits

@@ -1,0 +1,3 @@
+"""Sending: the C-STORE SCU and the delivery of each task's outbox to its destinations, with retries that survive
+restarts.
+"""
