@@ -14,7 +14,7 @@ Where the facts come from:
   arguments its liver predictor passes (4 pathways at 1, 3, 9, 27; "same" convolutions; instance
   normalisation as a Keras ``Lambda``, ``(x - mean) / (std + 1e-7)``; LeakyReLU 0.01; "linear"
   upsampling = nearest x3 then a 3-voxel average pool), checked layer by layer against a tf2onnx export
-  of the same weights (``shared/models/liver-unet-3mm``; ``tests/test_import_liver.py`` compares outputs);
+  of the same weights (``shared/models/liver-unet-3mm``; ``tests/inference/test_import_liver.py`` compares outputs);
 * the weights: the HDF5 file's ``layer_names`` give the layer order; the 15 ``conv3d_*`` layers are the
   only ones holding weights and are matched in that order;
 * the pre-processing in the manifest: the package's ``predict_liver_lesion_seg.py`` (resample to 1.5 mm,

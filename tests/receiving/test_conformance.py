@@ -10,7 +10,7 @@ from gateway.rt.rtstruct import StructureSetInput
 from gateway.rt.seg import build_segmentation
 from gateway.sending.scu import Sender
 from tests.conftest import REPO
-from tests.test_rtstruct import MANIFEST, _build
+from tests.rt.test_rtstruct import MANIFEST, _build
 
 STATEMENT = (REPO / "docs" / "conformance-statement.md").read_text()
 _UID = re.compile(r"\b1\.2\.840\.10008(?:\.\d+)+\b")

@@ -3,7 +3,7 @@
 Each scene of :mod:`tests.region_phantoms` (curved PET/CT couch with pad, air pockets and blanket; flat RT couch
 with indexing bar and mattress; vacuum bag; thermoplastic mask and head rest; bowel and stomach gas; pelvis with
 the legs apart; trachea above the carina) knows its skin outline and its lungs. The model runs in-process, as
-:mod:`tests.test_default_model` runs it, once per scene; ``pytest -s`` prints the figures. The thresholds are
+:mod:`tests.inference.test_default_model` runs it, once per scene; ``pytest -s`` prints the figures. The thresholds are
 the issue's: External Dice >= 0.97, no lung voxel outside the known lungs (within one model voxel), lungs Dice
 >= 0.95 where present and none elsewhere; one more holds the External off what the patient lies on. One scan
 without lung also goes through a real node, to show that it delivers the External alone.
@@ -24,9 +24,9 @@ from gateway.inference.manifest import load_model_package
 from gateway.inference.predictor import Prediction, Predictor
 from gateway.inference.volume import Volume
 from tests.conftest import REPO, NodeProcess
+from tests.pipeline.test_e2e import send
 from tests.region_phantoms import SCENES, curved_couch_abdomen
 from tests.synthetic import write_volume_series
-from tests.test_e2e import send
 
 DEFAULT = REPO / "models" / "default"
 LUNGS = ("Lung_L", "Lung_R")

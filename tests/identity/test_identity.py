@@ -36,9 +36,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.orthanc import Orthanc, orthanc_running
-from tests.realct import real_chest_ct, real_head_ct
-from tests.synthetic import ct_slice
-from tests.test_e2e import (
+from tests.pipeline.test_e2e import (
     audit_records,
     jobs_of,
     phantom,
@@ -49,6 +47,8 @@ from tests.test_e2e import (
     tps_destination,
     wait_rtstruct,
 )
+from tests.realct import real_chest_ct, real_head_ct
+from tests.synthetic import ct_slice
 
 PATIENT_A = ("ALPHA^CANARY", "ALPHA77")
 PATIENT_B = ("BRAVO^CANARY", "BRAVO88")

@@ -15,7 +15,7 @@ from gateway.inference.manifest import ModelManifest
 from gateway.inference.volume import Volume, volume_from_datasets
 from gateway.rt.rtstruct import StructureSetInput, build_structure_set
 from tests.conftest import require_tool
-from tests.test_volume import series
+from tests.inference.test_volume import series
 
 MANIFEST = ModelManifest.model_validate({
     "model": {"name": "phantom", "version": "1.2"},

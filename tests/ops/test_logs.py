@@ -22,7 +22,7 @@ from gateway.errors import SpoolError
 from gateway.ops.logs import bind_job, configure_logging
 from gateway.ops.process import configure_process
 from tests.conftest import CANARY_ID, CANARY_NAME, NodeProcess
-from tests.test_e2e import phantom, route, send, ui_values
+from tests.pipeline.test_e2e import phantom, route, send, ui_values
 
 #: UIDs with letters: pydicom logs each as an invalid VR UI value, quoting it.
 UID_CANARIES = {"SOPInstanceUID": "1.2.826.0.1.CANARYSOP1", "StudyInstanceUID": "1.2.826.0.1.CANARYSTU2",

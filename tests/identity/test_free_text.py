@@ -40,8 +40,8 @@ from gateway.store.sealing import Purpose, Sealer
 from gateway.store.spool import Spool
 from tests.conftest import key_ring
 from tests.realct import real_ct_slice
+from tests.receiving.test_transfer_syntaxes import ENCODERS, _dcmtk_encode
 from tests.synthetic import ct_slice
-from tests.test_transfer_syntaxes import ENCODERS, _dcmtk_encode
 
 CANARY = b"JOHN^DOE CANARY-4711"
 PIXEL_DATA = 0x7FE00010

@@ -28,9 +28,9 @@ from gateway.inference.predictor import Predictor
 from gateway.inference.volume import volume_from_datasets
 from tests.conftest import REPO, NodeProcess, canaries, require_tool
 from tests.orthanc import Orthanc, orthanc_running
+from tests.pipeline.test_e2e import audit_records, jobs_of, rtstructs_of, send, status, tps_destination, wait_rtstruct
 from tests.realct import four_d_ct, localizer, real_chest_ct, real_ct_slice, real_head_ct, secondary_capture
 from tests.synthetic import CTSeries
-from tests.test_e2e import audit_records, jobs_of, rtstructs_of, send, status, tps_destination, wait_rtstruct
 
 KEEP = "[retention]\nkeep_after_delivery_seconds = 3600"  # status still shows a delivered job
 MODEL_ROIS = ["External", "Lung_L", "Lung_R"]

@@ -45,10 +45,10 @@ from tests.conftest import (
     require_tool,
     spooled_by_sop,
 )
+from tests.inference.test_volume import series
 from tests.onnx_models import manifest, threshold_network
+from tests.receiving.test_hardening import associate_rq, connect, echo
 from tests.synthetic import ct_slice
-from tests.test_hardening import associate_rq, connect, echo
-from tests.test_volume import series
 
 MIB = 1024 * 1024
 CANARIES = [CANARY_NAME, "CANARY", CANARY_ID, CANARY_BIRTH, CANARY_ACCESSION, CANARY_STUDY_PREFIX]
