@@ -132,8 +132,11 @@ class NodeProcess:
                 out.append({"event": "<not json>", "line": line})
         return out
 
-    def wait_for(self, event: str, timeout: float = 20.0, **fields: Any) -> dict[str, Any]:
-        """Wait until a log event named *event* with *fields* appears; return it."""
+    def wait_for(self, event: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """Wait until a log event named *event* with *fields* appears; return it.
+
+        The deadline only bounds a failure: a busy machine may be several times slower than a quiet one.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for item in self.events():
@@ -167,7 +170,7 @@ def start_node(config_path: Path, log_path: Path, env: dict[str, str] | None = N
                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                    start_new_session=True)
     node = NodeProcess(config_path, log_path, process, log_offset=offset)
-    started = node.wait_for("node_started")
+    started = node.wait_for("node_started", timeout=120)
     node.port = int(started["port"] or 0)
     node.tls_port = int(started["tls_port"] or 0)
     return node

@@ -2,8 +2,9 @@
 
 Each job's entry is one file in ``data_dir/vault``, sealed under the vault's own key
 (:attr:`gateway.store.sealing.Purpose.VAULT`, derived from the job's data key, so shredding the job
-shreds its entry). Only the pipeline and :mod:`gateway.identity.reidentify` import this module;
-code that handles pseudonymised data cannot (``tests/test_privacy_boundary.py``).
+shreds its entry). Only :mod:`gateway.identity.stages` imports this module; nothing under
+:mod:`gateway.inference` or :mod:`gateway.rt` can reach it (the import graph is checked by
+``tests/test_privacy_boundary.py``).
 """
 
 from __future__ import annotations

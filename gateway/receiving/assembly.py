@@ -27,8 +27,9 @@ from pydicom.errors import InvalidDicomError
 from gateway.config import Peer
 from gateway.errors import CryptoError
 from gateway.failpoints import failpoint
-from gateway.store.jobs import Job, JobState, JobStore, RecordOutcome, Reservation
+from gateway.store.jobs import Job, JobState, JobStore
 from gateway.store.keys import KeyRing
+from gateway.store.receptions import RecordOutcome, Reservation
 from gateway.store.sealing import Purpose, Sealer
 from gateway.store.spool import Spool
 

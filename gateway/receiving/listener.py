@@ -105,6 +105,7 @@ class Listener:
             self._spawn(index)
         try:
             self._await_ready(time.monotonic() + _READY_TIMEOUT_S)
+            log.info("receivers_ready", receivers=len(self._workers))
             if node.plain:
                 self._socket = self._listen(node.port, _PLAIN)
             if node.tls is not None:
@@ -127,6 +128,7 @@ class Listener:
                 worker = waiting.pop(control)
                 self._on_worker_message(worker)
                 if not worker.ready:
+                    worker.process.join(timeout=5)
                     raise StartupError(f"receiver process {worker.index} exited while starting "
                                        f"(exit code {worker.process.exitcode})")
 
@@ -140,9 +142,9 @@ class Listener:
                     advice="set node.plain = false to accept DICOM TLS only, or plain = true to keep this port")
 
     def healthy(self) -> bool:
-        """Whether connections are being accepted and at least one receiver process is alive."""
+        """Whether connections are being accepted and at least one receiver process can serve them."""
         accepting = self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
-        return accepting and any(w.alive and w.process.is_alive() for w in self._workers)
+        return accepting and any(w.alive and w.ready and w.process.is_alive() for w in self._workers)
 
     def _listen(self, port: int, kind: _Listening) -> socket.socket:
         bind = self._config.node.bind

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from gateway.config import GatewayConfig
+from gateway.failpoints import failpoint
 from gateway.ops.logs import configure_logging
 from gateway.ops.metrics import NodeCounters
 from gateway.ops.process import configure_process
@@ -73,6 +74,7 @@ def run_receiver(config: GatewayConfig, control: socket.socket, index: int, coun
                                  store_handlers(assembler, config.limits), _closed,
                                  disk_low=DiskWatermark(config).low, tls=tls,
                                  counters=NodeCounters(node_counters, row=index + 1))
+    failpoint("receiver:ready")  # a receiver still importing on a busy machine
     with send_lock:
         control.send(MSG_READY)
     try:

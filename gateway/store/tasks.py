@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.errors import JobNotFoundError
-from gateway.store.jobs import JobState, JobStore, forget_tasks
+from gateway.store.database import forget_tasks
+from gateway.store.jobs import JobState, JobStore
 
 __all__ = ["JOB_STAGE", "Delivery", "DeliveryState", "Export", "NewTask", "StageTime", "Task", "TaskStore"]
 

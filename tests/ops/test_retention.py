@@ -23,7 +23,7 @@ from gateway.store.keys import KeyRing
 from gateway.store.sealing import Purpose, Sealer
 from gateway.store.spool import Spool
 from gateway.store.tasks import Export, TaskStore
-from tests.conftest import REPO, NodeProcess, dcmtk_env, key_config, key_ring, require_tool
+from tests.conftest import REPO, NodeProcess, dcmtk_env, free_port, key_config, key_ring, require_tool
 from tests.identity.test_pseudonymise import CanaryStudy, canary_study  # noqa: F401 (a fixture)
 
 T0 = 1_800_000_000.0
@@ -167,7 +167,7 @@ def test_overdue_studies_are_gone_before_the_first_association_after_downtime(
 
 def test_the_running_node_sweeps_on_schedule_and_failed_deliveries_wait_for_the_deadline(
         node_factory: Callable[..., NodeProcess], canary_study: CanaryStudy) -> None:  # noqa: F811
-    closed = {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 9, "retry": {"max_attempts": 1}}
+    closed = {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": free_port(), "retry": {"max_attempts": 1}}
     route = {"name": "ct", "match": {"Modality": "CT"}, "model": "default", "destinations": ["tps"]}
     node = node_factory(destinations=[closed], routes=[route], extra="[retention]\nsweep_interval_seconds = 1")
     _send(node, canary_study.files)

