@@ -16,6 +16,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import NodeProcess, canaries, dcmtk_env, require_tool
+from tests.receiving.test_receive import receiver_pids
 from tests.synthetic import couch_phantom, write_volume_series
 
 ROUTE = {"name": "thorax", "match": {"Modality": "CT"}, "model": "default", "destinations": ["folder"]}
@@ -67,34 +68,17 @@ def test_metrics_after_a_study_and_health(node_factory: Callable[..., NodeProces
     assert not [canary for canary in canaries(ct) if canary in exposition]
 
 
-def _receivers(pid: int) -> list[int]:
-    """The receiver processes of node *pid* now (children of any of its threads: the listener respawns them)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:  # the thread ended
-            continue
-        for child in map(int, children):
-            try:
-                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:  # the process ended
-                continue
-    return found
-
-
 def test_healthz_is_unhealthy_while_no_receiver_runs(node_factory: Callable[..., NodeProcess]) -> None:
     node = node_factory()
     port = int(node.wait_for("node_started")["metrics_port"])
     assert _get(port, "/healthz")[0] == 200
-    assert len(_receivers(node.process.pid)) == 4
+    assert len(receiver_pids(node)) == 4
     # Kill every receiver until none runs. A receiver that dies within 5 s of its start is replaced only after a
     # crash-loop pause, while one that ran longer (the first ones, on a busy machine) is replaced at once: killing
     # the replacements too makes the pause, during which no receiver runs, happen whatever the machine's speed.
     deadline = time.monotonic() + 60
     while True:
-        for pid in _receivers(node.process.pid):
+        for pid in receiver_pids(node):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         status, body = _get(port, "/healthz")

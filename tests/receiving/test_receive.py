@@ -40,6 +40,27 @@ def storescu(port: int, files: list[Path], *, calling: str = "PACS", called: str
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
 
+def receiver_pids(node: NodeProcess) -> list[int]:
+    """The node's receiver processes now, ready or still starting, whichever start method the node uses: its children
+    started with ``spawn``, or the children of its ``forkserver`` (whose command line they share)."""
+    group: dict[int, tuple[int, bytes]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # the process ended
+            continue
+        state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == node.process.pid and state != "Z":
+            group[int(entry.name)] = (int(ppid), cmdline)
+    servers = {pid for pid, (ppid, cmdline) in group.items()
+               if ppid == node.process.pid and b"multiprocessing.forkserver" in cmdline}
+    return sorted(pid for pid, (ppid, cmdline) in group.items()
+                  if ppid in servers or (ppid == node.process.pid and b"spawn_main" in cmdline))
+
+
 def jobs_table(data_dir: Path) -> list[tuple[str, str, int]]:
     with sqlite3.connect(data_dir / "gateway.db") as db:
         return db.execute("SELECT job_id, state, instance_count FROM jobs ORDER BY created_at").fetchall()
@@ -282,9 +303,7 @@ def test_completion_timer_survives_a_restart(node_factory: Callable[..., NodePro
 def test_a_dead_receiver_process_is_replaced(node_factory: Callable[..., NodeProcess],
                                              ct_series: Callable[..., CTSeries]) -> None:
     node = node_factory(extra_node="receive_workers = 2")
-    children = [int(pid) for task in Path(f"/proc/{node.process.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
-    receivers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    receivers = receiver_pids(node)
     assert len(receivers) == 2
     os.kill(receivers[0], signal.SIGKILL)
     died = node.wait_for("receiver_process_died", timeout=60)

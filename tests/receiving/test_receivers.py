@@ -15,9 +15,8 @@ from tests.conftest import NodeProcess, free_port, start_node, write_config
 
 
 def _receivers(node: NodeProcess) -> list[int]:
-    children = [int(pid) for task in Path(f"/proc/{node.process.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
-    return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    """The pids of the node's receiver processes that reported ready (the latest one per receiver)."""
+    return list({e["worker"]: e["pid"] for e in node.events() if e["event"] == "receiver_ready"}.values())
 
 
 def _connects(port: int) -> bool:
