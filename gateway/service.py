@@ -83,7 +83,7 @@ class Node:
         except StartupError:
             raise
         except OSError as exc:
-            raise StartupError(f"cannot start receiving ({exc.strerror})") from exc
+            raise StartupError(f"cannot start receiving ({exc.strerror or type(exc).__name__})") from exc
         self._runner.start()  # resumes every unfinished job where it stopped
         self._schedule = SweepSchedule(self._shredder, self.config.retention.sweep_interval_seconds)
         self._schedule.start()

@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edges", action="store_true", help="list every edge")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the package folder to read (default: this tree's)")
     args = parser.parse_args(argv)
-    graph = build()
+    graph = build(args.root.resolve())
     result = summary(graph)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.forkserver
 import select
 import selectors
 import socket
@@ -38,6 +39,21 @@ _HANDOVER_TIMEOUT_S = 2.0
 _CRASH_LOOP_SECONDS = 5.0
 #: How long start-up waits for every receiver process to report ready (imports on a busy machine take seconds).
 _READY_TIMEOUT_S = 120.0
+
+
+def _receiver_context() -> Any:
+    """Receivers are forked from a server process that imported their code once, so four receivers start (and a
+    dead one is replaced) without four cold imports; that server has no threads and none of our sockets. It
+    listens on a Unix socket under ``TMPDIR``: where that path would be too long (108 bytes), receivers are
+    started by ``spawn`` instead, each importing its code (slower to start, the same once running)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["gateway.receiving.receiver"])
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except OSError as exc:
+        log.warning("receiver_forkserver_unavailable", error=type(exc).__name__, fallback="spawn")
+        return multiprocessing.get_context("spawn")
+    return context
 
 
 @dataclass(frozen=True)
@@ -71,10 +87,7 @@ class Listener:
 
     def __init__(self, config: GatewayConfig) -> None:
         self._config = config
-        # Receivers are forked from a server process that imported their code once: four receivers start (and a
-        # dead one is replaced) without four cold imports. It has no threads and no sockets of ours: safe to fork.
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["gateway.receiving.receiver"])
+        self._context = _receiver_context()
         self._workers: list[_Worker] = []
         self._selector = selectors.DefaultSelector()
         self._stopping = threading.Event()
