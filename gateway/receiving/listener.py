@@ -72,7 +72,7 @@ def _bound(sock: socket.socket | None) -> tuple[str, int] | None:
 
 
 @dataclass
-class _Worker:
+class _Receiver:
     index: int
     process: Any
     control: socket.socket
@@ -88,7 +88,7 @@ class Listener:
     def __init__(self, config: GatewayConfig) -> None:
         self._config = config
         self._context = _receiver_context()
-        self._workers: list[_Worker] = []
+        self._receivers: list[_Receiver] = []
         self._selector = selectors.DefaultSelector()
         self._stopping = threading.Event()
         self._spawning = threading.Lock()  # no receiver is spawned once stop() has begun
@@ -121,7 +121,7 @@ class Listener:
             self._spawn(index)
         try:
             self._await_ready(time.monotonic() + _READY_TIMEOUT_S)
-            log.info("receivers_ready", receivers=len(self._workers))
+            log.info("receivers_ready", receivers=len(self._receivers))
             if node.plain:
                 self._socket = self._listen(node.port, _PLAIN)
             if node.tls is not None:
@@ -134,19 +134,19 @@ class Listener:
         self._thread.start()
 
     def _await_ready(self, deadline: float) -> None:
-        waiting = {worker.control: worker for worker in self._workers}
+        waiting = {receiver.control: receiver for receiver in self._receivers}
         while waiting:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 raise StartupError(f"{len(waiting)} receiver process(es) not ready after {_READY_TIMEOUT_S:.0f} s")
             readable, _, _ = select.select(list(waiting), [], [], timeout)
             for control in readable:
-                worker = waiting.pop(control)
-                self._on_worker_message(worker)
-                if not worker.ready:
-                    worker.process.join(timeout=5)
-                    raise StartupError(f"receiver process {worker.index} exited while starting "
-                                       f"(exit code {worker.process.exitcode})")
+                receiver = waiting.pop(control)
+                self._on_receiver_message(receiver)
+                if not receiver.ready:
+                    receiver.process.join(timeout=5)
+                    raise StartupError(f"receiver process {receiver.index} exited while starting "
+                                       f"(exit code {receiver.process.exitcode})")
 
     def _warn_unauthenticated_plain_port(self) -> None:
         # With [node.tls], a plain port left open by default is easy to miss: anyone on a peer's address
@@ -160,7 +160,7 @@ class Listener:
     def healthy(self) -> bool:
         """Whether connections are being accepted and at least one receiver process can serve them."""
         accepting = self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
-        return accepting and any(w.alive and w.ready and w.process.is_alive() for w in self._workers)
+        return accepting and any(w.alive and w.ready and w.process.is_alive() for w in self._receivers)
 
     def _listen(self, port: int, kind: _Listening) -> socket.socket:
         bind = self._config.node.bind
@@ -191,12 +191,12 @@ class Listener:
         )
         process.start()
         child_end.close()
-        worker = _Worker(index, process, parent_end, started_at=time.monotonic())
-        if index < len(self._workers):
-            self._workers[index] = worker
+        receiver = _Receiver(index, process, parent_end, started_at=time.monotonic())
+        if index < len(self._receivers):
+            self._receivers[index] = receiver
         else:
-            self._workers.append(worker)
-        self._selector.register(parent_end, selectors.EVENT_READ, worker)
+            self._receivers.append(receiver)
+        self._selector.register(parent_end, selectors.EVENT_READ, receiver)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -205,7 +205,7 @@ class Listener:
                     if isinstance(key.data, _Listening):
                         self._accept(cast(socket.socket, key.fileobj), key.data)
                     else:
-                        self._on_worker_message(key.data)
+                        self._on_receiver_message(key.data)
             except Exception as exc:  # the node must keep accepting whatever one connection did
                 log.error("listener_error", exc_info=exc)
 
@@ -228,7 +228,7 @@ class Listener:
         self._dispatch(conn, kind.message)
 
     def _dispatch(self, conn: socket.socket, message: bytes) -> None:
-        live = [w for w in self._workers if w.alive]
+        live = [w for w in self._receivers if w.alive]
         if not live:
             conn.close()
             log.error("connection_dropped", reason="no_receiver_process")
@@ -239,46 +239,46 @@ class Listener:
             self.counters.add("association_too_many_pending_connections")
             log.warning("connection_refused", reason="too_many_pending_connections", pending=pending)
             return
-        worker = min(live, key=lambda w: (not w.ready, w.active))  # a respawned receiver may still be importing
+        receiver = min(live, key=lambda w: (not w.ready, w.active))  # a respawned receiver may still be importing
         try:
-            socket.send_fds(worker.control, [message], [conn.fileno()])
-            worker.active += 1
+            socket.send_fds(receiver.control, [message], [conn.fileno()])
+            receiver.active += 1
         except OSError:
-            log.error("connection_dropped", reason="receiver_unreachable", worker=worker.index)
+            log.error("connection_dropped", reason="receiver_unreachable", worker=receiver.index)
         finally:
             conn.close()
 
-    def _on_worker_message(self, worker: _Worker) -> None:
+    def _on_receiver_message(self, receiver: _Receiver) -> None:
         try:
-            data = worker.control.recv(16)
+            data = receiver.control.recv(16)
         except OSError:
             data = b""
         if data == MSG_CLOSED:
-            worker.active = max(0, worker.active - 1)
+            receiver.active = max(0, receiver.active - 1)
             return
         if data == MSG_READY:
-            worker.ready = True
-            log.info("receiver_ready", worker=worker.index, pid=worker.process.pid)
+            receiver.ready = True
+            log.info("receiver_ready", worker=receiver.index, pid=receiver.process.pid)
             return
         if not data:
-            self._on_worker_exit(worker)
+            self._on_receiver_exit(receiver)
 
-    def _on_worker_exit(self, worker: _Worker) -> None:
-        self._selector.unregister(worker.control)
-        worker.control.close()
-        worker.alive = False
+    def _on_receiver_exit(self, receiver: _Receiver) -> None:
+        self._selector.unregister(receiver.control)
+        receiver.control.close()
+        receiver.alive = False
         with self._associated.get_lock():  # its associations died with it
-            self._associated[worker.index] = 0
-        worker.active = 0
+            self._associated[receiver.index] = 0
+        receiver.active = 0
         if self._stopping.is_set() or self._thread is None:  # stopping, or still starting (start() reports it)
             return
-        worker.process.join(timeout=1)
-        log.error("receiver_process_died", worker=worker.index, exitcode=worker.process.exitcode)
+        receiver.process.join(timeout=1)
+        log.error("receiver_process_died", worker=receiver.index, exitcode=receiver.process.exitcode)
         # A receiver that cannot start must not be respawned in a tight loop; stop() cuts the wait short, and
         # no receiver is spawned after it began (its shared counters' semaphores go with the node).
-        if time.monotonic() - worker.started_at < _CRASH_LOOP_SECONDS and self._stopping.wait(_CRASH_LOOP_SECONDS):
+        if time.monotonic() - receiver.started_at < _CRASH_LOOP_SECONDS and self._stopping.wait(_CRASH_LOOP_SECONDS):
             return
-        self._spawn(worker.index)
+        self._spawn(receiver.index)
 
     def stop(self) -> None:
         """Stop accepting, let receivers finish the associations in flight, and reap them."""
@@ -292,18 +292,18 @@ class Listener:
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(sock)
                 sock.close()
-        for worker in self._workers:
-            if worker.alive:
+        for receiver in self._receivers:
+            if receiver.alive:
                 with contextlib.suppress(OSError):
-                    worker.control.send(MSG_QUIT)
+                    receiver.control.send(MSG_QUIT)
         deadline = time.monotonic() + DRAIN_SECONDS + 5
-        for worker in self._workers:
-            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                log.error("receiver_process_killed", worker=worker.index)
-                worker.process.kill()
-                worker.process.join()
-            if worker.alive:
-                worker.control.close()
+        for receiver in self._receivers:
+            receiver.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if receiver.process.is_alive():
+                log.error("receiver_process_killed", worker=receiver.index)
+                receiver.process.kill()
+                receiver.process.join()
+            if receiver.alive:
+                receiver.control.close()
         self._selector.close()
 
