@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import os
+import secrets
 import signal
 import sqlite3
 import sys
@@ -75,7 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _shred(path: str, dry_run: bool, loop: bool) -> int:
-
     config, ignored = load_sweep_config(path)  # the rest of the file may be invalid: retention must not wait
     configure_logging(config.logging.level, config.logging.format, stream=sys.stderr)
     for problem in ignored:
@@ -122,9 +124,6 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _keygen(out: str | None, env_file: str | None) -> int:
-    import base64
-    import secrets
-
 
     key = secrets.token_bytes(32)
     path = Path(out or env_file or "")
@@ -139,8 +138,6 @@ def _keygen(out: str | None, env_file: str | None) -> int:
 
 
 def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
-    import os
-
 
     spool = Spool(config.node.data_dir)
     ring = KeyRing.open(config)
@@ -160,7 +157,6 @@ def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
 
 
 def _audit_verify(config: GatewayConfig) -> int:
-
     spool = Spool(config.node.data_dir)
     ceiling = config.retention.max_age_seconds
     held: dict[str, float] = {}
@@ -190,7 +186,6 @@ def _audit_verify(config: GatewayConfig) -> int:
 
 
 def _status(config: GatewayConfig) -> int:
-
     spool = Spool(config.node.data_dir)
     if not spool.database_path.exists():
         print("no jobs (the node has not run with this data_dir yet)")
@@ -205,7 +200,6 @@ def _status(config: GatewayConfig) -> int:
 
 
 def _complete(config: GatewayConfig, job_id: str) -> int:
-
     spool = Spool(config.node.data_dir)
     spool.prepare()
     jobs = JobStore(spool.database_path)
@@ -218,7 +212,6 @@ def _complete(config: GatewayConfig, job_id: str) -> int:
 
 
 def _echo(config: GatewayConfig, name: str) -> int:
-
     try:
         destination = config.destination(name)
     except KeyError:
