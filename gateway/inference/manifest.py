@@ -44,6 +44,8 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     fill_holes = true
     min_volume_ml = 0.0
     volume_ml = [500, 150000]    # plausible volume, for contour QA
+    contiguous = true            # contour QA: no empty slice between its first and last
+    # exclusive_with = ["Lung_R"] # contour QA: never shares a voxel with these labels
     # within = "External"        # keep only what lies inside an earlier label (lungs: never in a couch pad)
 
 Post-processing runs per label in manifest order: within, side, components, length along the patient,
@@ -201,6 +203,10 @@ class Label(_Model):
     volume_ml: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] | None = None
     channel: Annotated[int, Field(ge=1, le=255)] | None = None
     side: Literal["left", "right"] | None = None
+    #: For contour QA: the structure has no empty slice between its first and last (an organ, not a chain).
+    contiguous: bool = False
+    #: For contour QA: labels this one never shares a voxel with (the two lungs).
+    exclusive_with: tuple[str, ...] = ()
     #: The model ("name version") that found this label, where a route merges several models' labels.
     origin: str | None = None
 
@@ -243,6 +249,8 @@ class ModelManifest(_Model):
         for index, label in enumerate(self.labels):
             if label.within is not None and label.within not in names[:index]:
                 raise ValueError(f"label {label.name!r}: within must name a label listed before it")
+            if set(label.exclusive_with) - set(names) or label.name in label.exclusive_with:
+                raise ValueError(f"label {label.name!r}: exclusive_with must name other labels of the model")
             if label.volume_ml is not None and label.volume_ml[0] >= label.volume_ml[1]:
                 raise ValueError(f"label {label.name!r}: volume_ml must be [smallest, largest]")
         if self.input.resampling == "nnunet" and not self.output.logits:

@@ -194,6 +194,12 @@ class TestManifest:
         threshold_network(tmp_path / "v" / "model.onnx")
         with pytest.raises(ConfigError, match=r"volume_ml must be \[smallest, largest\]"):
             load_model_package(folder)
+        for name, exclusive in (("x", ["Absent"]), ("y", ["Bright"])):
+            folder = manifest(tmp_path / name, labels=[
+                {"value": 1, "name": "Bright", "colour": [1, 2, 3], "exclusive_with": exclusive}])
+            threshold_network(tmp_path / name / "model.onnx")
+            with pytest.raises(ConfigError, match="exclusive_with must name other labels of the model"):
+                load_model_package(folder)
 
     def test_sigmoid_labels_must_match_channels(self, tmp_path: Path) -> None:
         threshold_network(tmp_path / "s" / "model.onnx")

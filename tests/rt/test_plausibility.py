@@ -1,0 +1,148 @@
+"""Plausibility checks on the default model's contours of real chest CTs: clean cases pass, injected faults are
+flagged with the right reason and nothing else, whatever way the volume's axes run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from gateway.inference.manifest import ModelManifest, load_model_package
+from gateway.inference.predictor import Predictor
+from gateway.inference.volume import Volume, volume_from_datasets
+from gateway.rt.plausibility import Finding, Outcome, check_structures, expected_side
+from tests.conftest import REPO
+from tests.realct import real_chest_ct
+
+DEFAULT = REPO / "models" / "default"
+
+
+@pytest.fixture(scope="module")
+def manifest() -> ModelManifest:
+    return load_model_package(DEFAULT).manifest
+
+
+@pytest.fixture(scope="module", params=["lung1", "lung2"])
+def contoured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              manifest: ModelManifest) -> tuple[Volume, dict[str, np.ndarray]]:
+    """A real chest CT and the default model's masks on it."""
+    folder: Path = tmp_path_factory.mktemp(request.param)
+    series = real_chest_ct(folder, source=request.param)
+    volume = volume_from_datasets([pydicom.dcmread(path) for path in series.files])
+    prediction = Predictor(load_model_package(DEFAULT)).predict(volume)
+    return volume, {name: prediction.mask(name) for name in prediction.values}
+
+
+def _flagged(findings: list[Finding]) -> set[tuple[str, str, str | None]]:
+    return {(f.structure, f.outcome.value, f.reason) for f in findings if f.outcome is not Outcome.PASS}
+
+
+def _inner(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The masks without the slices at either end of the scan (lungs in these CTs reach the scan range)."""
+    return {name: np.concatenate([np.zeros_like(mask[:1]), mask[1:-1], np.zeros_like(mask[:1])])
+            for name, mask in masks.items()}
+
+
+def test_the_clean_contours_pass_every_check(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                             manifest: ModelManifest) -> None:
+    volume, masks = contoured
+    as_scanned = _flagged(check_structures(volume, masks, manifest))
+    # These scans cover part of the chest: each lung reaches one end of the scan range, which is worth a warning.
+    assert as_scanned <= {("Lung_L", "warn", "touches_scan_edge"), ("Lung_R", "warn", "touches_scan_edge")}
+    findings = check_structures(volume, _inner(masks), manifest)
+    assert _flagged(findings) == set()
+    checks = {(f.structure, f.check) for f in findings}
+    assert {("Lung_L", "laterality"), ("Lung_R", "laterality"), ("Lung_L", "volume"), ("External", "volume"),
+            ("Lung_L", "inside_external"), ("Lung_R", "continuity"), ("Lung_L", "overlap:Lung_R")} <= checks
+    lateral = {f.structure: f.value for f in findings if f.check == "laterality"}
+    assert lateral["Lung_L"] > 50 and lateral["Lung_R"] < -50  # mm from the body's midline, towards each side
+
+
+def test_lungs_reaching_the_scan_range_may_be_cut_off(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                                      manifest: ModelManifest) -> None:
+    volume, masks = contoured
+    cut = {name: mask.copy() for name, mask in _inner(masks).items()}
+    top = int(np.flatnonzero(cut["Lung_R"].any(axis=(1, 2)))[len(np.flatnonzero(cut["Lung_R"].any(axis=(1, 2)))) // 2])
+    cut = {name: mask[top:] for name, mask in cut.items()}  # the scan starts in the middle of the lungs
+    cropped = replace(volume, hu=volume.hu[top:], affine=_shifted(volume.affine, top),
+                      sop_instance_uids=volume.sop_instance_uids[top:])
+    flagged = _flagged(check_structures(cropped, cut, manifest))
+    assert flagged == {("Lung_L", "warn", "touches_scan_edge"), ("Lung_R", "warn", "touches_scan_edge")}
+
+
+def test_left_and_right_swapped_fail_laterality_and_nothing_else(
+        contoured: tuple[Volume, dict[str, np.ndarray]], manifest: ModelManifest) -> None:
+    volume, masks = contoured
+    swapped = _inner(masks)
+    swapped["Lung_L"], swapped["Lung_R"] = swapped["Lung_R"], swapped["Lung_L"]
+    flagged = _flagged(check_structures(volume, swapped, manifest))
+    assert flagged == {("Lung_L", "fail", "laterality_swapped"), ("Lung_R", "fail", "laterality_swapped")}
+
+
+def test_a_lung_moved_out_of_the_body_is_flagged(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                                 manifest: ModelManifest) -> None:
+    volume, masks = contoured
+    moved = _inner(masks)
+    first_row = int(np.flatnonzero(moved["Lung_L"].any(axis=(0, 2)))[0])
+    moved["Lung_L"] = np.roll(moved["Lung_L"], -first_row, axis=1)  # anterior, through the chest wall
+    lung = moved["Lung_L"]
+    assert (lung & ~moved["External"]).sum() > 0.15 * lung.sum()  # the fault is real: a sixth or more in the air
+    flagged = _flagged(check_structures(volume, moved, manifest))
+    assert ("Lung_L", "fail", "outside_external") in flagged
+    assert {item for item in flagged if item[0] != "Lung_L"} == set()
+
+
+def test_a_hole_of_empty_slices_a_tiny_lung_and_an_overlap_are_flagged(
+        contoured: tuple[Volume, dict[str, np.ndarray]], manifest: ModelManifest) -> None:
+    volume, masks = contoured
+    faulty = _inner(masks)
+    slices = np.flatnonzero(faulty["Lung_R"].any(axis=(1, 2)))
+    faulty["Lung_R"][slices[len(slices) // 2]:slices[len(slices) // 2] + 2] = False
+    left = np.flatnonzero(faulty["Lung_L"].any(axis=(1, 2)))
+    tiny = np.zeros_like(faulty["Lung_L"])
+    middle = left[len(left) // 2]
+    row, column = np.argwhere(faulty["Lung_L"][middle])[0]
+    tiny[middle, row:row + 20, column:column + 20] = faulty["Lung_L"][middle, row:row + 20, column:column + 20]
+    faulty["Lung_L"] = tiny  # a patch of one slice: far below any lung's volume
+    faulty["Lung_R"][middle] |= tiny[middle]  # and the right lung claims it too
+    flagged = _flagged(check_structures(volume, faulty, manifest))
+    assert flagged == {("Lung_R", "fail", "empty_slices_inside"), ("Lung_L", "fail", "volume_too_small"),
+                       ("Lung_L", "fail", "overlaps_exclusive_structure"),
+                       ("Lung_R", "fail", "overlaps_exclusive_structure")}
+
+
+@pytest.mark.parametrize("flip", [(0,), (2,), (1, 2), (0, 1, 2)], ids=["feet_first", "mirrored", "prone", "all"])
+def test_the_same_anatomy_stored_along_other_axes_gives_the_same_findings(
+        contoured: tuple[Volume, dict[str, np.ndarray]], manifest: ModelManifest, flip: tuple[int, ...]) -> None:
+    """Arrays running the other way (feet first, prone, mirrored columns) with a matching affine: LPS is unchanged,
+    so laterality and every other figure are too; swapping the lungs still fails."""
+    volume, masks = contoured
+    clean = _inner(masks)
+    affine = volume.affine.copy()
+    for axis in flip:
+        affine[:3, 3] += affine[:3, axis] * (volume.shape[axis] - 1)
+        affine[:3, axis] *= -1
+    turned = replace(volume, hu=np.flip(volume.hu, flip), affine=affine)
+    flipped = {name: np.flip(mask, flip) for name, mask in clean.items()}
+    expected = check_structures(volume, clean, manifest)
+    found = check_structures(turned, flipped, manifest)
+    assert [(f.structure, f.check, f.outcome) for f in found] == [(f.structure, f.check, f.outcome) for f in expected]
+    assert [f.value for f in found] == pytest.approx([f.value for f in expected], abs=0.2)
+    flipped["Lung_L"], flipped["Lung_R"] = flipped["Lung_R"], flipped["Lung_L"]
+    assert ("Lung_L", "fail", "laterality_swapped") in _flagged(check_structures(turned, flipped, manifest))
+
+
+def test_side_comes_from_the_manifest_or_the_tg263_suffix(manifest: ModelManifest) -> None:
+    labels = {label.name: label for label in manifest.labels}
+    assert [expected_side(labels[name]) for name in ("External", "Lung_L", "Lung_R")] == [None, "left", "right"]
+    assert expected_side(labels["External"].model_copy(update={"name": "Parotid_R"})) == "right"
+    assert expected_side(labels["External"].model_copy(update={"name": "Kidney_L"})) == "left"
+
+
+def _shifted(affine: np.ndarray, slices: int) -> np.ndarray:
+    moved = affine.copy()
+    moved[:3, 3] += affine[:3, 0] * slices
+    return moved
