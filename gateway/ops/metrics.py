@@ -89,6 +89,8 @@ class Metrics:
                                     registry=self.registry)
         self._failures = Counter("gateway_failures_total", "Jobs and series that ended failed, by stage and reason "
                                  "code (nothing was sent for them)", ["stage", "reason"], registry=self.registry)
+        self._qa = Counter("gateway_qa_checks_total", "Contour plausibility checks, by check and outcome",
+                           ["check", "outcome"], registry=self.registry)
         self.state = _StateCollector(counters, jobs, data_dir, max_age_seconds)
         self.registry.register(self.state)
 
@@ -104,6 +106,10 @@ class Metrics:
     def failure(self, stage: str, reason: str) -> None:
         """A job or series ended failed at *stage* with *reason* (a code, never patient data)."""
         self._failures.labels(stage, reason).inc()
+
+    def qa_check(self, check: str, outcome: str) -> None:
+        """One plausibility check of one structure ended ``pass``, ``warn`` or ``fail``."""
+        self._qa.labels(check.split(":", 1)[0], outcome).inc()
 
     def delivery(self, destination: str, outcome: str) -> None:
         """A delivery ended (``sent`` or ``dead_letter``)."""

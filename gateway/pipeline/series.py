@@ -22,12 +22,14 @@ from gateway.errors import CryptoError, InferenceError, ReidentificationError, S
 from gateway.failpoints import failpoint
 from gateway.identity.stages import reidentify_task
 from gateway.inference.ensemble import decode_masks, encode_masks, infer
+from gateway.inference.manifest import ModelManifest
 from gateway.inference.model_cache import Predictors
 from gateway.inference.predictor import Prediction
 from gateway.inference.progress import InferenceProgress, SpeedMemory
 from gateway.inference.volume import Volume, VolumeLimits, volume_from_datasets
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
+from gateway.rt.plausibility import Finding, Outcome, check_structures
 from gateway.rt.results import build_results, encode_results, structure_set_picture
 from gateway.sending.delivery import deliver_due, outcome
 from gateway.sending.scu import Sender
@@ -125,9 +127,10 @@ class SeriesStages:
         series = series or self._load(task)
         if masks is None:
             masks = decode_masks(load_output(self._ctx, task.job_id, task.task_no, "masks"))
+        manifest = self._predictors.manifest(route.models)
+        findings = self._plausibility(series.volume, masks, manifest)
         try:
-            results = build_results(series.volume, series.datasets, masks, self._predictors.manifest(route.models),
-                                    route)
+            results = build_results(series.volume, series.datasets, masks, manifest, route, findings)
         except StructureSetError as exc:
             raise _TaskFailed(exc.reason) from exc
         save_outputs(self._ctx, task.job_id, task.task_no, "pseudo", encode_results(results))
@@ -136,7 +139,20 @@ class SeriesStages:
                         structure_set_picture(series.volume, masks, results[0], route))
         contours = sum(len(getattr(item, "ContourSequence", [])) for item in results[0].ROIContourSequence)
         return self._commit(task, JobState.STRUCTURED, "structure", started, results=len(results),
-                            structures=len(results[0].StructureSetROISequence), contours=contours)
+                            structures=len(results[0].StructureSetROISequence), contours=contours,
+                            qa_warnings=sum(f.outcome is Outcome.WARN for f in findings),
+                            qa_failures=sum(f.outcome is Outcome.FAIL for f in findings))
+
+    def _plausibility(self, volume: Volume, masks: dict[str, np.ndarray], manifest: ModelManifest) -> list[Finding]:
+        """Check every structure; each flag is logged and every outcome counted (structure names and codes only)."""
+        findings = check_structures(volume, masks, manifest)
+        for finding in findings:
+            if finding.outcome is not Outcome.PASS:
+                log.warning("qa_flagged", structure=finding.structure, check=finding.check,
+                            outcome=finding.outcome.value, reason=finding.reason, value=finding.value)
+            if self._metrics is not None:
+                self._metrics.qa_check(finding.check, finding.outcome.value)
+        return findings
 
     def _commit(self, task: Task, state: JobState, stage: str, started: float, *,
                 deliveries: list[tuple[int, str]] | None = None, **counts: int) -> JobState:

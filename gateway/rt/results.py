@@ -12,6 +12,7 @@ from pydicom.filewriter import dcmwrite
 from gateway.inference.manifest import ModelManifest
 from gateway.inference.volume import Volume
 from gateway.routes import Route
+from gateway.rt.plausibility import Finding, Outcome
 from gateway.rt.qa_picture import qa_picture
 from gateway.rt.rtstruct import StructureSetInput, build_structure_set
 from gateway.rt.seg import build_segmentation
@@ -20,9 +21,18 @@ __all__ = ["build_results", "encode_results", "structure_set_picture"]
 
 
 def build_results(volume: Volume, datasets: Sequence[Dataset], masks: dict[str, np.ndarray],
-                  manifest: ModelManifest, route: Route) -> list[Dataset]:
-    """The RT Structure Set (and, if the route asks, its Segmentation twin) on the pseudonymised CT."""
-    source = StructureSetInput(volume, datasets, masks, manifest, holes=route.holes, template=route.structures)
+                  manifest: ModelManifest, route: Route, qa: Sequence[Finding] = ()) -> list[Dataset]:
+    """The RT Structure Set (and, if the route asks, its Segmentation twin) on the pseudonymised CT.
+
+    Findings of *qa* that did not pass are written with their structures (ROI Observation Label and Description)
+    and summarised in the Structure Set Description.
+    """
+    flagged: dict[str, list[Finding]] = {}
+    for finding in qa:
+        if finding.outcome is not Outcome.PASS:
+            flagged.setdefault(finding.structure, []).append(finding)
+    source = StructureSetInput(volume, datasets, masks, manifest, holes=route.holes, template=route.structures,
+                               qa=flagged)
     results = [build_structure_set(source)]
     if route.segmentation:
         results.append(build_segmentation(source))

@@ -29,6 +29,7 @@ from gateway.inference.manifest import ModelManifest
 from gateway.inference.volume import Volume
 from gateway.routes import StructureTemplate
 from gateway.rt.contours import Contour, format_ds, mask_contours
+from gateway.rt.plausibility import Finding, Outcome
 
 __all__ = ["StructureSetInput", "build_structure_set"]
 
@@ -57,6 +58,8 @@ class StructureSetInput:
     holes: Literal["separate", "keyhole"] = "separate"
     #: The route's site template, keyed by the model's label names.
     template: Mapping[str, StructureTemplate] = field(default_factory=dict)
+    #: Plausibility findings that did not pass, by label name: written where a TPS shows them.
+    qa: Mapping[str, Sequence[Finding]] = field(default_factory=dict)
 
 
 def build_structure_set(source: StructureSetInput, *, now: dt.datetime | None = None) -> Dataset:
@@ -82,7 +85,11 @@ def build_structure_set(source: StructureSetInput, *, now: dt.datetime | None = 
     normal = source.volume.affine[:3, 0] / np.linalg.norm(source.volume.affine[:3, 0])
     axial = bool(abs(abs(float(normal[2])) - 1) < 1e-6)
     ds.ROIContourSequence = DicomSequence([_roi_contour(roi, slices, axial) for roi in rois])
-    ds.RTROIObservationsSequence = DicomSequence([_observation(roi) for roi in rois])
+    ds.RTROIObservationsSequence = DicomSequence([_observation(roi, source.qa.get(roi.label, ())) for roi in rois])
+    flagged = [roi.name for roi in rois if source.qa.get(roi.label)]
+    if flagged:
+        ds.StructureSetDescription = (f"{ds.StructureSetDescription}. QA flagged {len(flagged)} of {len(rois)}: "
+                                      f"{', '.join(flagged)}")[:1024]
     return ds
 
 
@@ -94,6 +101,7 @@ class _ROI:
     interpreted_type: str
     contours: list[Contour]
     origin: str | None  # the model that found it, where a route merges several
+    label: str  # the model's label name (the ROI name may come from the site template)
 
 
 def _rois(source: StructureSetInput) -> list[_ROI]:
@@ -110,10 +118,10 @@ def _rois(source: StructureSetInput) -> list[_ROI]:
                 continue
         order = template.order if template.order is not None else 10_000 + position
         planned.append((order, template.name or label.name, list(template.colour or label.colour),
-                        template.interpreted_type or label.interpreted_type, contours, label.origin))
+                        template.interpreted_type or label.interpreted_type, contours, label.origin, label.name))
     planned.sort(key=lambda item: item[0])
-    return [_ROI(number, name, colour, kind, contours, origin)
-            for number, (_order, name, colour, kind, contours, origin) in enumerate(planned, start=1)]
+    return [_ROI(number, name, colour, kind, contours, origin, label)
+            for number, (_order, name, colour, kind, contours, origin, label) in enumerate(planned, start=1)]
 
 
 def _header(ct: Dataset, manifest: ModelManifest, now: dt.datetime) -> Dataset:
@@ -209,8 +217,13 @@ def _raw_ds(tag: int, values: list[str]) -> RawDataElement:
     return RawDataElement(BaseTag(tag), "DS", len(raw), raw, 0, False, True)
 
 
-def _observation(roi: _ROI) -> Dataset:
+def _observation(roi: _ROI, flags: Sequence[Finding]) -> Dataset:
     observation = Dataset()
     observation.ObservationNumber, observation.ReferencedROINumber = roi.number, roi.number
+    if flags:  # what a TPS shows next to the structure (its name stays as the template says)
+        worst = next((f for f in flags if f.outcome is Outcome.FAIL), flags[0])
+        observation.ROIObservationLabel = f"QA: {worst.check.split(':', 1)[0]}?"[:64]
+        observation.ROIObservationDescription = "; ".join(
+            f"{f.outcome.value} {f.check} {f.reason} ({f.value:g})" for f in flags)[:1024]
     observation.RTROIInterpretedType, observation.ROIInterpreter = roi.interpreted_type, ""
     return observation

@@ -58,6 +58,8 @@ def test_metrics_after_a_study_and_health(node_factory: Callable[..., NodeProces
     for stage in ("pseudonymise", "infer", "structure", "reidentify", "send"):
         assert samples[("gateway_stage_duration_seconds_count", (("stage", stage),))] == 1, stage
     assert samples[("gateway_deliveries_total", (("destination", "folder"), ("outcome", "sent")))] == 1
+    qa = {labels: value for (name, labels), value in samples.items() if name == "gateway_qa_checks_total"}
+    assert sum(qa.values()) >= 3 and {dict(labels)["check"] for labels in qa} >= {"volume", "inside_external"}
     assert samples[shredded] == 1
     assert 0 < samples[("gateway_oldest_data_age_seconds", ())] < 600  # the folder export, until its deadline
     assert samples[("gateway_max_age_seconds", ())] == 86_400

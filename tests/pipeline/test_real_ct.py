@@ -169,6 +169,16 @@ def test_converted_chest_ct_is_contoured(node_factory: Callable[..., NodeProcess
     counts = contour_counts(rtstruct)
     assert sorted(counts) == MODEL_ROIS and min(counts.values()) > 0, counts
     assert counts["External"] >= len(ct.files) - 2  # the body is in (almost) every slice
+    # This scan covers part of the chest: both lungs reach its end, which the TPS shows beside each lung.
+    names = {roi.ROINumber: str(roi.ROIName) for roi in rtstruct.StructureSetROISequence}
+    labels = {names[item.ReferencedROINumber]: (item.get("ROIObservationLabel"), item.get("ROIObservationDescription"))
+              for item in rtstruct.RTROIObservationsSequence}
+    assert labels["External"] == (None, None)
+    for name in ("Lung_L", "Lung_R"):
+        assert labels[name][0] == "QA: truncation?" and "touches_scan_edge" in labels[name][1], labels
+    assert rtstruct.StructureSetDescription.endswith("QA flagged 2 of 3: Lung_L, Lung_R")
+    flagged = {(e["structure"], e["reason"]) for e in node.events() if e["event"] == "qa_flagged"}
+    assert flagged == {("Lung_L", "touches_scan_edge"), ("Lung_R", "touches_scan_edge")}
 
     stored = tmp_path / "rtstruct.dcm"
     stored.write_bytes(tps.file_of(str(rtstruct.SOPInstanceUID)))
