@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from gateway.inference.manifest import load_model_package  # noqa: E402
 from gateway.inference.volume import volume_from_datasets  # noqa: E402
+from gateway.rt.plausibility import check_structures  # noqa: E402
 from gateway.rt.rtstruct import StructureSetInput, build_structure_set  # noqa: E402
 from tests.synthetic import couch_phantom, ct_slice  # noqa: E402
 
@@ -73,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         slices = _write_ct(folder, phantom.hu, spacing)
         volume = volume_from_datasets(slices)  # type: ignore[arg-type]
-        ours_times, theirs_times = [], []
+        ours_times, theirs_times, qa_times = [], [], []
         for _ in range(args.repeat):
+            started = time.perf_counter()
+            check_structures(volume, truth, manifest)  # the structure stage's plausibility checks
+            qa_times.append(time.perf_counter() - started)
             started = time.perf_counter()
             ours = build_structure_set(StructureSetInput(volume, slices, truth, manifest))  # type: ignore[arg-type]
             buffer = io.BytesIO()
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_time, theirs_time = statistics.median(ours_times), statistics.median(theirs_times)
     print("External + Lung_L + Lung_R, 512 x 512 x 100 CT (couch phantom), median of", args.repeat)
     print(f"time: gateway {ours_time:.2f} s, rt-utils {theirs_time:.2f} s, ratio {ours_time / theirs_time:.2f}")
+    qa_time = statistics.median(qa_times)
+    print(f"plausibility checks: {qa_time:.2f} s, {qa_time / ours_time:.1%} of the gateway's structure set")
     print(f"size: gateway {len(buffer.getvalue()) / 1e6:.2f} MB, rt-utils {theirs_size / 1e6:.2f} MB")
     print(f"points per contour: gateway {np.mean(ours_points):.0f} ({len(ours_points)} contours), rt-utils "
           f"{np.mean(theirs_points):.0f} ({len(theirs_points)} contours)")

@@ -65,44 +65,78 @@ def expected_side(label: Label) -> str | None:
 
 def check_structures(volume: Volume, masks: dict[str, np.ndarray], manifest: ModelManifest) -> list[Finding]:
     """Every applicable check of every non-empty structure in *masks* (label name -> boolean mask on the CT grid)."""
-    labels = {label.name: label for label in manifest.labels}
-    external = _external(masks, manifest)
+    shapes = {name: _Shape.of(mask) for name, mask in masks.items()}
+    external = _external(shapes, manifest)
     findings: list[Finding] = []
-    for name, mask in masks.items():
-        label = labels.get(name)
-        if label is None or not mask.any():
-            continue
-        findings += _checks(volume, label, mask, masks, external)
+    for label in manifest.labels:
+        shape = shapes.get(label.name)
+        if shape is not None and shape.count:
+            findings += _checks(volume, label, shape, shapes, external)
     return findings
 
 
-def _external(masks: dict[str, np.ndarray], manifest: ModelManifest) -> np.ndarray | None:
+@dataclass(frozen=True)
+class _Shape:
+    """A mask with what every check needs, computed once: its voxel count, its slices and its bounding box."""
+
+    mask: np.ndarray
+    count: int
+    per_slice: np.ndarray  # voxels on each slice of the scan
+    box: tuple[slice, slice, slice]
+    centroid: tuple[float, float, float]  # voxel coordinates (k, i, j)
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> _Shape:
+        per_slice = np.count_nonzero(mask, axis=(1, 2))
+        count = int(per_slice.sum())
+        if not count:
+            return cls(mask, 0, per_slice, (slice(0, 0),) * 3, (0.0, 0.0, 0.0))
+        slices = np.flatnonzero(per_slice)
+        k = slice(int(slices[0]), int(slices[-1]) + 1)
+        rows = np.count_nonzero(mask[k], axis=(0, 2))
+        columns = np.count_nonzero(mask[k], axis=(0, 1))
+        i, j = _span(rows), _span(columns)
+        centroid = tuple(float((profile * np.arange(profile.size)).sum()) / count
+                         for profile in (per_slice, rows, columns))
+        return cls(mask, count, per_slice, (k, i, j), centroid)  # type: ignore[arg-type]
+
+    def inside(self, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """The mask within *box*."""
+        return self.mask[box]
+
+
+def _span(profile: np.ndarray) -> slice:
+    present = np.flatnonzero(profile)
+    return slice(int(present[0]), int(present[-1]) + 1)
+
+
+def _external(shapes: dict[str, _Shape], manifest: ModelManifest) -> _Shape | None:
     names = [label.name for label in manifest.labels if label.interpreted_type == "EXTERNAL"]
-    mask = masks.get(names[0]) if names else None
-    return mask if mask is not None and mask.any() else None
+    shape = shapes.get(names[0]) if names else None
+    return shape if shape is not None and shape.count else None
 
 
-def _checks(volume: Volume, label: Label, mask: np.ndarray, masks: dict[str, np.ndarray],
-            external: np.ndarray | None) -> Iterator[Finding]:
+def _checks(volume: Volume, label: Label, shape: _Shape, shapes: dict[str, _Shape],
+            external: _Shape | None) -> Iterator[Finding]:
     name = label.name
     if label.volume_ml is not None:
-        yield _volume(volume, name, label.volume_ml, mask)
+        yield _volume(volume, name, label.volume_ml, shape)
     if label.interpreted_type != "EXTERNAL":
-        yield _truncation(name, mask)
+        yield _truncation(name, shape)
         if external is not None:
-            yield _inside(name, mask, external)
+            yield _inside(name, shape, external)
             side = expected_side(label)
             if side is not None:
-                yield _laterality(volume, name, side, mask, external)
+                yield _laterality(volume, name, side, shape, external)
     if label.contiguous:
-        yield _continuity(name, mask)
+        yield _continuity(name, shape)
     for other in label.exclusive_with:
-        if other in masks and masks[other].any():
-            yield _overlap(volume, name, other, mask, masks[other])
+        if other in shapes and shapes[other].count:
+            yield _overlap(volume, name, other, shape, shapes[other])
 
 
-def _volume(volume: Volume, name: str, expected: tuple[float, float], mask: np.ndarray) -> Finding:
-    ml = float(mask.sum()) * _voxel_ml(volume)
+def _volume(volume: Volume, name: str, expected: tuple[float, float], shape: _Shape) -> Finding:
+    ml = shape.count * _voxel_ml(volume)
     smallest, largest = expected
     if smallest <= ml <= largest:
         return Finding(name, "volume", Outcome.PASS, round(ml, 1))
@@ -110,16 +144,15 @@ def _volume(volume: Volume, name: str, expected: tuple[float, float], mask: np.n
     return Finding(name, "volume", Outcome.FAIL, round(ml, 1), reason)
 
 
-def _truncation(name: str, mask: np.ndarray) -> Finding:
-    slices = np.flatnonzero(mask.any(axis=(1, 2)))
-    touching = int(slices[0] == 0) + int(slices[-1] == mask.shape[0] - 1)
+def _truncation(name: str, shape: _Shape) -> Finding:
+    touching = int(shape.per_slice[0] > 0) + int(shape.per_slice[-1] > 0)
     if touching:
         return Finding(name, "truncation", Outcome.WARN, touching, "touches_scan_edge")
     return Finding(name, "truncation", Outcome.PASS, 0)
 
 
-def _inside(name: str, mask: np.ndarray, external: np.ndarray) -> Finding:
-    outside = float((mask & ~external).sum()) / float(mask.sum())
+def _inside(name: str, shape: _Shape, external: _Shape) -> Finding:
+    outside = np.count_nonzero(shape.inside(shape.box) & ~external.inside(shape.box)) / shape.count
     if outside >= _OUTSIDE_FAIL:
         return Finding(name, "inside_external", Outcome.FAIL, round(outside, 4), "outside_external")
     if outside >= _OUTSIDE_WARN:
@@ -127,9 +160,10 @@ def _inside(name: str, mask: np.ndarray, external: np.ndarray) -> Finding:
     return Finding(name, "inside_external", Outcome.PASS, round(outside, 4))
 
 
-def _laterality(volume: Volume, name: str, side: str, mask: np.ndarray, external: np.ndarray) -> Finding:
+def _laterality(volume: Volume, name: str, side: str, shape: _Shape, external: _Shape) -> Finding:
     """LPS x grows towards the patient's left: the signed distance of the centroid from the body's midline."""
-    offset = _centroid_x(volume, mask) - _centroid_x(volume, external)
+    centroids = volume.to_patient(np.array([shape.centroid, external.centroid]))
+    offset = float(centroids[0, 0] - centroids[1, 0])
     towards_left = offset if side == "left" else -offset
     if towards_left >= _MIDLINE_TOLERANCE_MM:
         return Finding(name, "laterality", Outcome.PASS, round(offset, 1))
@@ -138,17 +172,17 @@ def _laterality(volume: Volume, name: str, side: str, mask: np.ndarray, external
     return Finding(name, "laterality", Outcome.FAIL, round(offset, 1), "laterality_swapped")
 
 
-def _continuity(name: str, mask: np.ndarray) -> Finding:
-    present: np.ndarray = np.asarray(mask.any(axis=(1, 2)))
-    slices = np.flatnonzero(present)
-    gaps = int((~present[slices[0]:slices[-1] + 1]).sum())
+def _continuity(name: str, shape: _Shape) -> Finding:
+    gaps = int(np.count_nonzero(shape.per_slice[shape.box[0]] == 0))
     if gaps:
         return Finding(name, "continuity", Outcome.FAIL, gaps, "empty_slices_inside")
     return Finding(name, "continuity", Outcome.PASS, 0)
 
 
-def _overlap(volume: Volume, name: str, other: str, mask: np.ndarray, other_mask: np.ndarray) -> Finding:
-    shared = float((mask & other_mask).sum()) * _voxel_ml(volume)
+def _overlap(volume: Volume, name: str, other: str, shape: _Shape, other_shape: _Shape) -> Finding:
+    box = tuple(slice(max(a.start, b.start), max(max(a.start, b.start), min(a.stop, b.stop)))
+                for a, b in zip(shape.box, other_shape.box, strict=True))
+    shared = np.count_nonzero(shape.inside(box) & other_shape.inside(box)) * _voxel_ml(volume)  # type: ignore[arg-type]
     if shared > 0:
         return Finding(name, f"overlap:{other}", Outcome.FAIL, round(shared, 2), "overlaps_exclusive_structure")
     return Finding(name, f"overlap:{other}", Outcome.PASS, 0.0)
@@ -156,11 +190,3 @@ def _overlap(volume: Volume, name: str, other: str, mask: np.ndarray, other_mask
 
 def _voxel_ml(volume: Volume) -> float:
     return float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-
-
-def _centroid_x(volume: Volume, mask: np.ndarray) -> float:
-    """The LPS x of the mask's centroid, from its per-axis profiles (no list of voxels: masks are large)."""
-    count = float(mask.sum())
-    centroid = [float((mask.sum(axis=tuple(a for a in range(3) if a != axis)) * np.arange(mask.shape[axis])).sum())
-                / count for axis in range(3)]
-    return float(volume.to_patient(np.array([centroid]))[0, 0])
