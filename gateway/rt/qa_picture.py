@@ -16,25 +16,36 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 from skimage.draw import polygon
 
+from gateway.inference.orientation import axis_transform, orientation_code, oriented
 from gateway.inference.volume import Volume
 
 __all__ = ["qa_picture", "rtstruct_masks"]
 
 _WINDOW = (-1000.0, 1000.0)  # HU shown from black to white
+#: The display array's axes run head to feet, front to back, the patient's right to left.
+_DISPLAY = "IPL"
 
 
 def qa_picture(volume: Volume, masks: Mapping[str, np.ndarray], colours: Mapping[str, Sequence[int]]) -> bytes:
-    """A PNG: three panels through the structures' centre, each structure's outline in its colour."""
-    union = np.zeros(volume.shape, dtype=bool)
-    for mask in masks.values():
+    """A PNG: three panels through the structures' centre, each structure's outline in its colour.
+
+    Drawn in the radiological convention whatever the patient position and the order of the slices: axial seen
+    from the feet (anterior up, the patient's right on the viewer's left), coronal and sagittal with the head up
+    (sagittal: anterior on the left).
+    """
+    order, flips = axis_transform(orientation_code(volume.affine), _DISPLAY)
+    hu = oriented(volume.hu, order, flips)
+    shown = {name: oriented(mask, order, flips) for name, mask in masks.items()}
+    union = np.zeros(hu.shape, dtype=bool)
+    for mask in shown.values():
         union |= mask
-    centre = [round(c) for c in ndimage.center_of_mass(union)] if union.any() else [n // 2 for n in volume.shape]
-    k, i, j = centre
-    dz, dy, dx = volume.spacing
+    centre = [round(c) for c in ndimage.center_of_mass(union)] if union.any() else [n // 2 for n in hu.shape]
+    z, y, x = centre
+    dz, dy, dx = (volume.spacing[axis] for axis in order)
     panels = [
-        _panel(volume.hu[k], {n: m[k] for n, m in masks.items()}, colours, (dy, dx)),  # axial
-        _panel(volume.hu[:, i, :], {n: m[:, i, :] for n, m in masks.items()}, colours, (dz, dx)),  # coronal
-        _panel(volume.hu[:, :, j], {n: m[:, :, j] for n, m in masks.items()}, colours, (dz, dy)),  # sagittal
+        _panel(hu[z], {n: m[z] for n, m in shown.items()}, colours, (dy, dx)),  # axial
+        _panel(hu[:, y, :], {n: m[:, y, :] for n, m in shown.items()}, colours, (dz, dx)),  # coronal
+        _panel(hu[:, :, x], {n: m[:, :, x] for n, m in shown.items()}, colours, (dz, dy)),  # sagittal
     ]
     height = max(p.height for p in panels)
     sheet = Image.new("RGB", (sum(p.width for p in panels), height))
