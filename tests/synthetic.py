@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +226,15 @@ def write_volume_series(folder: Path, volume: Volume, *, study_uid: str | None =
         sop_uids.append(str(ds.SOPInstanceUID))
         files.append(path)
     return CTSeries(folder, study_uid, series_uid, sop_uids, files)
+
+
+def stored_along(volume: Volume, masks: dict[str, np.ndarray],
+                 flips: tuple[int, ...]) -> tuple[Volume, dict[str, np.ndarray]]:
+    """The same anatomy stored with array *flips* (feet first, prone, mirrored) and the affine that matches:
+    every voxel keeps its patient (LPS) position."""
+    affine = volume.affine.copy()
+    for axis in flips:
+        affine[:3, 3] += affine[:3, axis] * (volume.shape[axis] - 1)
+        affine[:3, axis] *= -1
+    return (replace(volume, hu=np.flip(volume.hu, flips), affine=affine),
+            {name: np.flip(mask, flips) for name, mask in masks.items()})

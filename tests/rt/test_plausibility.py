@@ -16,6 +16,7 @@ from gateway.inference.volume import Volume, volume_from_datasets
 from gateway.rt.plausibility import Finding, Outcome, check_structures, expected_side
 from tests.conftest import REPO
 from tests.realct import real_chest_ct
+from tests.synthetic import stored_along
 
 DEFAULT = REPO / "models" / "default"
 
@@ -121,12 +122,7 @@ def test_the_same_anatomy_stored_along_other_axes_gives_the_same_findings(
     so laterality and every other figure are too; swapping the lungs still fails."""
     volume, masks = contoured
     clean = _inner(masks)
-    affine = volume.affine.copy()
-    for axis in flip:
-        affine[:3, 3] += affine[:3, axis] * (volume.shape[axis] - 1)
-        affine[:3, axis] *= -1
-    turned = replace(volume, hu=np.flip(volume.hu, flip), affine=affine)
-    flipped = {name: np.flip(mask, flip) for name, mask in clean.items()}
+    turned, flipped = stored_along(volume, clean, flip)
     expected = check_structures(volume, clean, manifest)
     found = check_structures(turned, flipped, manifest)
     assert [(f.structure, f.check, f.outcome) for f in found] == [(f.structure, f.check, f.outcome) for f in expected]

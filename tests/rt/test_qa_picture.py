@@ -4,7 +4,6 @@ patient's left appears on the viewer's right, the head at the top; judged from t
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from PIL import Image
 
 from gateway.inference.volume import Volume
 from gateway.rt.qa_picture import qa_picture
+from tests.synthetic import stored_along
 
 SHAPE = (20, 30, 40)  # slices (feet -> head), rows (anterior -> posterior), columns (right -> left): 1 mm voxels
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -28,16 +28,6 @@ def _hfs() -> tuple[Volume, dict[str, np.ndarray]]:
     marker[9:18, 6:15, 19:35] = True  # left (high columns), superior (high slices), anterior (low rows)
     volume = Volume(hu, affine, tuple(str(n) for n in range(SHAPE[0])), "1.2.3", "HFS")
     return volume, {"Body": body, "Marker": marker}
-
-
-def _stored(volume: Volume, masks: dict[str, np.ndarray],
-            flips: tuple[int, ...]) -> tuple[Volume, dict[str, np.ndarray]]:
-    affine = volume.affine.copy()
-    for axis in flips:
-        affine[:3, 3] += affine[:3, axis] * (volume.shape[axis] - 1)
-        affine[:3, axis] *= -1
-    return (replace(volume, hu=np.flip(volume.hu, flips), affine=affine),
-            {name: np.flip(mask, flips) for name, mask in masks.items()})
 
 
 def _pixels(volume: Volume, masks: dict[str, np.ndarray]) -> np.ndarray:
@@ -63,4 +53,4 @@ def test_the_marker_on_the_left_is_on_the_viewers_right_and_the_head_is_up() -> 
 @pytest.mark.parametrize("flips", [(0,), (1, 2), (0, 1, 2), (2,)], ids=["FFS", "HFP", "FFP", "mirrored"])
 def test_every_patient_position_gives_the_same_picture(flips: tuple[int, ...]) -> None:
     volume, masks = _hfs()
-    assert np.array_equal(_pixels(*_stored(volume, masks, flips)), _pixels(volume, masks))
+    assert np.array_equal(_pixels(*stored_along(volume, masks, flips)), _pixels(volume, masks))
