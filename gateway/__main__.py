@@ -1,9 +1,12 @@
-"""Command line: ``python -m gateway {serve,status,complete,echo,shred,qa,audit verify} --config FILE``, ``keygen``."""
+"""Command line: ``python -m gateway {serve,status,complete,echo,shred,qa,release,audit verify} --config FILE``,
+``keygen``."""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
+import getpass
 import os
 import secrets
 import signal
@@ -20,17 +23,18 @@ from gateway import __version__
 from gateway.config import Destination, GatewayConfig, load_config, load_sweep_config
 from gateway.errors import ConfigError, GatewayError, SendError, StartupError
 from gateway.inference.model_cache import check_route_models
-from gateway.ops.audit import verify
+from gateway.ops.audit import AuditLog, verification_lines, verify
 from gateway.ops.logs import configure_logging
 from gateway.ops.process import configure_process
 from gateway.ops.retention import SweepReport
+from gateway.ops.review import qa_lines, release_held
 from gateway.ops.status import status_lines
-from gateway.ops.sweeps import sweep_once
+from gateway.ops.sweeps import sweep_lines, sweep_once
 from gateway.ops.tls import check_certificates
 from gateway.receiving.assembly import force_complete
 from gateway.sending.scu import Sender
 from gateway.service import serve
-from gateway.store.anchors import audit_head, check_master_key
+from gateway.store.anchors import audit_head, check_master_key, record_audit_head
 from gateway.store.jobs import JobStore
 from gateway.store.keys import KeyRing, MasterKey, create_key_file
 from gateway.store.outputs import StageContext, load_output
@@ -65,11 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     target = keygen.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="key file to write: 32 random bytes, mode 0600 ([encryption] master_key_file)")
     target.add_argument("--env-file", help="environment file to write: CONTOUR_GW_MASTER_KEY=<base64>, mode 0600")
-    qa = commands.add_parser("qa", help="write the QA picture of a job's series (routes with qa_picture = true)")
+    qa = commands.add_parser("qa", help="print a job's contour QA record; --out writes a series' QA picture")
     qa.add_argument("--config", required=True)
     qa.add_argument("job_id")
     qa.add_argument("--series", type=int, default=1, help="the series number shown by status (default 1)")
-    qa.add_argument("--out", required=True, help="PNG file to write (owner-only): patient images, no identifiers")
+    qa.add_argument("--out", help="PNG file to write (owner-only; routes with qa_picture = true): patient images, "
+                    "no identifiers")
+    release = commands.add_parser("release", help="send the series of a job that contour QA held (after review)")
+    release.add_argument("--config", required=True)
+    release.add_argument("job_id")
     audit = commands.add_parser("audit", help="the audit trail")
     verify = audit.add_subparsers(dest="audit_command", required=True).add_parser(
         "verify", help="check the hash chain and every study's receipt-to-deletion age")
@@ -96,24 +104,14 @@ def _shred(path: str, dry_run: bool, loop: bool) -> int:
 
 
 def _print_sweep(report: SweepReport, notes: list[str]) -> int:
-    verb = "due" if report.dry_run else "shredded"
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    for job in report.jobs:
-        print(f"{verb}: job {job.job_id} ({job.state}, {job.why}, {job.age_seconds / 3600:.1f} h old)")
-    for export in report.exports:
-        print(f"{verb}: export {export.destination}/{export.file_id} of job {export.job_id}")
-    for orphan in report.orphans:
-        print(f"{verb}: orphaned files of job {orphan}")
-    for key in report.keys:
-        print(f"destroyed: key-encryption key {key}")
-    for job_id in report.failed:
-        print(f"FAILED: job {job_id} could not be shredded (retried by the next sweep)", file=sys.stderr)
-    for step in report.failed_steps:
-        print(f"FAILED: the sweep's {step} step (retried by the next sweep)", file=sys.stderr)
-    print(f"{len(report.jobs)} job(s), {len(report.exports)} export(s), {len(report.orphans)} orphan(s) {verb}, "
-          f"{len(report.keys)} key(s) destroyed, {len(report.failed)} failed")
-    return EXIT_FAILURE if report.failed or report.failed_steps else EXIT_OK
+    done, failed = sweep_lines(report)
+    for line in done:
+        print(line)
+    for line in failed:
+        print(line, file=sys.stderr)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _stop_on_signals() -> threading.Event:
@@ -137,13 +135,15 @@ def _keygen(out: str | None, env_file: str | None) -> int:
     return EXIT_OK
 
 
-def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
-
+def _qa(config: GatewayConfig, job_id: str, series: int, out: str | None) -> int:
     spool = Spool(config.node.data_dir)
-    ring = KeyRing.open(config)
     jobs = JobStore(spool.database_path)
     try:
-        picture = load_output(StageContext(spool, jobs, Sealer(ring, jobs)), job_id, series, "qa-png")
+        for line in qa_lines(jobs, job_id):
+            print(line)
+        if out is None:
+            return EXIT_OK
+        picture = load_output(StageContext(spool, jobs, Sealer(KeyRing.open(config), jobs)), job_id, series, "qa-png")
     except (FileNotFoundError, ValueError):
         print(f"job {job_id} series {series} has no QA picture (route without qa_picture, or shredded)",
               file=sys.stderr)
@@ -154,6 +154,29 @@ def _qa(config: GatewayConfig, job_id: str, series: int, out: str) -> int:
         handle.write(picture)
     print(f"QA picture of job {job_id} series {series}: {out}")
     return EXIT_OK
+
+
+def _release(config: GatewayConfig, job_id: str) -> int:
+    spool = Spool(config.node.data_dir)
+    jobs = JobStore(spool.database_path)
+    try:
+        audit = AuditLog(spool.audit_path, syslog_address=config.audit.syslog_address,
+                         anchor=functools.partial(record_audit_head, jobs))
+        released = release_held(jobs, job_id, audit, time.time(), _account())
+    finally:
+        jobs.close()
+    if not released:
+        print(f"job {job_id} has no series held by contour QA", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"job {job_id}: series {', '.join(map(str, released))} released; the node sends them")
+    return EXIT_OK
+
+
+def _account() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry
+        return f"uid {os.getuid()}"
 
 
 def _audit_verify(config: GatewayConfig) -> int:
@@ -169,19 +192,11 @@ def _audit_verify(config: GatewayConfig) -> int:
         finally:
             jobs.close()
     result = verify(spool.audit_path, ceiling, time.time(), held=held, head=head)
-    for job in result.jobs.values():
-        age = job.age(time.time())
-        state = "deleted" if job.deleted_at is not None else "HELD"
-        verdict = "OVER CEILING" if job.job_id in result.over_ceiling else "ok"
-        unaudited = " (in the job table, no audit record)" if job.job_id in result.held_unaudited else ""
-        print(f"{job.job_id}  study {job.study or '-'}  {state} after "
-              f"{'-' if age is None else f'{age / 3600:.2f} h'}  {verdict}{unaudited}")
-    for number in result.broken_links:
-        print(f"chain broken at line {number}", file=sys.stderr)
-    if result.cut is not None:
-        print(result.cut, file=sys.stderr)
-    print(f"{result.records} record(s), {len(result.jobs)} job(s), ceiling {ceiling} s: "
-          f"{'OK' if result.ok else 'FAILED'}")
+    lines, problems = verification_lines(result, ceiling, time.time())
+    for line in problems:
+        print(line, file=sys.stderr)
+    for line in lines:
+        print(line)
     return EXIT_OK if result.ok else EXIT_FAILURE
 
 
@@ -306,6 +321,8 @@ def _run(args: argparse.Namespace, config: GatewayConfig) -> int:
         return _audit_verify(config)
     if args.command == "qa":
         return _qa(config, args.job_id, args.series, args.out)
+    if args.command == "release":
+        return _release(config, args.job_id)
     return _echo(config, args.destination)
 
 

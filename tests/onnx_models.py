@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -94,4 +95,86 @@ def manifest(folder: Path, *, kind: str = "sigmoid", labels: list[dict[str, Any]
         lines += ["[[labels]]", *(f"{k} = {json.dumps(v)}" for k, v in label.items()), ""]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.toml").write_text("\n".join(lines))
+    return folder
+
+
+# --- the shipped default network with faults appended ---------------------------------------------------------
+
+#: The shipped default package: External and lungs, sigmoid channels (body, lungs), axes S-P-L at 3 mm.
+DEFAULT_PACKAGE = Path(__file__).resolve().parents[1] / "models" / "default"
+#: The default's tile (S, P, L) in voxels, as its manifest says.
+DEFAULT_TILE = (32, 192, 192)
+
+
+def _int64(name: str, values: list[int]) -> onnx.TensorProto:
+    return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+
+def _extended_default(path: Path, head: list[onnx.NodeProto], initializers: list[onnx.TensorProto],
+                      channels: int) -> None:
+    """The default network with *head* appended: it reads ``default_body`` and ``default_lungs`` (its two
+    channels, ``[N, 1, D, H, W]`` each) and writes ``scores`` (*channels* channels)."""
+    model = onnx.load(str(DEFAULT_PACKAGE / "model.onnx"))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["default_scores" if name == "scores" else name for name in node.output]
+    graph.node.extend([helper.make_node("Split", ["default_scores", "default_split"],
+                                        ["default_body", "default_lungs"], axis=1), *head])
+    graph.initializer.extend([_int64("default_split", [1, 1]), *initializers])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", channels, "d", "h", "w"]))
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def split_lungs_network(path: Path, left_from: int, *, swapped: bool = False) -> None:
+    """Three channels: body, Lung_L (the lungs from tile column *left_from* on: L is the tile's last axis) and
+    Lung_R (the columns before it); *swapped* returns the right lung in the left's channel and vice versa."""
+    step = [0.0] * left_from + [1.0] * (DEFAULT_TILE[2] - left_from)
+    left, right = ("right", "left") if swapped else ("left", "right")
+    _extended_default(path, [
+        helper.make_node("Mul", ["default_lungs", "left_columns"], ["left"]),
+        helper.make_node("Sub", ["default_lungs", "left"], ["right"]),
+        helper.make_node("Concat", ["default_body", left, right], ["scores"], axis=1),
+    ], [helper.make_tensor("left_columns", TensorProto.FLOAT, [1, 1, 1, 1, DEFAULT_TILE[2]], step)], channels=3)
+
+
+def shifted_lungs_network(path: Path, voxels: int, axis: int = 3) -> None:
+    """Body as the default; the lung channel moved *voxels* towards lower indices along tile *axis* (3: the
+    P axis, so anteriorly), zeros filling in behind it."""
+    pads = [0] * 10
+    pads[5 + axis] = voxels
+    _extended_default(path, [
+        helper.make_node("Slice", ["default_lungs", "shift_starts", "shift_ends", "shift_axes"], ["cut_lungs"]),
+        helper.make_node("Pad", ["cut_lungs", "shift_pads"], ["moved_lungs"], mode="constant"),
+        helper.make_node("Concat", ["default_body", "moved_lungs"], ["scores"], axis=1),
+    ], [_int64("shift_starts", [voxels]), _int64("shift_ends", [2**62]), _int64("shift_axes", [axis]),
+        _int64("shift_pads", pads)], channels=2)
+
+
+def gapped_lungs_network(path: Path, slices: list[int]) -> None:
+    """Body as the default; the lung channel zeroed on *slices* of every tile (tile axis 2, S)."""
+    keep = [0.0 if index in slices else 1.0 for index in range(DEFAULT_TILE[0])]
+    _extended_default(path, [
+        helper.make_node("Mul", ["default_lungs", "kept_slices"], ["gapped_lungs"]),
+        helper.make_node("Concat", ["default_body", "gapped_lungs"], ["scores"], axis=1),
+    ], [helper.make_tensor("kept_slices", TensorProto.FLOAT, [1, 1, DEFAULT_TILE[0], 1, 1], keep)], channels=2)
+
+
+def default_labels() -> list[dict[str, Any]]:
+    """The default manifest's ``[[labels]]`` tables, to change and write with :func:`default_manifest`."""
+    with (DEFAULT_PACKAGE / "manifest.toml").open("rb") as file:
+        labels: list[dict[str, Any]] = tomllib.load(file)["labels"]
+    return labels
+
+
+def default_manifest(folder: Path, labels: list[dict[str, Any]]) -> Path:
+    """Write ``manifest.toml``: the default's model, input and output sections with *labels*; return the folder."""
+    text = (DEFAULT_PACKAGE / "manifest.toml").read_text(encoding="utf-8")
+    lines = [text[:text.index("[[labels]]")].rstrip(), ""]
+    for label in labels:
+        lines += ["[[labels]]", *(f"{k} = {json.dumps(v)}" for k, v in label.items()), ""]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.toml").write_text("\n".join(lines), encoding="utf-8")
     return folder

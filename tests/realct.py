@@ -45,8 +45,8 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, SecondaryCa
 
 from tests.synthetic import CANARY_ACCESSION, CANARY_BIRTH, CANARY_ID, CANARY_NAME, CANARY_STUDY_PREFIX, CTSeries
 
-__all__ = ["FourDCT", "Patient", "cache_dir", "dicompyler_file", "four_d_ct", "localizer", "real_chest_ct",
-           "real_ct_slice", "real_head_ct", "secondary_capture"]
+__all__ = ["PATIENT_POSITIONS", "FourDCT", "Patient", "cache_dir", "dicompyler_file", "four_d_ct", "localizer",
+           "real_chest_ct", "real_chest_ct_positioned", "real_ct_slice", "real_head_ct", "secondary_capture"]
 
 #: (Patient's Name, Patient ID, Patient's Birth Date).
 Patient = tuple[str, str, str]
@@ -338,6 +338,61 @@ def real_chest_ct(folder: Path, *, source: str = "lung1", patient: Patient = CAN
     ct = _narrowed(_chest(source), slices, downsample)
     stamp = _Stamp(patient, _study_uid(study_uid), frame_uid or str(generate_uid()), image_type, description,
                    series_number)
+    return _write(folder, ct, stamp)
+
+
+#: Image Orientation (Patient) of axial slices as a scanner writes them in each patient position: the row
+#: direction, then the column direction, in LPS. Rows and columns keep the gantry's directions, so they run along
+#: the patient's axes one way or the other as the patient lies.
+PATIENT_POSITIONS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "HFS": ((1, 0, 0), (0, 1, 0)),
+    "FFS": ((-1, 0, 0), (0, 1, 0)),
+    "HFP": ((-1, 0, 0), (0, -1, 0)),
+    "FFP": ((1, 0, 0), (0, -1, 0)),
+}
+
+
+def _positioned(ct: _RealCT, position: str) -> _RealCT:
+    """*ct* (axial, written HFS, sorted foot to head) as a scanner writes the same anatomy with the patient in
+    *position*: Patient Position, Image Orientation (Patient) and pixels mirrored to match, each slice's Image
+    Position (Patient) that of its new first pixel, and the slices in acquisition order (head first: from the
+    head down; feet first: from the feet up), numbered from 1. Every voxel keeps its place in the patient (LPS)."""
+    if position not in PATIENT_POSITIONS:
+        raise ValueError(f"no patient position {position!r}: one of {sorted(PATIENT_POSITIONS)}")
+    row_dir, column_dir = (np.array(v, dtype=float) for v in PATIENT_POSITIONS[position])
+    headers, pixels = [], []
+    for header, hu in zip(ct.headers, ct.hu, strict=True):
+        cosines = np.array([float(v) for v in header.ImageOrientationPatient])
+        if not np.allclose(cosines, [1, 0, 0, 0, 1, 0], atol=1e-6):
+            raise ValueError("the source must be axial slices written HFS")
+        row_mm, column_mm = (float(v) for v in header.PixelSpacing)
+        flip_rows, flip_columns = bool(column_dir[1] < 0), bool(row_dir[0] < 0)
+        first = np.array([float(v) for v in header.ImagePositionPatient])
+        first += [(int(header.Columns) - 1) * column_mm if flip_columns else 0.0,
+                  (int(header.Rows) - 1) * row_mm if flip_rows else 0.0, 0.0]
+        ds = copy.deepcopy(header)
+        ds.PatientPosition = position
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *column_dir)]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in first]
+        headers.append(ds)
+        pixels.append(hu[::-1 if flip_rows else 1, ::-1 if flip_columns else 1])
+    if position.startswith("HF"):  # acquired from the head down
+        headers, pixels = headers[::-1], pixels[::-1]
+    for number, ds in enumerate(headers, start=1):
+        ds.InstanceNumber = number
+    return _RealCT(tuple(headers), np.ascontiguousarray(np.stack(pixels)))
+
+
+def real_chest_ct_positioned(folder: Path, position: str, *, source: str = "lung1",
+                             patient: Patient = CANARY_PATIENT, study_uid: str | None = None,
+                             frame_uid: str | None = None, description: str = "Thorax 5mm",
+                             slices: int | None = None, downsample: int = 1) -> CTSeries:
+    """Write :func:`real_chest_ct`'s anatomy as scanned with the patient in *position* (``HFS``, ``FFS``, ``HFP``
+    or ``FFP``): headers and pixels rewritten so that every voxel's patient (LPS) position holds the same HU.
+    Files are named and numbered in acquisition order (see :data:`PATIENT_POSITIONS`)."""
+    ct = _positioned(_narrowed(_chest(source), slices, downsample), position)
+    stamp = _Stamp(patient, _study_uid(study_uid), frame_uid or str(generate_uid()),
+                   ("ORIGINAL", "PRIMARY", "AXIAL"), description, 1)
     return _write(folder, ct, stamp)
 
 

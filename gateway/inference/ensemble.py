@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gateway.errors import InferenceError
+from gateway.inference.confidence import Confidence
 from gateway.inference.predictor import Prediction, Predictor
 from gateway.inference.volume import Volume, VolumeLimits
 
-__all__ = ["decode_masks", "encode_masks", "infer", "merge_predictions"]
+__all__ = ["decode_confidence", "decode_masks", "decode_split", "encode_masks", "infer", "merge_predictions"]
 
 
 def infer(predictors: Sequence[Predictor], volume: Volume, progress: Callable[[int, int], None] | None = None,
@@ -34,20 +35,31 @@ def merge_predictions(predictions: Sequence[Prediction]) -> Prediction:
     bits = np.zeros(predictions[0].bits.shape, dtype=np.uint32)
     values: dict[str, int] = {}
     voxels: dict[str, int] = {}
+    confidence: dict[str, Confidence] = {}
+    split_mm: dict[str, float] = {}
     for prediction in predictions:
+        confidence.update(prediction.confidence)
+        split_mm.update(prediction.split_mm)
         for name in prediction.values:
             values[name] = len(values) + 1
             bits |= prediction.mask(name).astype(np.uint32) << (values[name] - 1)
             voxels[name] = prediction.voxels[name]
-    return Prediction(bits, values, voxels, sum(p.seconds for p in predictions))
+    return Prediction(bits, values, voxels, sum(p.seconds for p in predictions), confidence, split_mm)
 
 
 def encode_masks(prediction: Prediction) -> bytes:
-    """The label bit-planes, compressed, with their names and values."""
+    """The label bit-planes, compressed, with their names and values, and the model's confidence in each label."""
     buffer = io.BytesIO()
     names = list(prediction.values)
+    sure = list(prediction.confidence)
+    figures = [(prediction.confidence[name].mean_probability, prediction.confidence[name].uncertain_share)
+               for name in sure]
     np.savez_compressed(buffer, bits=prediction.bits, names=np.array(names),
-                        values=np.array([prediction.values[name] for name in names]))
+                        values=np.array([prediction.values[name] for name in names]),
+                        confidence_names=np.array(sure, dtype=str),
+                        confidence=np.array(figures, dtype=np.float64).reshape(len(sure), 2),
+                        split_names=np.array(list(prediction.split_mm), dtype=str),
+                        split_mm=np.array(list(prediction.split_mm.values()), dtype=np.float64))
     return buffer.getvalue()
 
 
@@ -57,3 +69,20 @@ def decode_masks(data: bytes) -> dict[str, np.ndarray]:
         bits = stored["bits"]
         return {str(name): (bits >> (int(value) - 1)) & 1 == 1
                 for name, value in zip(stored["names"], stored["values"], strict=True)}
+
+
+def decode_confidence(data: bytes) -> dict[str, Confidence]:
+    """The confidence figures of :func:`encode_masks`, by label name; none from an encoding older than them."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        if "confidence" not in stored.files:
+            return {}
+        return {str(name): Confidence(float(mean), float(uncertain))
+                for name, (mean, uncertain) in zip(stored["confidence_names"], stored["confidence"], strict=True)}
+
+
+def decode_split(data: bytes) -> dict[str, float]:
+    """The gaps to discarded pieces of :func:`encode_masks` (``Prediction.split_mm``); none from older encodings."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        if "split_mm" not in stored.files:
+            return {}
+        return {str(name): float(gap) for name, gap in zip(stored["split_names"], stored["split_mm"], strict=True)}

@@ -3,6 +3,11 @@
 Left/right split of a shared channel at the mask's own midline, largest component or minimum
 component size, holes filled per axial plane (as contours are drawn), minimum volume. Labels
 may overlap, so masks are kept as bits: bit ``value - 1`` of a voxel is set where that label is.
+
+Keeping the largest component can hide a fault: a network that left empty slices in the middle of an
+organ found it in pieces, and only the largest piece would be kept, unflagged. So the gap between the
+kept component and a discarded piece that continues it along the patient is measured (mm) and handed
+to contour QA (:mod:`gateway.rt.plausibility`, ``continuity``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from scipy import ndimage
 from gateway.inference.manifest import Label
 
 __all__ = ["ModelGrid", "model_affine", "postprocess"]
+
+#: A discarded piece at least this share of the kept component's size counts as part of the structure.
+_PIECE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -38,11 +46,15 @@ def model_affine(affine: np.ndarray, order: tuple[int, int, int], flips: tuple[b
     return model
 
 
-def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid, kind: str) -> np.ndarray:
+def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid,
+                kind: str) -> tuple[np.ndarray, dict[str, float]]:
     """Per label, in manifest order: its raw mask, inside another label, the side of the midline, components
-    (largest, minimum size, length along the patient), holes, minimum volume."""
+    (largest, minimum size, length along the patient), holes, minimum volume. Also, per label whose largest
+    component was kept, the widest gap (mm along the slices) to a discarded piece continuing it (none: absent)."""
     out = np.zeros(decided.shape, dtype=np.uint8 if len(specs) <= 8 else np.uint32)
     voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
+    slice_mm = float(np.linalg.norm(grid.affine[:3, grid.slice_axis]))
+    gaps: dict[str, float] = {}
     bits = {spec.name: spec.value - 1 for spec in specs}
     for spec in specs:
         mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
@@ -51,7 +63,10 @@ def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid, ki
         if spec.side is not None and mask.any():
             mask = _one_side(mask, grid.affine, spec.side)
         if (spec.keep_largest_component or spec.min_component_ml) and mask.any():
-            mask = _components(mask, spec.keep_largest_component, spec.min_component_ml / voxel_ml)
+            mask, gap = _components(mask, spec.keep_largest_component, spec.min_component_ml / voxel_ml,
+                                    grid.slice_axis)
+            if gap:
+                gaps[spec.name] = gap * slice_mm
         if spec.min_component_extent and mask.any():
             mask = _long_components(mask, grid.slice_axis, spec.min_component_extent)
         if spec.fill_holes:  # per axial slice, as contours are drawn: a hole open at the scan's end still fills
@@ -60,21 +75,41 @@ def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid, ki
         if spec.min_volume_ml and mask.sum() * voxel_ml < spec.min_volume_ml:
             mask[:] = False
         out |= mask.astype(out.dtype) << (spec.value - 1)
-    return out
+    return out, gaps
 
 
-def _components(mask: np.ndarray, largest_only: bool, min_voxels: float) -> np.ndarray:
+def _components(mask: np.ndarray, largest_only: bool, min_voxels: float,
+                slice_axis: int) -> tuple[np.ndarray, int]:
+    """The components kept, and (largest only) the empty slices between the kept one and a discarded piece."""
     components, _count = ndimage.label(mask)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
+    gap = 0
     if largest_only:
         keep = np.zeros_like(sizes, dtype=bool)
-        keep[int(np.argmax(sizes))] = True
+        largest = int(np.argmax(sizes))
+        keep[largest] = True
+        gap = _gap_to_pieces(components, sizes, largest, slice_axis)
     else:
         keep = sizes >= min_voxels
         keep[0] = False
     kept: np.ndarray = keep[components]
-    return kept
+    return kept, gap
+
+
+def _gap_to_pieces(components: np.ndarray, sizes: np.ndarray, largest: int, slice_axis: int) -> int:
+    """Slices between the largest component and the farthest discarded piece that continues it along the patient:
+    one at least ``_PIECE_SHARE`` of its size, overlapping it in-plane, wholly beyond its first or last slice."""
+    boxes = ndimage.find_objects(components)
+    kept = boxes[largest - 1]
+    gap = 0
+    for index, box in enumerate(boxes, start=1):
+        if box is None or index == largest or sizes[index] < _PIECE_SHARE * sizes[largest]:
+            continue
+        if all(box[a].start < kept[a].stop and kept[a].start < box[a].stop for a in range(3) if a != slice_axis):
+            along, core = box[slice_axis], kept[slice_axis]
+            gap = max(gap, along.start - core.stop, core.start - along.stop)
+    return gap
 
 
 def _long_components(mask: np.ndarray, axis: int, fraction: float) -> np.ndarray:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 import structlog
 
 from gateway.errors import InferenceError, VolumeError
+from gateway.inference import confidence as _confidence
+from gateway.inference.confidence import Confidence
 from gateway.inference.manifest import ClipScale, InputSpec, ModelPackage
 from gateway.inference.orientation import axis_transform, orientation_code, oriented, unoriented
 from gateway.inference.postprocess import ModelGrid, model_affine, postprocess
@@ -50,12 +52,16 @@ _MAX_VOXELS = VolumeLimits().max_voxels
 
 @dataclass(frozen=True)
 class Prediction:
-    """Label bit-planes on the CT grid: bit ``value - 1`` of a voxel is set where that label is."""
+    """Label bit-planes on the CT grid: bit ``value - 1`` of a voxel is set where that label is; and the model's
+    confidence in each label found (:mod:`gateway.inference.confidence`, on the model grid)."""
 
     bits: np.ndarray
     values: dict[str, int]  # label name -> label value
     voxels: dict[str, int]  # label name -> voxel count
     seconds: float
+    confidence: dict[str, Confidence] = field(default_factory=dict)
+    #: Label name -> gap (mm) between the largest component kept and a discarded piece continuing it.
+    split_mm: dict[str, float] = field(default_factory=dict)
 
     def mask(self, name: str) -> np.ndarray:
         """The boolean mask of label *name* on the CT grid."""
@@ -134,17 +140,22 @@ class Predictor:
         output = self.manifest.output
         scores = self._scores(prepared.image, progress)
         order, flips, factors = prepared.order, prepared.flips, prepared.factors
+        labels = self.manifest.labels
         if self.manifest.input.resampling == "nnunet":  # logits back to the CT grid, decided there (as nnU-Net)
+            confidence = _confidence.from_logits(scores, labels, output.kind, output.threshold)  # raw decision
             decided = _decide_logits(self._on_ct_grid(scores, prepared), output.kind, output.threshold)
             factors = [1.0, 1.0, 1.0]
         else:  # decided and cleaned up on the (small) model grid, then the bits mapped to the CT grid
-            decided = _decide(self._activate(scores), output.kind, output.threshold)
+            scores = self._activate(scores)
+            decided = _decide(scores, output.kind, output.threshold)
         grid = ModelGrid(model_affine(volume.affine, order, flips, factors, prepared.shape), order.index(0))
-        bits = postprocess(decided, self.manifest.labels, grid, output.kind)
+        bits, split_mm = postprocess(decided, labels, grid, output.kind)
+        if self.manifest.input.resampling != "nnunet":
+            confidence = _confidence.from_probabilities(scores, bits, labels, output.kind)
         bits = unoriented(back_to_grid(bits, prepared.shape, factors), order, flips)
         values = {label.name: label.value for label in self.manifest.labels}
         voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
-        prediction = Prediction(bits, values, voxels, time.monotonic() - started)
+        prediction = Prediction(bits, values, voxels, time.monotonic() - started, confidence, split_mm)
         log.info("inference_done", model=self.manifest.model.name, seconds=round(prediction.seconds, 2),
                  empty_labels=prediction.empty)
         return prediction

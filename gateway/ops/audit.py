@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditLog", "JobAudit", "Verification", "verify"]
+__all__ = ["AuditLog", "JobAudit", "Verification", "verification_lines", "verify"]
 
 _GENESIS = hashlib.sha256(b"").hexdigest()
 _TAIL = 65_536  # the last record is found in the file's last 64 KiB
@@ -179,6 +179,22 @@ def verify(path: Path, ceiling_seconds: float, now: float, *, held: Mapping[str,
     unaudited = [job_id for job_id in held or {} if job_id in over and "received" not in jobs[job_id].events
                  and "deleted" not in jobs[job_id].events]
     return Verification(count, broken, jobs, over, unaudited, _cut(head, count, digests))
+
+
+def verification_lines(result: Verification, ceiling: float, now: float) -> tuple[list[str], list[str]]:
+    """What ``python -m gateway audit verify`` prints: one line per job and the verdict, and the chain's faults."""
+    lines = []
+    for job in result.jobs.values():
+        age = job.age(now)
+        state = "deleted" if job.deleted_at is not None else "HELD"
+        verdict = "OVER CEILING" if job.job_id in result.over_ceiling else "ok"
+        unaudited = " (in the job table, no audit record)" if job.job_id in result.held_unaudited else ""
+        lines.append(f"{job.job_id}  study {job.study or '-'}  {state} after "
+                     f"{'-' if age is None else f'{age / 3600:.2f} h'}  {verdict}{unaudited}")
+    lines.append(f"{result.records} record(s), {len(result.jobs)} job(s), ceiling {ceiling} s: "
+                 f"{'OK' if result.ok else 'FAILED'}")
+    problems = [f"chain broken at line {number}" for number in result.broken_links]
+    return lines, problems + ([result.cut] if result.cut is not None else [])
 
 
 def _cut(head: tuple[int, str] | None, count: int, digests: dict[int, str]) -> str | None:

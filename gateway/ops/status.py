@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
+from gateway.ops.review import qa_summary
 from gateway.store.jobs import Job, JobStore
+from gateway.store.qa_records import QaRecords
 from gateway.store.tasks import JOB_STAGE, TaskStore
 
 __all__ = ["status_lines"]
@@ -26,11 +28,15 @@ def status_lines(jobs: JobStore, now: float) -> Iterator[str]:
         job_stages = [t for t in times if t.task_no == JOB_STAGE]
         if job_stages:
             yield "    " + "  ".join(f"{t.stage} {t.duration_ms} ms" for t in job_stages)
+        qa = QaRecords(jobs).of_job(job.job_id)
         for task in tasks.tasks(job.job_id):
             stages = "  ".join(f"{t.stage} {t.duration_ms} ms" for t in times if t.task_no == task.task_no)
             yield (f"  series {task.task_no}: {task.state.value}, {task.instance_count} instances, "
                    f"route {task.route or '-'}" + (f"; {stages}" if stages else "")
                    + (f"; {task.reason}" if task.reason else ""))
+            checks = [record for record in qa if record.task_no == task.task_no]
+            if checks:
+                yield f"    qa: {qa_summary(checks)}"
             for delivery in tasks.deliveries(job.job_id, task.task_no):
                 state = "pending" if not delivery.state.terminal else delivery.state.value
                 yield (f"    result {delivery.item} -> {delivery.destination}: {state} after "

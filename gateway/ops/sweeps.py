@@ -23,7 +23,7 @@ from gateway.store.jobs import JobStore
 from gateway.store.keys import KekFiles
 from gateway.store.spool import Spool
 
-__all__ = ["SweepSchedule", "sweep_once"]
+__all__ = ["SweepSchedule", "sweep_lines", "sweep_once"]
 
 log = structlog.get_logger(__name__)
 
@@ -93,3 +93,19 @@ def sweep_once(config: GatewayConfig, *, dry_run: bool = False) -> tuple[SweepRe
         return shredder.sweep(dry_run=dry_run), notes
     finally:
         jobs.close()
+
+
+def sweep_lines(report: SweepReport) -> tuple[list[str], list[str]]:
+    """What ``python -m gateway shred`` prints: what was shredded (or is due), and what failed (empty when none)."""
+    verb = "due" if report.dry_run else "shredded"
+    done = [f"{verb}: job {job.job_id} ({job.state}, {job.why}, {job.age_seconds / 3600:.1f} h old)"
+            for job in report.jobs]
+    done += [f"{verb}: export {export.destination}/{export.file_id} of job {export.job_id}"
+             for export in report.exports]
+    done += [f"{verb}: orphaned files of job {orphan}" for orphan in report.orphans]
+    done += [f"destroyed: key-encryption key {key}" for key in report.keys]
+    failed = [f"FAILED: job {job_id} could not be shredded (retried by the next sweep)" for job_id in report.failed]
+    failed += [f"FAILED: the sweep's {step} step (retried by the next sweep)" for step in report.failed_steps]
+    done.append(f"{len(report.jobs)} job(s), {len(report.exports)} export(s), {len(report.orphans)} orphan(s) "
+                f"{verb}, {len(report.keys)} key(s) destroyed, {len(report.failed)} failed")
+    return done, failed

@@ -21,15 +21,16 @@ from gateway.config import GatewayConfig, Route
 from gateway.errors import CryptoError, InferenceError, ReidentificationError, StructureSetError, VolumeError
 from gateway.failpoints import failpoint
 from gateway.identity.stages import reidentify_task
-from gateway.inference.ensemble import decode_masks, encode_masks, infer
-from gateway.inference.manifest import ModelManifest
+from gateway.inference.confidence import Confidence
+from gateway.inference.ensemble import decode_confidence, decode_masks, decode_split, encode_masks, infer
 from gateway.inference.model_cache import Predictors
 from gateway.inference.predictor import Prediction
 from gateway.inference.progress import InferenceProgress, SpeedMemory
 from gateway.inference.volume import Volume, VolumeLimits, volume_from_datasets
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
-from gateway.rt.plausibility import Finding, Outcome, check_structures
+from gateway.pipeline.qa import ContourQa
+from gateway.rt.plausibility import Outcome
 from gateway.rt.results import build_results, encode_results, structure_set_picture
 from gateway.sending.delivery import deliver_due, outcome
 from gateway.sending.scu import Sender
@@ -51,6 +52,15 @@ class Series:
 
     datasets: Sequence[Dataset]
     volume: Volume
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """What the infer stage found: each label's mask on the CT grid, and the model's confidence in it."""
+
+    masks: dict[str, np.ndarray]
+    confidence: dict[str, Confidence]
+    split_mm: dict[str, float]  # gaps to pieces that keeping the largest component discarded
 
 
 class _TaskGone(Exception):
@@ -77,12 +87,13 @@ class SeriesStages:
         self._predictors = Predictors(config.inference)
         self._speed = SpeedMemory()
         self._volume_limits = VolumeLimits.from_config(config.limits)
+        self._qa = ContourQa(ctx.jobs, audit, metrics, clock)
 
     def run(self, task: Task) -> None:
         """Take one series as far as it can go now (its deliveries may wait for a retry)."""
         route = next((r for r in self._config.routes if r.name == task.route), None)
         structlog.contextvars.bind_contextvars(task=task.task_no)
-        state, series, masks = task.state, None, None
+        state, series, inferred = task.state, None, None
         try:
             if route is None:
                 raise _TaskFailed("route_not_configured")
@@ -92,11 +103,12 @@ class SeriesStages:
                 series = self._load(task)
                 prediction = self._infer(route, series)
                 save_output(self._ctx, task.job_id, task.task_no, "masks", encode_masks(prediction))
-                masks = {name: prediction.mask(name) for name in prediction.values}
+                inferred = Inferred({name: prediction.mask(name) for name in prediction.values}, prediction.confidence,
+                                    prediction.split_mm)
                 state = self._commit(task, JobState.INFERRED, "infer", started, structures=len(prediction.values),
                                      empty=len(prediction.empty), slices=series.volume.shape[0])
             if state is JobState.INFERRED:
-                state = self._structure(task, route, series, masks)
+                state = self._structure(task, route, series, inferred)
             if state is JobState.STRUCTURED:
                 started = time.monotonic()
                 self.begin("reidentify")
@@ -121,45 +133,45 @@ class SeriesStages:
             structlog.contextvars.unbind_contextvars("task")
 
     def _structure(self, task: Task, route: Route, series: Series | None,
-                   masks: dict[str, np.ndarray] | None) -> JobState:
+                   inferred: Inferred | None) -> JobState:
         started = time.monotonic()
         self.begin("structure")
         series = series or self._load(task)
-        if masks is None:
-            masks = decode_masks(load_output(self._ctx, task.job_id, task.task_no, "masks"))
+        if inferred is None:
+            stored = load_output(self._ctx, task.job_id, task.task_no, "masks")
+            inferred = Inferred(decode_masks(stored), decode_confidence(stored), decode_split(stored))
         manifest = self._predictors.manifest(route.models)
-        findings = self._plausibility(series.volume, masks, manifest)
+        verdict = self._qa.check(task.job_id, task.task_no, route, series.volume, inferred.masks, manifest,
+                                 inferred.confidence, inferred.split_mm)
+        if not any(mask.any() for mask in verdict.masks.values()):
+            raise _TaskFailed("qa_failed")  # ``drop`` left nothing to send
         try:
-            results = build_results(series.volume, series.datasets, masks, manifest, route, findings)
+            results = build_results(series.volume, series.datasets, verdict.masks, manifest, route, verdict.findings)
         except StructureSetError as exc:
             raise _TaskFailed(exc.reason) from exc
         save_outputs(self._ctx, task.job_id, task.task_no, "pseudo", encode_results(results))
         if route.qa_picture:  # sealed like every output: shredded with the study
             save_output(self._ctx, task.job_id, task.task_no, "qa-png",
-                        structure_set_picture(series.volume, masks, results[0], route))
+                        structure_set_picture(series.volume, verdict.masks, results[0], route,
+                                              verdict.findings))
         contours = sum(len(getattr(item, "ContourSequence", [])) for item in results[0].ROIContourSequence)
-        return self._commit(task, JobState.STRUCTURED, "structure", started, results=len(results),
-                            structures=len(results[0].StructureSetROISequence), contours=contours,
-                            qa_warnings=sum(f.outcome is Outcome.WARN for f in findings),
-                            qa_failures=sum(f.outcome is Outcome.FAIL for f in findings))
-
-    def _plausibility(self, volume: Volume, masks: dict[str, np.ndarray], manifest: ModelManifest) -> list[Finding]:
-        """Check every structure; each flag is logged and every outcome counted (structure names and codes only)."""
-        findings = check_structures(volume, masks, manifest)
-        for finding in findings:
-            if finding.outcome is not Outcome.PASS:
-                log.warning("qa_flagged", structure=finding.structure, check=finding.check,
-                            outcome=finding.outcome.value, reason=finding.reason, value=finding.value)
+        state = JobState.HELD if verdict.held else JobState.STRUCTURED
+        state = self._commit(task, state, "structure", started, reason="qa_failed" if verdict.held else None,
+                             results=len(results), structures=len(results[0].StructureSetROISequence),
+                             contours=contours, qa_warnings=verdict.count(Outcome.WARN),
+                             qa_failures=verdict.count(Outcome.FAIL), qa_dropped=len(verdict.dropped))
+        if verdict.held:  # fail closed: a human looks before anything is sent
+            log.error("alert", stage="structure", outcome=state.value, reason="qa_failed", structures=verdict.failed)
             if self._metrics is not None:
-                self._metrics.qa_check(finding.check, finding.outcome.value)
-        return findings
+                self._metrics.failure("structure", "qa_failed")
+        return state
 
-    def _commit(self, task: Task, state: JobState, stage: str, started: float, *,
+    def _commit(self, task: Task, state: JobState, stage: str, started: float, *, reason: str | None = None,
                 deliveries: list[tuple[int, str]] | None = None, **counts: int) -> JobState:
         failpoint(f"after:{stage}")
         duration_ms = int((time.monotonic() - started) * 1000)
         if self._ctx.tasks.advance(task.job_id, task.task_no, state, stage=stage, duration_ms=duration_ms,
-                                   now=self._clock(), deliveries=deliveries or ()) is None:
+                                   now=self._clock(), reason=reason, deliveries=deliveries or ()) is None:
             raise _TaskGone(task.task_no)
         log.info("stage_done", stage=stage, duration_ms=duration_ms, outcome=state.value, **counts)
         self.observe(stage, duration_ms)

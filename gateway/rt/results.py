@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -50,15 +51,22 @@ def encode_results(results: Sequence[Dataset]) -> list[bytes]:
 
 
 def structure_set_picture(volume: Volume, masks: dict[str, np.ndarray], structure_set: Dataset,
-                          route: Route) -> bytes:
-    """The QA picture (PNG) of the structures written in *structure_set*, in their display colours."""
+                          route: Route, findings: Sequence[Finding] = ()) -> bytes:
+    """The QA picture (PNG) of the structures written in *structure_set*, in their display colours.
+
+    Each written structure with *findings* (by label name) that did not pass gets its own panel, captioned with
+    its ROI name and the flags.
+    """
     names = {int(roi.ROINumber): str(roi.ROIName) for roi in structure_set.StructureSetROISequence}
     colours = {names[int(item.ReferencedROINumber)]: [int(c) for c in item.ROIDisplayColor]
                for item in structure_set.ROIContourSequence}
     by_roi = {}
+    roi_names = {}
     for label, mask in masks.items():
         template = route.structures.get(label)
         name = (template.name if template is not None else None) or label
         if name in colours:  # written (empty structures are left out)
             by_roi[name] = mask
-    return qa_picture(volume, by_roi, colours)
+            roi_names[label] = name
+    flags = [replace(f, structure=roi_names[f.structure]) for f in findings if f.structure in roi_names]
+    return qa_picture(volume, by_roi, colours, flags)

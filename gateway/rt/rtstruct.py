@@ -86,11 +86,20 @@ def build_structure_set(source: StructureSetInput, *, now: dt.datetime | None = 
     axial = bool(abs(abs(float(normal[2])) - 1) < 1e-6)
     ds.ROIContourSequence = DicomSequence([_roi_contour(roi, slices, axial) for roi in rois])
     ds.RTROIObservationsSequence = DicomSequence([_observation(roi, source.qa.get(roi.label, ())) for roi in rois])
-    flagged = [roi.name for roi in rois if source.qa.get(roi.label)]
-    if flagged:
-        ds.StructureSetDescription = (f"{ds.StructureSetDescription}. QA flagged {len(flagged)} of {len(rois)}: "
-                                      f"{', '.join(flagged)}")[:1024]
+    ds.StructureSetDescription = _described(ds.StructureSetDescription, source, rois)
     return ds
+
+
+def _described(description: str, source: StructureSetInput, rois: Sequence[_ROI]) -> str:
+    """The description with the QA summary: structures flagged, and those left out (a route with ``qa = "drop"``)."""
+    flagged = [roi.name for roi in rois if source.qa.get(roi.label)]
+    left_out = [source.template.get(label, StructureTemplate()).name or label for label, flags in source.qa.items()
+                if label not in source.masks and any(f.outcome is Outcome.FAIL for f in flags)]
+    if flagged:
+        description += f". QA flagged {len(flagged)} of {len(rois)}: {', '.join(flagged)}"
+    if left_out:
+        description += f". QA left out {len(left_out)}: {', '.join(left_out)}"
+    return description[:1024]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class JobState(StrEnum):
     PSEUDONYMISED = "pseudonymised"
     INFERRED = "inferred"
     STRUCTURED = "structured"
+    #: Contour QA failed on a route with ``qa = "hold"``: nothing is sent until ``python -m gateway release``.
+    HELD = "held"
     REIDENTIFIED = "reidentified"
     SENT = "sent"
     FAILED = "failed"

@@ -9,14 +9,15 @@ attempts that did not end (a job that kills the process is not retried forever).
 key-encryption key that wraps each data key (``data_keys.kek``, ``NULL`` for keys wrapped by the master
 key before) and the node's anchors (``anchors``: the master key's check value, the largest time seen,
 the audit trail's head), none of which is patient data. Version 8 names a delivery waiting to be sent
-``pending`` (it was ``reidentified``, the state of its task).
+``pending`` (it was ``reidentified``, the state of its task). Version 9 adds the contour QA record of each task
+(``qa_findings``: structure names as the model or template calls them, check and reason codes, figures).
 """
 
 from __future__ import annotations
 
 __all__ = ["ADDED_COLUMNS", "MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "TASK_TABLES"]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -95,6 +96,16 @@ CREATE TABLE IF NOT EXISTS stage_times (
     finished_at REAL NOT NULL,
     PRIMARY KEY (job_id, task_no, stage)
 );
+CREATE TABLE IF NOT EXISTS qa_findings (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    task_no INTEGER NOT NULL,
+    structure TEXT NOT NULL,
+    qa_check TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    value REAL NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (job_id, task_no, structure, qa_check)
+);
 CREATE TABLE IF NOT EXISTS exports (
     file_id TEXT PRIMARY KEY,
     destination TEXT NOT NULL,
@@ -105,7 +116,7 @@ CREATE TABLE IF NOT EXISTS exports (
 """
 
 #: What pseudonymisation derives from a job's received instances; dropped when it is redone.
-TASK_TABLES = ("tasks", "task_files", "deliveries", "stage_times")
+TASK_TABLES = ("tasks", "task_files", "deliveries", "stage_times", "qa_findings")
 #: Columns added after a table was first created: ``(table, column, declaration)``.
 ADDED_COLUMNS = (
     ("jobs", "finished_at", "REAL"),

@@ -160,6 +160,18 @@ class TaskStore:
                 _record_time(db, job_id, task_no, stage, duration_ms, now)
             return _settle(db, job_id, now)
 
+    def release(self, job_id: str, now: float) -> list[int]:
+        """Series of *job_id* held by contour QA go on to be sent; return their numbers (none held: ``[]``)."""
+        with self._jobs.transaction(durable=True) as db:
+            _job_state(db, job_id)  # raises JobNotFoundError
+            rows = db.execute("SELECT task_no FROM tasks WHERE job_id = ? AND state = ? ORDER BY task_no",
+                              (job_id, JobState.HELD)).fetchall()
+            db.execute("UPDATE tasks SET state = ?, reason = NULL WHERE job_id = ? AND state = ?",
+                       (JobState.STRUCTURED, job_id, JobState.HELD))
+            if rows:
+                _settle(db, job_id, now)
+        return [row["task_no"] for row in rows]
+
     def deliveries(self, job_id: str, task_no: int) -> list[Delivery]:
         """What one task owes to its destinations, and how each stands."""
         with self._jobs.reading() as db:

@@ -1,5 +1,5 @@
 """Plausibility checks on the default model's contours of real chest CTs: clean cases pass, injected faults are
-flagged with the right reason and nothing else, whatever way the volume's axes run."""
+flagged with the right reason and nothing else, whatever way the volume's axes run and the patient lies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from gateway.inference.manifest import ModelManifest, load_model_package
-from gateway.inference.predictor import Predictor
+from gateway.inference.predictor import Prediction, Predictor
 from gateway.inference.volume import Volume, volume_from_datasets
 from gateway.rt.plausibility import Finding, Outcome, check_structures, expected_side
 from tests.conftest import REPO
@@ -27,13 +27,18 @@ def manifest() -> ModelManifest:
 
 
 @pytest.fixture(scope="module", params=["lung1", "lung2"])
-def contoured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-              manifest: ModelManifest) -> tuple[Volume, dict[str, np.ndarray]]:
-    """A real chest CT and the default model's masks on it."""
+def predicted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Volume, Prediction]:
+    """A real chest CT (supine, head first) and the default model's prediction on it."""
     folder: Path = tmp_path_factory.mktemp(request.param)
     series = real_chest_ct(folder, source=request.param)
     volume = volume_from_datasets([pydicom.dcmread(path) for path in series.files])
-    prediction = Predictor(load_model_package(DEFAULT)).predict(volume)
+    return volume, Predictor(load_model_package(DEFAULT)).predict(volume)
+
+
+@pytest.fixture(scope="module")
+def contoured(predicted: tuple[Volume, Prediction]) -> tuple[Volume, dict[str, np.ndarray]]:
+    """A real chest CT and the default model's masks on it."""
+    volume, prediction = predicted
     return volume, {name: prediction.mask(name) for name in prediction.values}
 
 
@@ -48,18 +53,27 @@ def _inner(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def test_the_clean_contours_pass_every_check(contoured: tuple[Volume, dict[str, np.ndarray]],
-                                             manifest: ModelManifest) -> None:
+                                             predicted: tuple[Volume, Prediction], manifest: ModelManifest) -> None:
     volume, masks = contoured
-    as_scanned = _flagged(check_structures(volume, masks, manifest))
+    confidence = predicted[1].confidence
+    as_scanned = _flagged(check_structures(volume, masks, manifest, confidence))
     # These scans cover part of the chest: each lung reaches one end of the scan range, which is worth a warning.
     assert as_scanned <= {("Lung_L", "warn", "touches_scan_edge"), ("Lung_R", "warn", "touches_scan_edge")}
-    findings = check_structures(volume, _inner(masks), manifest)
+    findings = check_structures(volume, _inner(masks), manifest, confidence)
     assert _flagged(findings) == set()
     checks = {(f.structure, f.check) for f in findings}
     assert {("Lung_L", "laterality"), ("Lung_R", "laterality"), ("Lung_L", "volume"), ("External", "volume"),
-            ("Lung_L", "inside_external"), ("Lung_R", "continuity"), ("Lung_L", "overlap:Lung_R")} <= checks
+            ("Lung_L", "inside_external"), ("Lung_R", "continuity"), ("Lung_L", "overlap:Lung_R"),
+            ("Lung_L", "below_table"), ("Lung_R", "below_table"), ("External", "confidence"),
+            ("Lung_L", "confidence"), ("Lung_R", "confidence")} <= checks
     lateral = {f.structure: f.value for f in findings if f.check == "laterality"}
     assert lateral["Lung_L"] > 50 and lateral["Lung_R"] < -50  # mm from the body's midline, towards each side
+    below = {f.structure: f.value for f in findings if f.check == "below_table"}
+    assert below["Lung_L"] < -15 and below["Lung_R"] < -15  # mm: the lungs end well inside the back
+    sure = {f.structure: f.value for f in findings if f.check == "confidence"}
+    assert sure["External"] > 0.7 and sure["Lung_L"] > 0.9 and sure["Lung_R"] > 0.9  # the mean probabilities
+    assert "below_table" not in {f.check for f in findings if f.structure == "External"}
+    assert "confidence" not in {f.check for f in check_structures(volume, masks, manifest)}  # no figures, no check
 
 
 def test_lungs_reaching_the_scan_range_may_be_cut_off(contoured: tuple[Volume, dict[str, np.ndarray]],
@@ -129,6 +143,93 @@ def test_the_same_anatomy_stored_along_other_axes_gives_the_same_findings(
     assert [f.value for f in found] == pytest.approx([f.value for f in expected], abs=0.2)
     flipped["Lung_L"], flipped["Lung_R"] = flipped["Lung_R"], flipped["Lung_L"]
     assert ("Lung_L", "fail", "laterality_swapped") in _flagged(check_structures(turned, flipped, manifest))
+
+
+def _padded(volume: Volume, masks: dict[str, np.ndarray], axis: int, mm: float) -> tuple[Volume, dict[str, np.ndarray]]:
+    """The volume with *mm* more air on both sides along array *axis* (a larger field of view, so that a fault may
+    reach beyond the body), the affine moved to match."""
+    voxels = int(np.ceil(mm / volume.spacing[axis]))
+    padding = [(0, 0)] * 3
+    padding[axis] = (voxels, voxels)
+    affine = volume.affine.copy()
+    affine[:3, 3] -= affine[:3, axis] * voxels
+    hu = np.pad(volume.hu, padding, constant_values=-1024)
+    return replace(volume, hu=hu, affine=affine), {name: np.pad(mask, padding) for name, mask in masks.items()}
+
+
+def _extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
+    """The first and last index along array *axis* where *mask* is set."""
+    present = np.flatnonzero(mask.any(axis=tuple(other for other in range(3) if other != axis)))
+    return int(present[0]), int(present[-1])
+
+
+def _dropped_to_the_couch(volume: Volume, masks: dict[str, np.ndarray],
+                          beyond_mm: float) -> tuple[Volume, dict[str, np.ndarray]]:
+    """Lung_L moved posteriorly until it reaches *beyond_mm* past the back of the External."""
+    assert volume.affine[1, 1] > 0  # rows run towards posterior (LPS +y) in these scans
+    roomy, moved = _padded(volume, _inner(masks), 1, beyond_mm + 10)
+    shift = _extent(moved["External"], 1)[1] - _extent(moved["Lung_L"], 1)[1] + round(beyond_mm / volume.spacing[1])
+    moved["Lung_L"] = np.roll(moved["Lung_L"], shift, axis=1)
+    return roomy, moved
+
+
+def test_a_lung_dropped_below_the_body_is_below_the_table(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                                          manifest: ModelManifest) -> None:
+    """Supine: reaching 60 mm beyond the back of the body is reaching into the couch; the lung is then also partly
+    outside the External, which the inside check reports as well."""
+    volume, masks = contoured
+    roomy, moved = _dropped_to_the_couch(volume, masks, 60.0)
+    findings = check_structures(roomy, moved, manifest)
+    assert _flagged(findings) == {("Lung_L", "fail", "below_table"), ("Lung_L", "fail", "outside_external")}
+    [below] = [f for f in findings if f.structure == "Lung_L" and f.check == "below_table"]
+    assert below.value == pytest.approx(60.0, abs=volume.spacing[1])
+
+
+@pytest.mark.parametrize("flip", [(0,), (1,), (2,), (0, 1, 2)], ids=["feet_first", "prone", "mirrored", "all"])
+def test_below_the_table_whatever_way_the_axes_run(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                                   manifest: ModelManifest, flip: tuple[int, ...]) -> None:
+    volume, masks = contoured
+    roomy, moved = _dropped_to_the_couch(volume, masks, 60.0)
+    expected = check_structures(roomy, moved, manifest)
+    found = check_structures(*stored_along(roomy, moved, flip), manifest)
+    assert [(f.structure, f.check, f.outcome) for f in found] == [(f.structure, f.check, f.outcome) for f in expected]
+    assert [f.value for f in found] == pytest.approx([f.value for f in expected], abs=0.2)
+
+
+def test_prone_the_couch_is_in_front(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                     manifest: ModelManifest) -> None:
+    """Head first prone (HFP): gravity runs anterior. A lung pushed out through the chest wall is now towards the
+    couch; one dropped behind the back is not (but is still outside the body)."""
+    volume, masks = contoured
+    prone = replace(volume, patient_position="HFP")
+    forward = _inner(masks)
+    forward["Lung_L"] = np.roll(forward["Lung_L"], -_extent(forward["Lung_L"], 1)[0], axis=1)
+    findings = check_structures(prone, forward, manifest)
+    assert _flagged(findings) == {("Lung_L", "fail", "below_table"), ("Lung_L", "fail", "outside_external")}
+    assert _flagged(check_structures(volume, forward, manifest)) == {("Lung_L", "fail", "outside_external")}
+    roomy, behind = _dropped_to_the_couch(volume, masks, 60.0)
+    assert _flagged(check_structures(replace(roomy, patient_position="HFP"), behind, manifest)) == {
+        ("Lung_L", "fail", "outside_external")}
+    clean = check_structures(prone, _inner(masks), manifest)
+    assert _flagged(clean) == set()
+
+
+@pytest.mark.parametrize(("position", "expected"), [("HFDR", "Lung_R"), ("FFDL", "Lung_L"), ("", None)])
+def test_on_its_side_the_couch_is_under_the_lower_side(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                                       manifest: ModelManifest, position: str,
+                                                       expected: str | None) -> None:
+    """Decubitus: right side down, gravity runs to the patient's right (LPS -x); left side down, to the left. Both
+    lungs pushed 30 mm out sideways: only the one on the lower side is towards the couch. No position: supine."""
+    assert contoured[0].affine[0, 2] > 0  # columns run towards the patient's left (LPS +x) in these scans
+    volume, pushed = _padded(*contoured, 2, 40.0)
+    pushed = _inner(pushed)
+    body = _extent(pushed["External"], 2)
+    steps = round(30.0 / volume.spacing[2])
+    pushed["Lung_R"] = np.roll(pushed["Lung_R"], body[0] - _extent(pushed["Lung_R"], 2)[0] - steps, axis=2)
+    pushed["Lung_L"] = np.roll(pushed["Lung_L"], body[1] - _extent(pushed["Lung_L"], 2)[1] + steps, axis=2)
+    flagged = _flagged(check_structures(replace(volume, patient_position=position), pushed, manifest))
+    below = {structure for structure, _outcome, reason in flagged if reason == "below_table"}
+    assert below == ({expected} if expected else set())
 
 
 def test_side_comes_from_the_manifest_or_the_tg263_suffix(manifest: ModelManifest) -> None:

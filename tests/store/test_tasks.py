@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.errors import JobNotFoundError
 from gateway.store.jobs import JobState, JobStore
+from gateway.store.qa_records import QaRecord, QaRecords
 from gateway.store.tasks import DeliveryState, NewTask, TaskStore
 
 NOW = 1_800_000_000.0
@@ -97,3 +99,30 @@ def test_start_over_forgets_the_tasks(store: tuple[JobStore, TaskStore]) -> None
     job_id = _job(jobs, tasks, "a")
     tasks.start_over(job_id)
     assert tasks.tasks(job_id) == [] and tasks.files(job_id, 1) == [] and tasks.stage_times(job_id) == []
+
+
+def test_a_held_series_waits_for_release_and_keeps_its_qa_record(store: tuple[JobStore, TaskStore]) -> None:
+    jobs, tasks = store
+    job_id = _job(jobs, tasks, "a", "b")
+    records = QaRecords(jobs)
+    records.replace(job_id, 1, [QaRecord(1, "Lung_L", "volume", "fail", 3.5, "volume_too_small"),
+                                QaRecord(1, "Lung_L", "laterality", "pass", 71.2, None)])
+    tasks.advance(job_id, 1, JobState.HELD, stage="structure", duration_ms=7, now=NOW, reason="qa_failed")
+    tasks.advance(job_id, 2, JobState.SENT, stage="send", duration_ms=7, now=NOW)
+    job = jobs.get(job_id)
+    assert (job.state, job.reason, job.finished_at) == (JobState.HELD, "series 1: qa_failed", None)
+    assert job_id not in tasks.runnable(NOW + 3600)  # nothing happens to a held series on its own
+
+    assert tasks.release(job_id, NOW + 60) == [1]
+    first = tasks.tasks(job_id)[0]
+    assert (first.state, first.reason) == (JobState.STRUCTURED, None)
+    assert jobs.get(job_id).state is JobState.STRUCTURED
+    assert job_id in tasks.runnable(NOW + 60)
+    assert tasks.release(job_id, NOW + 61) == []  # released once
+    # The structure stage run again (a crash before its commit) replaces its record rather than adding to it.
+    records.replace(job_id, 1, [QaRecord(1, "Lung_L", "volume", "pass", 900.0, None)])
+    assert records.of_job(job_id) == [QaRecord(1, "Lung_L", "volume", "pass", 900.0, None)]
+    tasks.start_over(job_id)  # a corrected re-send: everything derived from the old instances goes
+    assert records.of_job(job_id) == []
+    with pytest.raises(JobNotFoundError):
+        tasks.release("0" * 16, NOW)
