@@ -22,7 +22,7 @@ import structlog
 from gateway import __version__
 from gateway.config import Destination, GatewayConfig, load_config, load_sweep_config
 from gateway.errors import ConfigError, GatewayError, SendError, StartupError
-from gateway.inference.model_cache import check_route_models
+from gateway.inference.model_cache import Predictors, check_route_models
 from gateway.ops.audit import AuditLog, verification_lines, verify
 from gateway.ops.logs import configure_logging
 from gateway.ops.process import configure_process
@@ -32,6 +32,7 @@ from gateway.ops.status import status_lines
 from gateway.ops.sweeps import sweep_lines, sweep_once
 from gateway.ops.tls import check_certificates
 from gateway.receiving.assembly import force_complete
+from gateway.rt.templates import load_route_templates, manifests_of
 from gateway.sending.scu import Sender
 from gateway.service import serve
 from gateway.store.anchors import audit_head, check_master_key, record_audit_head
@@ -305,6 +306,8 @@ def _check_serve(config: GatewayConfig) -> None:
         finally:
             jobs.close()
     check_route_models(config.inference.models_dir, config.routes)
+    manifests = manifests_of(Predictors(config.inference).manifest)
+    load_route_templates(config.inference.templates_dir, config.routes, manifests)
     check_certificates(config)
 
 

@@ -266,6 +266,8 @@ class Inference(_Model):
 
     #: Folder holding the model packages that ``[[routes]] model`` names.
     models_dir: ConfigPath = Path("models")
+    #: Folder holding the site templates that ``[[routes]] template`` names (``<name>.toml``).
+    templates_dir: ConfigPath = Field(default=Path("templates"), validate_default=True)  # beside the config file
     #: onnxruntime execution providers in order of preference; unavailable ones are skipped.
     providers: Annotated[list[_Provider], Field(min_length=1)] = Field(default_factory=lambda: [_CPU])
     #: Threads per inference session; 0 lets onnxruntime choose.

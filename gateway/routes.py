@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydicom.datadict import keyword_dict
 
-__all__ = ["Route", "RouteImages", "StructureTemplate"]
+__all__ = ["Route", "RouteImages", "StructureTemplate", "check_structure_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -54,7 +54,7 @@ def _check_match(value: Mapping[str, str]) -> Mapping[str, str]:
     return value
 
 
-def _check_structure_name(value: str) -> str:
+def check_structure_name(value: str) -> str:
     if not 1 <= len(value) <= 16 or value != value.strip() or "\\" in value:
         raise ValueError("must be 1-16 characters (TG-263), no leading/trailing spaces or backslash")
     return value
@@ -63,7 +63,7 @@ def _check_structure_name(value: str) -> str:
 class StructureTemplate(_Model):
     """How a site wants one of the model's structures written; unset fields come from the manifest."""
 
-    name: Annotated[str, AfterValidator(_check_structure_name)] | None = None
+    name: Annotated[str, AfterValidator(check_structure_name)] | None = None
     colour: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)] | None = None
     interpreted_type: str | None = None
     order: int | None = None  # structures are written in ascending order, then the manifest's
@@ -115,6 +115,9 @@ class Route(_Model):
     destinations: Annotated[list[Name], Field(min_length=1)]
     #: Site template, keyed by the model's label names (checked against the manifest at start-up).
     structures: dict[str, StructureTemplate] = Field(default_factory=dict)
+    #: Or a template file ``[inference] templates_dir/<template>.toml``: which structures, in which order, under
+    #: which names, and derived ones (unions of labels); checked against the models at start-up.
+    template: Annotated[str, AfterValidator(_check_name)] | None = None
     #: Holes in RTSTRUCT contours: separate inner contours (Eclipse, RayStation) or keyholes.
     holes: Literal["separate", "keyhole"] = "separate"
     #: Also send a DICOM Segmentation of the same structures.
@@ -126,6 +129,12 @@ class Route(_Model):
     qa_picture: bool = False
     #: Series this route leaves to the next one (``[routes.images]``).
     images: RouteImages = RouteImages()
+
+    @model_validator(mode="after")
+    def _one_template(self) -> Self:
+        if self.template is not None and self.structures:
+            raise ValueError("a route has either a template file or [routes.structures], not both")
+        return self
 
     @property
     def models(self) -> tuple[str, ...]:

@@ -24,12 +24,35 @@ What it reproduces, and where in nnunetv2 2.8.1 each fact comes from:
   ``resample_data_or_seg_to_shape`` as the default plans configure it, the normalised CT cubic (order 3) to the
   configuration's spacing and the logits linearly (order 1) back to the CT's, both with nnU-Net's automatic
   separate-z rule (anisotropy above 3: in-plane first, then nearest along the coarse axis);
-* the sliding window: tile step 0.5, Gaussian weighting, and test-time mirroring over the checkpoint's
-  ``inference_allowed_mirroring_axes`` (``sliding_window_prediction.py``);
+* the sliding window: tile step ``--tile-step`` (``nnUNetPredictor``'s default 0.5; TotalSegmentator runs its
+  ``total`` models at 0.8), written as ``overlap = 1 - step``, Gaussian weighting, and test-time mirroring over the
+  checkpoint's ``inference_allowed_mirroring_axes`` (``sliding_window_prediction.py``): none where that is ``None``,
+  as the ``*NoMirroring`` trainers save it, or with ``--disable-tta`` (TotalSegmentator's own default);
+* the sums: tiles accumulated in float32, or with ``--accumulate float16`` in half precision as nnU-Net 2.8.1 does
+  (``predict_sliding_window_return_logits``; the manifest's ``accumulate``), half the memory for many classes;
 * the output: softmax over the averaged logits, one class per ``dataset.json`` label.
 
+Which way the network's axes run is the image reader's doing (``plans.json``'s ``image_reader_writer``, which
+nnU-Net's preprocessor instantiates at inference and its planner took from ``dataset.json``'s
+``overwrite_image_reader_writer``; the two must agree):
+
+* ``NibabelIOWithReorient`` (TotalSegmentator's): ``as_reoriented(io_orientation(affine))`` turns every image to
+  RAS, then the array is transposed ``(2, 1, 0)``: the axes increase toward S, A, R, whatever the file stored, so
+  the orientation is ``SAR`` and ``--orientation`` may only repeat it;
+* ``SimpleITKIO`` (nnU-Net's default): the stored voxel axes, reversed; ``--orientation`` says what they were in
+  training (default ``SPL``, axial LPS slices);
+* ``NibabelIO``: the stored voxel axes too, so refused unless ``--orientation`` says what they were.
+
+Trainer classes are found as nnU-Net names them, but without nnU-Net's search, which imports every trainer module
+(the Primus trainers import timm and so torchvision, which fails where torchvision does not match torch): the
+module of ``nnunetv2/training/nnUNetTrainer`` (then ``nnUNet_extTrainer``) whose source defines ``class <Name>(``
+is imported alone. TotalSegmentator's own trainers (:data:`TOTALSEGMENTATOR_TRAINERS`) come from
+``totalsegmentator.custom_trainers`` where it imports, else from the nnU-Net trainer they derive from, which builds
+the same network (none of them overrides ``build_network_architecture``).
+
 It refuses (exit code 2, naming the problem) what the gateway cannot reproduce: several input channels,
-a normalisation other than ``CTNormalization``, a custom preprocessor, resampling functions or arguments other
+a normalisation other than ``CTNormalization``, an image reader other than the three above, an unknown
+trainer class, a custom preprocessor, resampling functions or arguments other
 than the defaults above, region-based training, a cascade, a 2d configuration, missing files. The package
 is built and checked (ONNX written with IR version 8 and compared with torch on a random tile, the manifest
 with ``gateway.inference.manifest.load_model_package``) in a temporary folder beside ``--out`` and renamed into place,
@@ -39,24 +62,28 @@ so a failed import leaves no half package. Exit codes: 0 success, 1 failure, 2 r
 from __future__ import annotations
 
 import argparse
+import colorsys
+import importlib
+import importlib.util
 import inspect
 import json
+import os
 import re
 import shutil
 import sys
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import nnunetv2
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from nnunetv2.configuration import ANISO_THRESHOLD
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
@@ -71,6 +98,20 @@ IR_VERSION = 8
 INPUT, OUTPUT = "image", "logits"
 TOLERANCE = 1e-3  # largest ONNX-vs-torch difference of a logit on the check tile
 TILE_STEP = 0.5  # nnUNetPredictor's default tile_step_size
+MAX_LABELS = 256  # foreground classes a model package may hold
+#: The image readers the gateway reproduces -> the orientation they give the network's axes (before
+#: ``transpose_forward``); None: the stored voxel axes, which the folder does not tell.
+READERS: dict[str, str | None] = {"NibabelIOWithReorient": "SAR", "SimpleITKIO": None, "NibabelIO": None}
+#: What ``--orientation`` is, for a reader that keeps the stored axes, when not given (``SimpleITKIO`` only).
+DEFAULT_ORIENTATION = {"SimpleITKIO": "SPL"}
+EXT_TRAINER_VARIABLE = "nnUNet_extTrainer"  # nnU-Net's: folders of further trainer classes
+#: TotalSegmentator 2.x's trainers that nnunetv2 lacks (``totalsegmentator/custom_trainers.py``) -> the nnunetv2
+#: trainer each derives from; they change training only, so that one builds the same network.
+TOTALSEGMENTATOR_TRAINERS: dict[str, str] = {
+    "nnUNetTrainer_MOSAIC_1k_QuarterLR_NoMirroring": "nnUNetTrainerNoMirroring",
+    "nnUNetTrainerDiceTopK10Loss_2000epochs": "nnUNetTrainerDiceTopK10Loss",
+    "nnUNetTrainerSkeletonRecall": "nnUNetTrainer",
+}
 STD_EPSILON = 1e-8  # CTNormalization divides by max(std, 1e-8)
 #: The resampling the gateway reproduces (``resampling = "nnunet"``): nnU-Net's default plans. Arguments the
 #: plans leave out take ``resample_data_or_seg_to_shape``'s defaults (``force_separate_z=False`` among them).
@@ -109,12 +150,19 @@ class Options:
     folds: tuple[str, ...] | None
     checkpoint: str
     out: Path
-    orientation: str = "SPL"
+    #: Patient direction each axis of nnU-Net's input increases toward; None: the image reader's (see READERS).
+    orientation: str | None = None
+    #: Test-time mirroring over the checkpoint's axes (nnU-Net's default); False: none (TotalSegmentator's).
     mirroring: bool = True
+    tile_step: float = TILE_STEP  # nnUNetPredictor's tile_step_size; the manifest's overlap is 1 - tile_step
     dynamic: bool = False
     name: str | None = None
     version: str = "1.0.0"
     renames: tuple[tuple[str, str], ...] = ()
+    #: The dtype tiles are summed in (the manifest's ``accumulate``): nnU-Net 2.8.1 sums in float16.
+    accumulate: str = "float32"
+    #: Structure name (after ``renames``) -> (display colour, RT ROI Interpreted Type), over the palette and ORGAN.
+    styles: tuple[tuple[str, tuple[int, int, int], str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -294,6 +342,48 @@ def resampling_problems(config: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def image_reader(model: TrainedModel) -> str:
+    """The reader nnU-Net's inference reads images with: ``plans.json``'s ``image_reader_writer``, which must agree
+    with ``dataset.json``'s ``overwrite_image_reader_writer`` where that is set; without either, SimpleITKIO where
+    it reads the ``file_ending`` (``determine_reader_writer_from_file_ending``'s choice for the usual endings)."""
+    planned = model.plans.get("image_reader_writer")
+    override = model.dataset.get("overwrite_image_reader_writer")
+    override = None if override in (None, "None") else override
+    if planned is not None and override is not None and planned != override:
+        raise Refused(f"plans.json reads images with {planned}, dataset.json's overwrite_image_reader_writer says "
+                      f"{override}: which way the network's axes run is ambiguous")
+    reader = planned if planned is not None else override
+    if reader is None:
+        ending = str(model.dataset.get("file_ending", "")).lower()
+        if ending not in (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl"):
+            raise Refused(f"plans.json names no image_reader_writer, and for file_ending {ending!r} nnU-Net would "
+                          "not use SimpleITKIO: give the folder's plans.json its reader")
+        reader = "SimpleITKIO"
+    if not isinstance(reader, str) or reader not in READERS:
+        raise Refused(f"image reader {reader!r}: the gateway reproduces the axes of {', '.join(READERS)} only")
+    return reader
+
+
+def input_orientation(reader: str, requested: str | None) -> str:
+    """The orientation of nnU-Net's input array (before ``transpose_forward``) under *reader*; *requested* is
+    ``--orientation`` (None: not given)."""
+    if requested is not None and not _ORIENTATION.match(requested):
+        raise Refused(f"--orientation {requested!r}: 3 letters, one of L/R, A/P and S/I each")
+    fixed = READERS[reader]
+    if fixed is not None:
+        if requested is not None and requested != fixed:
+            raise Refused(f"--orientation {requested}: {reader} reorients every image so that the network's axes "
+                          f"run {fixed}; nothing else is right for this model")
+        return fixed
+    if requested is not None:
+        return requested
+    if reader in DEFAULT_ORIENTATION:
+        return DEFAULT_ORIENTATION[reader]
+    raise Refused(f"{reader} keeps each training image's stored voxel axes, which the folder does not record: "
+                  "say with --orientation which patient direction each axis increased toward (e.g. RAS-stored "
+                  "NIfTI: SAR; LPS: SPL)")
+
+
 def intensity_properties(plans: dict[str, Any]) -> dict[str, float]:
     """Channel 0's foreground intensity statistics (``PlansManager.foreground_intensity_properties_per_channel``)."""
     per_channel = plans.get("foreground_intensity_properties_per_channel",
@@ -306,6 +396,17 @@ def intensity_properties(plans: dict[str, Any]) -> dict[str, float]:
 
 
 # --- labels ---------------------------------------------------------------------------------------------------
+
+
+def colours(count: int) -> list[tuple[int, int, int]]:
+    """*count* display colours: :data:`PALETTE`'s, then hues a golden angle apart (lightness and saturation
+    alternating), so that neighbouring labels of a large model stay apart."""
+    out = list(PALETTE[:count])
+    for index in range(len(out), count):
+        hue = (index * 0.618033988749895) % 1.0
+        red, green, blue = colorsys.hls_to_rgb(hue, (0.45, 0.6, 0.75)[index % 3], (0.9, 0.65)[index % 2])
+        out.append((round(red * 255), round(green * 255), round(blue * 255)))
+    return out
 
 
 def tg263_name(name: str) -> str:
@@ -336,8 +437,8 @@ def class_names(dataset: dict[str, Any], renames: Sequence[tuple[str, str]]) -> 
         problems.append(f"labels {olds} all become {new!r}; tell them apart with --rename old=New")
     if not names:
         problems.append("dataset.json: no label besides the background")
-    if len(names) > len(PALETTE):
-        problems.append(f"{len(names)} labels; a model package holds at most {len(PALETTE)}")
+    if len(names) > MAX_LABELS:
+        problems.append(f"{len(names)} labels; a model package holds at most {MAX_LABELS}")
     if problems:
         raise Refused("; ".join(problems))
     return names
@@ -360,21 +461,86 @@ class FoldAverage(nn.Module):
         return total / len(self.folds) if len(self.folds) > 1 else total
 
 
-def _trainer_class(name: str) -> Any:  # a subclass of nnUNetTrainer
+def _trainer_module(name: str, folder: Path) -> Path | None:
+    """The first ``.py`` file under *folder* (sorted) whose source defines ``class <name>(``."""
+    pattern = re.compile(rf"^class\s+{re.escape(name)}\s*\(", re.MULTILINE)
+    for path in sorted(folder.rglob("*.py")):
+        try:
+            if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _import_class(name: str, path: Path, module_name: str) -> Any:
     try:
-        found = recursive_find_trainer_class_by_name(name)
-    except Exception as exc:  # the search imports every trainer module; any of them may fail to import
-        raise Refused(f"trainer {name}: nnU-Net's search for the class failed ({type(exc).__name__}: {exc})") from None
+        if module_name in sys.modules or importlib.util.find_spec(module_name) is not None:
+            module = importlib.import_module(module_name)
+        else:  # an nnUNet_extTrainer file outside any package on sys.path
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no loader for {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+    except Exception as exc:  # the trainer's module may import anything, and fail in any way
+        raise Refused(f"trainer {name}: importing {path} failed ({type(exc).__name__}: {exc})") from None
+    return getattr(module, name, None)
+
+
+def _totalsegmentator_trainer(name: str) -> Any:
+    """*name* from ``totalsegmentator.custom_trainers`` where that imports, else the nnunetv2 trainer it derives
+    from (:data:`TOTALSEGMENTATOR_TRAINERS`)."""
+    try:
+        custom = importlib.import_module("totalsegmentator.custom_trainers")
+    except Exception:  # not installed, or its imports fail here: the base builds the same network
+        return find_trainer_class(TOTALSEGMENTATOR_TRAINERS[name])
+    return getattr(custom, name, None) or find_trainer_class(TOTALSEGMENTATOR_TRAINERS[name])
+
+
+def find_trainer_class(name: str) -> Any:  # a subclass of nnUNetTrainer
+    """The trainer class *name*, importing only the module that defines it: nnunetv2's trainers, TotalSegmentator's
+    (:data:`TOTALSEGMENTATOR_TRAINERS`), then the folders on ``nnUNet_extTrainer``."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise Refused(f"trainer {name!r}: not a Python class name")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    root = Path(nnunetv2.__file__).resolve().parent / "training" / "nnUNetTrainer"
+    found: Any = None
+    if (path := _trainer_module(name, root)) is not None:
+        relative = path.relative_to(root.parent.parent).with_suffix("")
+        found = _import_class(name, path, ".".join(("nnunetv2", *relative.parts)))
+    elif name in TOTALSEGMENTATOR_TRAINERS:
+        found = _totalsegmentator_trainer(name)
+    else:
+        for folder in filter(None, os.environ.get(EXT_TRAINER_VARIABLE, "").split(os.pathsep)):
+            if Path(folder).is_dir() and (path := _trainer_module(name, Path(folder))) is not None:
+                found = _import_class(name, path, f"nnunet_ext_trainer_{path.stem}")
+                break
     if found is None:
-        raise Refused(f"trainer {name}: no such class in nnunetv2 (nor on nnUNet_extTrainer)")
+        raise Refused(f"trainer {name}: no class of that name in nnunetv2 {nnunetv2_version()}, among "
+                      f"TotalSegmentator's ({', '.join(TOTALSEGMENTATOR_TRAINERS)}) or on nnUNet_extTrainer; "
+                      "the network it builds is unknown")
+    if not (isinstance(found, type) and issubclass(found, nnUNetTrainer)):
+        raise Refused(f"trainer {name}: {found!r} is not an nnUNetTrainer")
     return found
+
+
+def nnunetv2_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nnunetv2")
+    except Exception:  # metadata missing: the version is only for the message
+        return "(version unknown)"
 
 
 def build_network(model: TrainedModel, classes: int) -> nn.Module:
     """The architecture as ``initialize_from_trained_model_folder`` builds it, without deep supervision."""
     plans_manager = PlansManager(model.plans)
     config = plans_manager.get_configuration(model.configuration_name)
-    trainer = _trainer_class(model.trainer)
+    trainer = find_trainer_class(model.trainer)
     if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
         network: nn.Module = trainer.build_network_architecture(plans_manager, config, 1, classes,
                                                                 enable_deep_supervision=False)
@@ -462,7 +628,10 @@ def _table(header: str, values: Mapping[str, object]) -> str:
 
 
 def input_section(model: TrainedModel, options: Options) -> dict[str, object]:
-    """``[input]``: nnU-Net's axis order, grid, tiling, mirroring, padding and ``CTNormalization``."""
+    """``[input]``: nnU-Net's axis order, grid, tiling, mirroring, padding and ``CTNormalization``; *options* with
+    the orientation resolved (:func:`input_orientation`)."""
+    if options.orientation is None:
+        raise ValueError("input_section needs the orientation resolved")
     transpose = [int(axis) for axis in model.plans["transpose_forward"]]
     props = intensity_properties(model.plans)
     return {
@@ -471,13 +640,14 @@ def input_section(model: TrainedModel, options: Options) -> dict[str, object]:
         "patch_size": [int(p) for p in model.configuration["patch_size"]],
         "output_crop": [0, 0, 0],
         "layout": "channels_first",
-        "overlap": 1 - TILE_STEP,
+        "overlap": round(1 - options.tile_step, 12),
         "tile_weighting": "gaussian",
         "mirror_axes": model.mirror_axes if options.mirroring else [],
         "batch_size": 1,
         "padding_value": 0.0,
         "pad_position": "centre",
         "resampling": "nnunet",
+        "accumulate": options.accumulate,
         "normalisation": {"kind": "zscore", "mean": props["mean"], "std": max(props["std"], STD_EPSILON),
                           "hu_min": props["percentile_00_5"], "hu_max": props["percentile_99_5"]},
     }
@@ -492,9 +662,11 @@ def manifest_text(model: TrainedModel, options: Options, names: Sequence[str]) -
     parts = [f"# Imported by scripts/import_nnunet.py from {model.folder.name}\n", _table("[model]", info),
              _table("[input]", input_section(model, options)),
              _table("[output]", {"kind": "softmax", "logits": True})]
-    for value, (name, colour) in enumerate(zip(names, PALETTE, strict=False), start=1):
+    styles = {name: (colour, kind) for name, colour, kind in options.styles}
+    for value, (name, colour) in enumerate(zip(names, colours(len(names)), strict=True), start=1):
+        colour, kind = styles.get(name, (colour, "ORGAN"))
         parts.append(_table("[[labels]]", {"value": value, "name": name, "colour": list(colour),
-                                           "interpreted_type": "ORGAN"}))
+                                           "interpreted_type": kind}))
     return "\n".join(parts)
 
 
@@ -536,15 +708,22 @@ def install_package(out: Path, staging: Path) -> None:
 
 def run_import(folder: Path, options: Options) -> Path:
     """Read, check, convert and install; return the package folder."""
-    if not _ORIENTATION.match(options.orientation):
-        raise Refused(f"--orientation {options.orientation!r}: 3 letters, one of L/R, A/P and S/I each")
+    if not 0 < options.tile_step <= 1:
+        raise Refused(f"--tile-step {options.tile_step:g}: a fraction of the patch in (0, 1]")
+    if options.accumulate not in ("float32", "float16"):
+        raise Refused(f"--accumulate {options.accumulate}: float32 or float16")
+    input_orientation("SimpleITKIO", options.orientation)  # a malformed --orientation before reading anything
     model = read_trained_model(folder, options.folds, options.checkpoint)
     if problems := unsupported(model):
         raise Refused("; ".join(problems))
+    reader = image_reader(model)
+    options = replace(options, orientation=input_orientation(reader, options.orientation))
     names = class_names(model.dataset, options.renames)
     module = load_folds(model, len(names) + 1)
     install_package(options.out, _stage(options.out, module, model, options, names))
-    print(f"{model.folder.name}: folds {', '.join(model.folds)}, {len(names)} labels ({', '.join(names)})")
+    print(f"{model.folder.name}: folds {', '.join(model.folds)}, {len(names)} labels ({', '.join(names)}); "
+          f"{reader}, orientation {options.orientation}, tile step {options.tile_step:g}, "
+          f"mirror axes {input_section(model, options)['mirror_axes']}")
     return options.out
 
 
@@ -571,10 +750,18 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Path, Options]:
     parser.add_argument("--fold", action="append", type=_fold, help="fold to use (repeat); default: all present")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold")
     parser.add_argument("--out", type=Path, required=True, help="package folder to write (models/NAME)")
-    parser.add_argument("--orientation", default="SPL",
+    parser.add_argument("--orientation",
                         help="patient direction each axis of nnU-Net's input array increases toward, before "
-                             "transpose_forward (SimpleITK reads axial LPS images as S, P, L)")
-    parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring")
+                             "transpose_forward; default: the image reader's (NibabelIOWithReorient: SAR; "
+                             "SimpleITKIO: SPL, as it reads axial LPS images); required for NibabelIO")
+    parser.add_argument("--tile-step", type=float, default=TILE_STEP,
+                        help="sliding-window step as a fraction of the patch (nnU-Net's default 0.5; "
+                             "TotalSegmentator runs total, total_v3 and total_mr at 0.8)")
+    parser.add_argument("--disable-tta", action="store_true",
+                        help="no test-time mirroring (TotalSegmentator's default); *NoMirroring trainers have none")
+    parser.add_argument("--accumulate", choices=("float32", "float16"), default="float32",
+                        help="dtype the tiles are summed in (nnU-Net 2.8.1 and TotalSegmentator: float16, half the "
+                             "memory; default float32)")
     parser.add_argument("--dynamic", action="store_true", help="export with dynamic spatial axes")
     parser.add_argument("--name", help="model name in the manifest (default: the --out folder's name)")
     parser.add_argument("--version", default="1.0.0", help="model version in the manifest")
@@ -583,7 +770,8 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Path, Options]:
     args = parser.parse_args(argv)
     options = Options(folds=tuple(args.fold) if args.fold else None, checkpoint=args.checkpoint,
                       out=args.out.resolve(), orientation=args.orientation, mirroring=not args.disable_tta,
-                      dynamic=args.dynamic, name=args.name, version=args.version, renames=tuple(args.rename))
+                      tile_step=args.tile_step, dynamic=args.dynamic, name=args.name, version=args.version,
+                      renames=tuple(args.rename), accumulate=args.accumulate)
     return args.results.resolve(), options
 
 

@@ -5,6 +5,10 @@ The folder holds what ``nnUNetPredictor.initialize_from_trained_model_folder`` r
 the resampling functions), ``dataset.json`` (channels, labels, file ending) and
 ``fold_<n>/checkpoint_final.pth`` (``network_weights``, ``init_args``, ``trainer_name``,
 ``inference_allowed_mirroring_axes``), as nnU-Net's trainer saves them.
+
+:func:`totalsegmentator_recipe` shapes the folder as TotalSegmentator 2.x ships its weights
+(``~/.totalsegmentator/nnunet/results/<dataset>/<trainer>__nnUNetPlans__3d_fullres``): its dataset names, trainers,
+``NibabelIOWithReorient`` reader and label maps (``totalsegmentator.map_to_binary``), on the small network here.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,6 +25,7 @@ import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from gateway.inference.volume import Volume
+from tests.conftest import load_script
 
 SPACING = (2.5, 1.5, 1.5)  # z, y, x: the network's grid before transpose_forward, and the CT's by default
 PATCH = (24, 40, 40)
@@ -41,6 +47,11 @@ ARCHITECTURE: dict[str, Any] = {
 }
 
 
+def load_importer() -> ModuleType:
+    """``scripts/import_nnunet.py`` as the module ``import_nnunet`` (loaded once)."""
+    return load_script("import_nnunet")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What to put in the folder; the defaults are a plain CT 3d_fullres model with two folds."""
@@ -54,6 +65,11 @@ class Recipe:
     plans_extra: dict[str, Any] = field(default_factory=dict)  # merged into the configuration
     mirror_axes: tuple[int, ...] | None = (0, 1, 2)
     spacing: tuple[float, float, float] = SPACING  # z, y, x, before transpose_forward
+    trainer: str = "nnUNetTrainer"
+    dataset: str = DATASET  # DatasetXXX_Name
+    #: plans.json's image_reader_writer; dataset.json's overwrite_image_reader_writer (None: not written)
+    reader: str = "SimpleITKIO"
+    reader_override: str | None = None
 
 
 def plans(recipe: Recipe) -> dict[str, Any]:
@@ -75,9 +91,9 @@ def plans(recipe: Recipe) -> dict[str, Any]:
         "architecture": copy.deepcopy(ARCHITECTURE), "batch_dice": False, **recipe.plans_extra,
     }
     return {
-        "dataset_name": DATASET, "plans_name": "nnUNetPlans",
+        "dataset_name": recipe.dataset, "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": [recipe.spacing[axis] for axis in order],
-        "original_median_shape_after_transp": [60, 60, 60], "image_reader_writer": "SimpleITKIO",
+        "original_median_shape_after_transp": [60, 60, 60], "image_reader_writer": recipe.reader,
         "transpose_forward": list(order), "transpose_backward": backward,
         "configurations": {recipe.configuration: configuration},
         "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
@@ -87,7 +103,10 @@ def plans(recipe: Recipe) -> dict[str, Any]:
 
 def dataset(recipe: Recipe) -> dict[str, Any]:
     """``dataset.json``."""
-    return {"channel_names": recipe.channels, "labels": recipe.labels, "numTraining": 10, "file_ending": ".nii.gz"}
+    data = {"channel_names": recipe.channels, "labels": recipe.labels, "numTraining": 10, "file_ending": ".nii.gz"}
+    if recipe.reader_override is not None:
+        data["overwrite_image_reader_writer"] = recipe.reader_override
+    return data
 
 
 def random_weights(seed: int, channels: int, classes: int) -> dict[str, torch.Tensor]:
@@ -105,8 +124,8 @@ def random_weights(seed: int, channels: int, classes: int) -> dict[str, torch.Te
 
 
 def write_results_folder(root: Path, recipe: Recipe = Recipe(), seed: int = 0) -> Path:
-    """``root/DatasetXXX/nnUNetTrainer__nnUNetPlans__<configuration>/`` with one checkpoint per fold."""
-    folder = root / DATASET / f"nnUNetTrainer__nnUNetPlans__{recipe.configuration}"
+    """``root/<dataset>/<trainer>__nnUNetPlans__<configuration>/`` with one checkpoint per fold."""
+    folder = root / recipe.dataset / f"{recipe.trainer}__nnUNetPlans__{recipe.configuration}"
     folder.mkdir(parents=True)
     plan, data = plans(recipe), dataset(recipe)
     (folder / "plans.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
@@ -117,12 +136,49 @@ def write_results_folder(root: Path, recipe: Recipe = Recipe(), seed: int = 0) -
             "network_weights": random_weights(seed + fold, len(recipe.channels), len(recipe.labels)),
             "init_args": {"plans": plan, "configuration": recipe.configuration, "fold": fold, "dataset_json": data,
                           "device": "cpu"},
-            "trainer_name": "nnUNetTrainer",
+            "trainer_name": recipe.trainer,
             "inference_allowed_mirroring_axes": recipe.mirror_axes,
             "current_epoch": 1000,
         }
         torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
+
+
+#: TotalSegmentator 2.x's ``total`` models (``map_tasks_config.py``): task id -> dataset folder, trainer, label map
+#: (a key of ``class_map_5_parts``, or ``total``: ``class_map``'s) and isotropic spacing in mm.
+TOTALSEGMENTATOR_TASKS: dict[int, tuple[str, str, str, float]] = {
+    291: ("Dataset291_TotalSegmentator_part1_organs_1559subj", "nnUNetTrainerNoMirroring", "class_map_part_organs",
+          1.5),
+    292: ("Dataset292_TotalSegmentator_part2_vertebrae_1532subj", "nnUNetTrainerNoMirroring",
+          "class_map_part_vertebrae", 1.5),
+    293: ("Dataset293_TotalSegmentator_part3_cardiac_1559subj", "nnUNetTrainerNoMirroring", "class_map_part_cardiac",
+          1.5),
+    294: ("Dataset294_TotalSegmentator_part4_muscles_1559subj", "nnUNetTrainerNoMirroring", "class_map_part_muscles",
+          1.5),
+    295: ("Dataset295_TotalSegmentator_part5_ribs_1559subj", "nnUNetTrainerNoMirroring", "class_map_part_ribs", 1.5),
+    297: ("Dataset297_TotalSegmentator_total_3mm_1559subj", "nnUNetTrainer_4000epochs_NoMirroring", "total", 3.0),
+    298: ("Dataset298_TotalSegmentator_total_6mm_1559subj", "nnUNetTrainer_4000epochs_NoMirroring", "total", 6.0),
+}
+
+
+def totalsegmentator_labels(class_map_name: str) -> dict[str, int]:
+    """``dataset.json``'s labels for a TotalSegmentator label map, read from the installed package."""
+    from totalsegmentator.map_to_binary import class_map, class_map_5_parts
+
+    names = class_map["total"] if class_map_name == "total" else class_map_5_parts[class_map_name]
+    return {"background": 0, **{name: int(value) for value, name in sorted(names.items())}}
+
+
+def totalsegmentator_recipe(task_id: int, **changes: Any) -> Recipe:
+    """A TotalSegmentator ``total`` model's folder in miniature: one fold, ``NibabelIOWithReorient`` in plans and
+    dataset.json, the trainer's checkpoint without mirroring axes (the ``*NoMirroring`` trainers save ``None``)."""
+    dataset_name, trainer, class_map_name, spacing = TOTALSEGMENTATOR_TASKS[task_id]
+    fields: dict[str, Any] = {
+        "folds": (0,), "labels": totalsegmentator_labels(class_map_name), "mirror_axes": None,
+        "spacing": (spacing,) * 3, "trainer": trainer, "dataset": dataset_name, "reader": "NibabelIOWithReorient",
+        "reader_override": "NibabelIOWithReorient",
+    }
+    return Recipe(**{**fields, **changes})
 
 
 def ct_volume(shape: tuple[int, int, int] = (45, 60, 52), seed: int = 0,
@@ -144,3 +200,19 @@ def ct_volume(shape: tuple[int, int, int] = (45, 60, 52), seed: int = 0,
         hu[np.linalg.norm(points - np.array(centre), axis=-1) <= radius] = value
     hu = np.round(hu + rng.normal(0, 5, shape)).astype(np.int16)  # air stays far from 0: nnU-Net crops nothing
     return Volume(hu, affine, tuple(f"1.2.3.{k}" for k in range(shape[0])), "1.2.3", "HFS")
+
+
+def load_totalseg_importer() -> ModuleType:
+    """``scripts/import_totalsegmentator.py`` as the module ``import_totalsegmentator`` (loaded once), sharing
+    :func:`load_importer`'s ``import_nnunet``."""
+    load_importer()
+    return load_script("import_totalsegmentator")
+
+
+def write_totalsegmentator_weights(root: Path, task_ids: tuple[int, ...] = (291, 292, 293, 294, 295),
+                                   seed: int = 0, **changes: Any) -> Path:
+    """TotalSegmentator's weights folder (``nnunet/results``) in miniature: one results folder per dataset id of
+    :data:`TOTALSEGMENTATOR_TASKS` (small random networks, *changes* to every recipe); return *root*."""
+    for offset, task_id in enumerate(task_ids):
+        write_results_folder(root, totalsegmentator_recipe(task_id, **changes), seed=seed + 10 * offset)
+    return root

@@ -178,3 +178,22 @@ def default_manifest(folder: Path, labels: list[dict[str, Any]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.toml").write_text("\n".join(lines), encoding="utf-8")
     return folder
+
+
+def levels_network(path: Path, centres: list[float], steepness: float = 200.0) -> None:
+    """Softmax logits, one channel per centre: ``k (2 c x - c^2)``, so the class whose centre is nearest the
+    (normalised) input wins (``-k (x - c)^2`` less the term all classes share)."""
+    count = len(centres)
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [count, 1, 1, 1, 1], [2 * steepness * c for c in centres])
+    bias = helper.make_tensor("b", TensorProto.FLOAT, [count], [-steepness * c * c for c in centres])
+    _save([helper.make_node("Conv", ["image", "w", "b"], ["scores"])], path, [weights, bias], channels=count)
+
+
+def steps_network(path: Path, cuts: list[float], steepness: float = 200.0) -> None:
+    """Sigmoid probabilities, one channel per cut: ``sigmoid(k (x - cut))`` (overlapping: each includes the next)."""
+    count = len(cuts)
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [count, 1, 1, 1, 1], [steepness] * count)
+    bias = helper.make_tensor("b", TensorProto.FLOAT, [count], [-steepness * cut for cut in cuts])
+    nodes = [helper.make_node("Conv", ["image", "w", "b"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["scores"])]
+    _save(nodes, path, [weights, bias], channels=count)

@@ -40,9 +40,11 @@ class TestEmbeddedDefault:
         assert config.retention.max_age_seconds <= MAX_AGE_CEILING_SECONDS
         assert [r.destinations for r in config.routes] == [["folder"]]
         assert [d.type for d in config.destinations] == ["folder", "dicom"]
+        assert (config.inference.templates_dir / "thorax.toml").is_file()  # config/templates/, the shipped ones
 
     def test_commented_examples_are_valid_when_uncommented(self, tmp_path: Path) -> None:
-        """The 4D-CT route and the [limits] block are shipped commented out; uncommented, they load as documented."""
+        """The 4D-CT route, the template and the [limits] block are shipped commented out; uncommented, they load as
+        documented."""
         lines = []
         for line in (REPO / "config" / "gateway.toml").read_text().splitlines():
             body = line[2:] if line.startswith("# ") else None
@@ -58,6 +60,8 @@ class TestEmbeddedDefault:
                    for description, image_type in series.items()}
         assert reasons == {"CT 40%": "skipped_by_route", "AVG": None, "MIP": "image_type_mip"}
         assert config.limits.max_dataset_bytes == 128 * 1024 * 1024
+        assert (route.template, route.qa) == ("thorax", "annotate")
+        assert config.inference.templates_dir == (tmp_path / "templates").resolve()  # beside the file, by default
 
     def test_valid_mapping_round_trips(self) -> None:
         config = parse_config(_valid())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
+from gateway.inference.labels import LabelMasks
 from gateway.inference.manifest import Label
 
 __all__ = ["Confidence", "from_logits", "from_probabilities", "measure"]
@@ -49,14 +50,14 @@ def measure(probability: np.ndarray, mask: np.ndarray) -> Confidence | None:
     return Confidence(mean, uncertain / candidates if candidates else 0.0)
 
 
-def from_probabilities(probabilities: np.ndarray, bits: np.ndarray, labels: Sequence[Label],
+def from_probabilities(probabilities: np.ndarray, masks: LabelMasks, labels: Sequence[Label],
                        kind: str) -> dict[str, Confidence]:
-    """Each label's confidence from the activated channels ``[channels, *grid]`` and the label bit-planes on the
-    same grid (bit ``value - 1`` set where the label is, after post-processing)."""
+    """Each label's confidence from the activated channels ``[channels, *grid]`` and the label masks on the
+    same grid (after post-processing)."""
     found = {}
     for label in labels:
         channel = label.value if kind == "softmax" else label.output_channel
-        figures = measure(probabilities[channel], (bits >> (label.value - 1)) & 1 == 1)
+        figures = measure(probabilities[channel], masks.mask(label.value))
         if figures is not None:
             found[label.name] = figures
     return found
@@ -69,7 +70,7 @@ def from_logits(logits: np.ndarray, labels: Sequence[Label], kind: str, threshol
     found = {}
     if kind == "softmax":
         largest = logits[0].copy()
-        winner = np.zeros(largest.shape, dtype=np.uint8)
+        winner = np.zeros(largest.shape, dtype=np.uint8 if len(logits) <= 256 else np.uint16)
         for index in range(1, len(logits)):  # the first largest wins, as argmax
             winner[logits[index] > largest] = index
             np.maximum(largest, logits[index], out=largest)

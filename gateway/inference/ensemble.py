@@ -8,15 +8,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gateway.errors import InferenceError
+from gateway.inference.bundle import BundlePredictor
 from gateway.inference.confidence import Confidence
+from gateway.inference.labels import MAX_LABELS, LabelMasks, MaskView
 from gateway.inference.predictor import Prediction, Predictor
 from gateway.inference.volume import Volume, VolumeLimits
 
 __all__ = ["decode_confidence", "decode_masks", "decode_split", "encode_masks", "infer", "merge_predictions"]
 
 
-def infer(predictors: Sequence[Predictor], volume: Volume, progress: Callable[[int, int], None] | None = None,
-          limits: VolumeLimits | None = None) -> Prediction:
+def infer(predictors: Sequence[Predictor | BundlePredictor], volume: Volume,
+          progress: Callable[[int, int], None] | None = None, limits: VolumeLimits | None = None) -> Prediction:
     """Run the route's models, their labels merged in order; an all-empty result is an error (nothing is sent).
 
     Raises :class:`VolumeError` (``model_grid_too_large``) before allocating when a model's grid would exceed
@@ -31,8 +33,14 @@ def infer(predictors: Sequence[Predictor], volume: Volume, progress: Callable[[i
 
 
 def merge_predictions(predictions: Sequence[Prediction]) -> Prediction:
-    """One prediction with every label of *predictions*, renumbered 1..N in order (as :func:`combine_manifests`)."""
-    bits = np.zeros(predictions[0].bits.shape, dtype=np.uint32)
+    """One prediction with every label of *predictions*, renumbered 1..N in order (as :func:`combine_manifests`).
+
+    Raises :class:`InferenceError` when there are more than :data:`MAX_LABELS` labels in all.
+    """
+    total = sum(len(prediction.values) for prediction in predictions)
+    if total > MAX_LABELS:
+        raise InferenceError(f"{total} labels in the route's models, at most {MAX_LABELS}")
+    masks = LabelMasks.empty(predictions[0].masks.shape, total)
     values: dict[str, int] = {}
     voxels: dict[str, int] = {}
     confidence: dict[str, Confidence] = {}
@@ -40,21 +48,25 @@ def merge_predictions(predictions: Sequence[Prediction]) -> Prediction:
     for prediction in predictions:
         confidence.update(prediction.confidence)
         split_mm.update(prediction.split_mm)
-        for name in prediction.values:
+        boxes = prediction.masks.boxes(prediction.values.values())
+        for name, value in prediction.values.items():
             values[name] = len(values) + 1
-            bits |= prediction.mask(name).astype(np.uint32) << (values[name] - 1)
             voxels[name] = prediction.voxels[name]
-    return Prediction(bits, values, voxels, sum(p.seconds for p in predictions), confidence, split_mm)
+            if value in boxes:
+                masks.add(values[name], prediction.masks.region(value, boxes[value]), boxes[value])
+    return Prediction(masks, values, voxels, sum(p.seconds for p in predictions), confidence, split_mm)
 
 
 def encode_masks(prediction: Prediction) -> bytes:
-    """The label bit-planes, compressed, with their names and values, and the model's confidence in each label."""
+    """The label masks in their compact form (:class:`LabelMasks`: class layers or bit words), compressed, with
+    their names and values, and the model's confidence in each label."""
     buffer = io.BytesIO()
     names = list(prediction.values)
     sure = list(prediction.confidence)
     figures = [(prediction.confidence[name].mean_probability, prediction.confidence[name].uncertain_share)
                for name in sure]
-    np.savez_compressed(buffer, bits=prediction.bits, names=np.array(names),
+    np.savez_compressed(buffer, planes=prediction.masks.planes, form=np.array(prediction.masks.form),
+                        top=np.array(prediction.masks.top), names=np.array(names),
                         values=np.array([prediction.values[name] for name in names]),
                         confidence_names=np.array(sure, dtype=str),
                         confidence=np.array(figures, dtype=np.float64).reshape(len(sure), 2),
@@ -63,12 +75,19 @@ def encode_masks(prediction: Prediction) -> bytes:
     return buffer.getvalue()
 
 
-def decode_masks(data: bytes) -> dict[str, np.ndarray]:
-    """The masks of :func:`encode_masks`, by label name."""
+def decode_masks(data: bytes) -> MaskView:
+    """The masks of :func:`encode_masks`, by label name, each made when read; also from releases that stored one
+    integer bit-field (``bits``: bit ``value - 1`` set where the label is)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as stored:
-        bits = stored["bits"]
-        return {str(name): (bits >> (int(value) - 1)) & 1 == 1
-                for name, value in zip(stored["names"], stored["values"], strict=True)}
+        if "bits" in stored.files:
+            masks = LabelMasks.from_bits(stored["bits"])
+        else:
+            form = str(stored["form"])
+            if form not in ("classes", "bits"):
+                raise InferenceError(f"stored masks of an unknown form {form!r}")
+            masks = LabelMasks(list(stored["planes"]), "classes" if form == "classes" else "bits", int(stored["top"]))
+        pairs = zip(stored["names"], stored["values"], strict=True)
+        return masks.named({str(name): int(value) for name, value in pairs})
 
 
 def decode_confidence(data: bytes) -> dict[str, Confidence]:

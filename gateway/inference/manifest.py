@@ -24,6 +24,7 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     pad_position = "end"         # where a scan smaller than a tile sits in it: "end" (at 0) or "centre"
     prefilter = { kind = "median", size = 3, spacing_mm = [1.5, 1.5, 1.5] }  # optional, at its own spacing
     resampling = "linear"        # or "nnunet": normalise, cubic resize, logits back to the CT grid (logits only)
+    accumulate = "float32"       # or "float16": tiles summed in half precision, as nnU-Net (half the memory)
     normalisation = { kind = "clip_scale", hu_min = -1000, hu_max = 1000 }  # or kind = "zscore", mean, std
 
     [output]
@@ -50,6 +51,8 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
 
 Post-processing runs per label in manifest order: within, side, components, length along the patient,
 holes per axial slice, minimum volume.
+
+Several packages run as one model (TotalSegmentator's parts) are a bundle: :mod:`gateway.inference.packages`.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ from typing import Annotated, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
+from gateway.inference.labels import MAX_LABELS
 
 __all__ = ["INTERPRETED_TYPES", "Label", "ModelInfo", "ModelManifest", "ModelPackage", "OutputSpec",
-           "load_model_package"]
+           "load_model_package", "read_manifest", "validation_problems"]
 
 _ORIENTATION = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
 INTERPRETED_TYPES = {"EXTERNAL", "PTV", "CTV", "GTV", "ORGAN", "AVOIDANCE", "BOLUS", "CAVITY", "SUPPORT",
@@ -149,6 +153,8 @@ class InputSpec(_Model):
     pad_position: Literal["end", "centre"] = "end"
     prefilter: Median | None = None
     resampling: Literal["linear", "nnunet"] = "linear"
+    #: The dtype tile outputs are summed in; "float16" as nnU-Net v2 (Gaussian weights peaking at 10, in half).
+    accumulate: Literal["float32", "float16"] = "float32"
     normalisation: ClipScale | ZScore = Field(discriminator="kind")
 
     @property
@@ -185,7 +191,7 @@ class OutputSpec(_Model):
 class Label(_Model):
     """One structure the model segments."""
 
-    value: Annotated[int, Field(ge=1, le=255)]
+    value: Annotated[int, Field(ge=1, le=MAX_LABELS)]
     name: str
     colour: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
     interpreted_type: str = "ORGAN"
@@ -201,7 +207,7 @@ class Label(_Model):
     min_volume_ml: Annotated[float, Field(ge=0)] = 0.0
     #: The volume range a plausible structure has (adult and child anatomy), for contour QA; not enforced here.
     volume_ml: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] | None = None
-    channel: Annotated[int, Field(ge=1, le=255)] | None = None
+    channel: Annotated[int, Field(ge=1, le=MAX_LABELS)] | None = None
     side: Literal["left", "right"] | None = None
     #: For contour QA: the structure has no empty slice between its first and last (an organ, not a chain).
     contiguous: bool = False
@@ -244,8 +250,8 @@ class ModelManifest(_Model):
         names = [label.name for label in self.labels]
         if len(set(values)) != len(values) or len(set(names)) != len(names):
             raise ValueError("label values and names must be unique")
-        if len(self.labels) > 32:
-            raise ValueError("at most 32 labels per model")
+        if len(self.labels) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels per model, not {len(self.labels)}")
         for index, label in enumerate(self.labels):
             if label.within is not None and label.within not in names[:index]:
                 raise ValueError(f"label {label.name!r}: within must name a label listed before it")
@@ -290,22 +296,35 @@ def load_model_package(folder: Path) -> ModelPackage:
         Listing every problem with the package.
     """
     source = str(folder)
-    manifest_path, onnx_path = folder / "manifest.toml", folder / "model.onnx"
+    onnx_path = folder / "model.onnx"
     problems = []
     if not onnx_path.is_file():
         problems.append(f"{onnx_path.name}: missing")
-    try:
-        raw = tomllib.loads(manifest_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(source, [*problems, f"manifest.toml: cannot read ({exc.strerror})"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [*problems, f"manifest.toml: not valid TOML: {exc}"]) from None
+    raw = read_manifest(folder, problems)
+    if "bundle" in raw:
+        raise ConfigError(source, ["manifest.toml: a bundle of several packages ([bundle]), not one network; "
+                                   "gateway.inference.packages.load_model reads it"])
     try:
         manifest = ModelManifest.model_validate(raw)
     except ValidationError as exc:
-        problems += [f"manifest.toml {'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-                     for err in exc.errors(include_url=False, include_input=False)]
+        problems += validation_problems(exc)
         raise ConfigError(source, problems) from None
     if problems:
         raise ConfigError(source, problems)
     return ModelPackage(folder=folder, onnx_path=onnx_path, manifest=manifest)
+
+
+def read_manifest(folder: Path, problems: list[str]) -> dict[str, object]:
+    """``folder/manifest.toml`` as TOML; :class:`ConfigError` with *problems* and the reading's where it fails."""
+    try:
+        return tomllib.loads((folder / "manifest.toml").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(folder), [*problems, f"manifest.toml: cannot read ({exc.strerror})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(folder), [*problems, f"manifest.toml: not valid TOML: {exc}"]) from None
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One line per field a pydantic validation of a manifest refused."""
+    return [f"manifest.toml {'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors(include_url=False, include_input=False)]

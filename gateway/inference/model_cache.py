@@ -1,5 +1,6 @@
-"""The model cache: one :class:`~gateway.inference.predictor.Predictor` per model package, loaded on first use,
-and the routes' models checked at start-up (a route may merge the structures of several models)."""
+"""The model cache: one :class:`~gateway.inference.predictor.Predictor` per model package (a
+:class:`~gateway.inference.bundle.BundlePredictor` per bundle of packages), loaded on first use, and the routes'
+models checked at start-up (a route may merge the structures of several models, a bundle among them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 from gateway.config import Inference
 from gateway.errors import ConfigError
-from gateway.inference.manifest import INTERPRETED_TYPES, ModelInfo, ModelManifest, OutputSpec, load_model_package
+from gateway.inference.bundle import BundlePredictor
+from gateway.inference.labels import MAX_LABELS
+from gateway.inference.manifest import INTERPRETED_TYPES, ModelInfo, ModelManifest, OutputSpec
+from gateway.inference.packages import ModelBundle, load_model
 from gateway.inference.predictor import Predictor
 from gateway.routes import Route
 
@@ -21,11 +25,11 @@ class Predictors:
 
     def __init__(self, inference: Inference) -> None:
         self._inference = inference
-        self._loaded: dict[str, Predictor] = {}
+        self._loaded: dict[str, Predictor | BundlePredictor] = {}
         self._lock = threading.Lock()
 
-    def get(self, model: str) -> Predictor:
-        """The predictor of the package ``models_dir/<model>``.
+    def get(self, model: str) -> Predictor | BundlePredictor:
+        """The predictor of the package (or bundle) ``models_dir/<model>``.
 
         Raises
         ------
@@ -35,9 +39,14 @@ class Predictors:
         with self._lock:
             predictor = self._loaded.get(model)
             if predictor is None:
-                package = load_model_package(self._inference.models_dir / model)
-                predictor = Predictor(package, providers=self._inference.providers, threads=self._inference.threads,
-                                      cuda_tf32=self._inference.cuda_tf32)
+                loaded = load_model(self._inference.models_dir / model)
+                settings = self._inference
+                if isinstance(loaded, ModelBundle):
+                    predictor = BundlePredictor(loaded, providers=settings.providers, threads=settings.threads,
+                                                cuda_tf32=settings.cuda_tf32)
+                else:
+                    predictor = Predictor(loaded, providers=settings.providers, threads=settings.threads,
+                                          cuda_tf32=settings.cuda_tf32)
                 self._loaded[model] = predictor
             return predictor
 
@@ -49,7 +58,7 @@ class Predictors:
             with self._lock:
                 predictor = self._loaded.get(model)
             manifests.append(predictor.manifest if predictor is not None
-                             else load_model_package(self._inference.models_dir / model).manifest)
+                             else load_model(self._inference.models_dir / model).manifest)
         return combine_manifests(manifests)
 
 
@@ -59,7 +68,7 @@ def combine_manifests(manifests: Sequence[ModelManifest]) -> ModelManifest:
     Raises
     ------
     ValueError
-        When two models have a label of the same name, or there are more than 32 labels in all.
+        When two models have a label of the same name, or there are more than :data:`MAX_LABELS` labels in all.
     """
     if len(manifests) == 1:
         return manifests[0]
@@ -70,8 +79,8 @@ def combine_manifests(manifests: Sequence[ModelManifest]) -> ModelManifest:
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
         raise ValueError(f"label names found by more than one model: {', '.join(clashes)}")
-    if len(labels) > 32:
-        raise ValueError("at most 32 labels in all the models of a route")
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels in all the models of a route, not {len(labels)}")
     info = ModelInfo(name="+".join(m.model.name for m in manifests)[:64],
                      version="+".join(m.model.version for m in manifests)[:32],
                      description="; ".join(m.model.description for m in manifests if m.model.description))
@@ -106,7 +115,7 @@ def _route_model(models_dir: Path, index: int, model: str, problems: list[str]) 
         problems.append(f"routes[{index}]: model {model!r} has no package folder {folder}")
         return None
     try:
-        return load_model_package(folder).manifest
+        return load_model(folder).manifest
     except ConfigError as exc:
         problems += [f"model {model!r}: {problem}" for problem in exc.problems]
         return None

@@ -2,7 +2,7 @@
 
 Left/right split of a shared channel at the mask's own midline, largest component or minimum
 component size, holes filled per axial plane (as contours are drawn), minimum volume. Labels
-may overlap, so masks are kept as bits: bit ``value - 1`` of a voxel is set where that label is.
+may overlap (an External encloses the lungs); masks are kept as :class:`~gateway.inference.labels.LabelMasks`.
 
 Keeping the largest component can hide a fault: a network that left empty slices in the middle of an
 organ found it in pieces, and only the largest piece would be kept, unflagged. So the gap between the
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from gateway.inference.labels import Box, LabelMasks
 from gateway.inference.manifest import Label
 
 __all__ = ["ModelGrid", "model_affine", "postprocess"]
@@ -46,22 +47,32 @@ def model_affine(affine: np.ndarray, order: tuple[int, int, int], flips: tuple[b
     return model
 
 
-def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid,
-                kind: str) -> tuple[np.ndarray, dict[str, float]]:
+def postprocess(decided: LabelMasks, specs: Sequence[Label], grid: ModelGrid,
+                kind: str) -> tuple[LabelMasks, dict[str, float]]:
     """Per label, in manifest order: its raw mask, inside another label, the side of the midline, components
     (largest, minimum size, length along the patient), holes, minimum volume. Also, per label whose largest
-    component was kept, the widest gap (mm along the slices) to a discarded piece continuing it (none: absent)."""
-    out = np.zeros(decided.shape, dtype=np.uint8 if len(specs) <= 8 else np.uint32)
+    component was kept, the widest gap (mm along the slices) to a discarded piece continuing it (none: absent).
+
+    *decided* holds the network's decision by class (softmax) or by output channel + 1 (sigmoid). Each label is
+    worked on within the bounding box of its raw mask only: every step is local to the mask (a hole is enclosed
+    by it, the midline is its own), so the result is the same as on the whole grid at a fraction of the cost.
+    """
+    out = LabelMasks.empty(decided.shape, max(spec.value for spec in specs))
     voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
     slice_mm = float(np.linalg.norm(grid.affine[:3, grid.slice_axis]))
     gaps: dict[str, float] = {}
-    bits = {spec.name: spec.value - 1 for spec in specs}
+    values = {spec.name: spec.value for spec in specs}
+    keys = {spec.name: spec.value if kind == "softmax" else spec.output_channel + 1 for spec in specs}
+    boxes = decided.boxes(keys.values())
     for spec in specs:
-        mask = decided == spec.value if kind == "softmax" else (decided >> spec.output_channel) & 1 == 1
+        box = boxes.get(keys[spec.name])
+        if box is None:
+            continue
+        mask = decided.region(keys[spec.name], box)
         if spec.within is not None:
-            mask &= (out >> bits[spec.within]) & 1 == 1
+            mask &= out.region(values[spec.within], box)
         if spec.side is not None and mask.any():
-            mask = _one_side(mask, grid.affine, spec.side)
+            mask = _one_side(mask, _shifted(grid.affine, box), spec.side)
         if (spec.keep_largest_component or spec.min_component_ml) and mask.any():
             mask, gap = _components(mask, spec.keep_largest_component, spec.min_component_ml / voxel_ml,
                                     grid.slice_axis)
@@ -73,9 +84,16 @@ def postprocess(decided: np.ndarray, specs: Sequence[Label], grid: ModelGrid,
             planes = np.moveaxis(mask, grid.slice_axis, 0)
             mask = np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, grid.slice_axis)
         if spec.min_volume_ml and mask.sum() * voxel_ml < spec.min_volume_ml:
-            mask[:] = False
-        out |= mask.astype(out.dtype) << (spec.value - 1)
+            continue
+        out.add(spec.value, mask, box)
     return out, gaps
+
+
+def _shifted(affine: np.ndarray, box: Box) -> np.ndarray:
+    """The affine of the sub-grid starting at *box*'s corner."""
+    shifted = affine.copy()
+    shifted[:3, 3] += affine[:3, :3] @ np.array([part.start for part in box], dtype=np.float64)
+    return shifted
 
 
 def _components(mask: np.ndarray, largest_only: bool, min_voxels: float,

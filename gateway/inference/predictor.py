@@ -1,12 +1,12 @@
-"""Inference: one onnxruntime session per model; ``predict(volume)`` -> label bit-planes on the CT grid.
+"""Inference: one onnxruntime session per model; ``predict(volume)`` -> label masks on the CT grid.
 
 The predictor reorients the volume to the model's axis convention, resamples it to the
 model's spacing (through a median filter on its own grid if the manifest asks), normalises it,
 and runs the network tile by tile (:mod:`gateway.inference.tiling`). Logits are averaged over tiles and
 then turned into probabilities, as nnU-Net does. Structures may overlap (an External encloses the
-lungs), so the result holds one bit per label in each voxel. Each label is cleaned on the
-(small) model grid as the manifest says (left/right split, largest component, holes per
-axial plane, minimum volume), then the bits are mapped to the original CT grid; with
+lungs), so the result holds any number of labels per voxel (:mod:`gateway.inference.labels`). Each label is
+cleaned on the (small) model grid as the manifest says (left/right split, largest component, holes per
+axial plane, minimum volume), then the masks are mapped to the original CT grid; with
 ``resampling = "nnunet"`` the logits go back to the CT grid first and everything after happens
 there, as in nnU-Net. The pure geometry helpers are in :mod:`gateway.inference.orientation`,
 :mod:`gateway.inference.resample` and :mod:`gateway.inference.tiling`.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +29,7 @@ import structlog
 from gateway.errors import InferenceError, VolumeError
 from gateway.inference import confidence as _confidence
 from gateway.inference.confidence import Confidence
+from gateway.inference.labels import LabelMasks, decide, decide_logits
 from gateway.inference.manifest import ClipScale, InputSpec, ModelPackage
 from gateway.inference.orientation import axis_transform, orientation_code, oriented, unoriented
 from gateway.inference.postprocess import ModelGrid, model_affine, postprocess
@@ -52,10 +53,10 @@ _MAX_VOXELS = VolumeLimits().max_voxels
 
 @dataclass(frozen=True)
 class Prediction:
-    """Label bit-planes on the CT grid: bit ``value - 1`` of a voxel is set where that label is; and the model's
+    """Label masks on the CT grid (:class:`~gateway.inference.labels.LabelMasks`, by label value), and the model's
     confidence in each label found (:mod:`gateway.inference.confidence`, on the model grid)."""
 
-    bits: np.ndarray
+    masks: LabelMasks
     values: dict[str, int]  # label name -> label value
     voxels: dict[str, int]  # label name -> voxel count
     seconds: float
@@ -65,8 +66,7 @@ class Prediction:
 
     def mask(self, name: str) -> np.ndarray:
         """The boolean mask of label *name* on the CT grid."""
-        mask: np.ndarray = (self.bits >> (self.values[name] - 1)) & 1 == 1
-        return mask
+        return self.masks.mask(self.values[name])
 
     @property
     def empty(self) -> list[str]:
@@ -143,19 +143,21 @@ class Predictor:
         labels = self.manifest.labels
         if self.manifest.input.resampling == "nnunet":  # logits back to the CT grid, decided there (as nnU-Net)
             confidence = _confidence.from_logits(scores, labels, output.kind, output.threshold)  # raw decision
-            decided = _decide_logits(self._on_ct_grid(scores, prepared), output.kind, output.threshold)
-            factors = [1.0, 1.0, 1.0]
-        else:  # decided and cleaned up on the (small) model grid, then the bits mapped to the CT grid
+            decided = decide_logits(self._on_ct_grid(scores, prepared), len(scores), output.kind, output.threshold)
+            factors, scores = [1.0, 1.0, 1.0], np.empty(0, dtype=np.float32)  # frees the logits
+        else:  # decided and cleaned up on the (small) model grid, then the masks mapped to the CT grid
             scores = self._activate(scores)
-            decided = _decide(scores, output.kind, output.threshold)
+            decided = decide(scores, output.kind, output.threshold)
         grid = ModelGrid(model_affine(volume.affine, order, flips, factors, prepared.shape), order.index(0))
-        bits, split_mm = postprocess(decided, labels, grid, output.kind)
+        masks, split_mm = postprocess(decided, labels, grid, output.kind)
+        del decided
         if self.manifest.input.resampling != "nnunet":
-            confidence = _confidence.from_probabilities(scores, bits, labels, output.kind)
-        bits = unoriented(back_to_grid(bits, prepared.shape, factors), order, flips)
+            confidence = _confidence.from_probabilities(scores, masks, labels, output.kind)
+        masks = masks.map(lambda plane: unoriented(back_to_grid(plane, prepared.shape, factors), order, flips))
         values = {label.name: label.value for label in self.manifest.labels}
-        voxels = {name: int(np.count_nonzero((bits >> (value - 1)) & 1)) for name, value in values.items()}
-        prediction = Prediction(bits, values, voxels, time.monotonic() - started, confidence, split_mm)
+        counts = masks.counts()
+        voxels = {name: counts[value] for name, value in values.items()}
+        prediction = Prediction(masks, values, voxels, time.monotonic() - started, confidence, split_mm)
         log.info("inference_done", model=self.manifest.model.name, seconds=round(prediction.seconds, 2),
                  empty_labels=prediction.empty)
         return prediction
@@ -217,8 +219,9 @@ class Predictor:
 
     def _on_ct_grid(self, scores: np.ndarray, prepared: _ModelInput) -> Iterator[np.ndarray]:
         """Each channel's logits resampled to the (oriented) CT grid, linearly as nnU-Net does."""
-        for channel in scores:
-            yield nnunet_resize(channel, prepared.shape, self.manifest.input.spacing_mm, prepared.spacing, order=1)
+        for channel in scores:  # float16 sums (manifest: accumulate) resampled in float32
+            yield nnunet_resize(channel.astype(np.float32, copy=False), prepared.shape,
+                                self.manifest.input.spacing_mm, prepared.spacing, order=1)
 
     def _activate(self, scores: np.ndarray) -> np.ndarray:
         output = self.manifest.output
@@ -258,36 +261,3 @@ def _normalise(hu: np.ndarray | np.float32, spec: InputSpec) -> np.ndarray:
     low = -np.inf if norm.hu_min is None else norm.hu_min
     high = np.inf if norm.hu_max is None else norm.hu_max
     return np.asarray((np.clip(hu, low, high) - norm.mean) / norm.std, dtype=np.float32)
-
-
-def _decide_logits(channels: Iterable[np.ndarray], kind: str, threshold: float) -> np.ndarray:
-    """:func:`_decide` on logits, one channel at a time (each a whole CT of floats)."""
-    decided: np.ndarray | None = None
-    if kind == "softmax":  # the first largest logit wins, as argmax; softmax does not change the order
-        best: np.ndarray | None = None
-        for index, logit in enumerate(channels):
-            if best is None or decided is None:
-                best, decided = logit.copy(), np.zeros(logit.shape, dtype=np.uint8)
-                continue
-            decided[logit > best] = index
-            np.maximum(best, logit, out=best)
-    else:
-        cut = math.log(threshold / (1 - threshold))  # sigmoid(x) >= threshold
-        for index, logit in enumerate(channels):
-            if decided is None:
-                decided = np.zeros(logit.shape, dtype=np.uint32)
-            decided |= (logit >= cut).astype(np.uint32) << index
-    assert decided is not None  # a manifest has one channel at least
-    return decided
-
-
-def _decide(scores: np.ndarray, kind: str, threshold: float) -> np.ndarray:
-    """Softmax: the winning class index (0 = background). Sigmoid: bit c set where channel c >= threshold."""
-    if kind == "softmax":
-        winner: np.ndarray = np.argmax(scores, axis=0).astype(np.uint8)
-        return winner
-    dtype = np.uint8 if len(scores) <= 8 else np.uint32
-    bits = np.zeros(scores.shape[1:], dtype=dtype)
-    for channel, score in enumerate(scores):
-        bits |= (score >= threshold).astype(dtype) << channel
-    return bits

@@ -9,6 +9,7 @@ audit record written: structure names, check and reason codes and figures only, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import numpy as np
 import structlog
 
 from gateway.inference.confidence import Confidence
+from gateway.inference.labels import MaskView
 from gateway.inference.manifest import ModelManifest
 from gateway.inference.volume import Volume
 from gateway.ops.audit import AuditLog
@@ -35,7 +37,7 @@ class QaVerdict:
     """What QA found for one series and what the route's mode makes of it."""
 
     findings: list[Finding]
-    masks: dict[str, np.ndarray]  # the structures to write (``drop``: without those that failed)
+    masks: Mapping[str, np.ndarray]  # the structures to write (``drop``: without those that failed)
     dropped: list[str]  # label names left out
     held: bool  # ``hold`` and a check failed: nothing is sent until released
 
@@ -59,7 +61,7 @@ class ContourQa:
         self._metrics = metrics
         self._clock = clock
 
-    def check(self, job_id: str, task_no: int, route: Route, volume: Volume, masks: dict[str, np.ndarray],
+    def check(self, job_id: str, task_no: int, route: Route, volume: Volume, masks: Mapping[str, np.ndarray],
               manifest: ModelManifest, confidence: Mapping[str, Confidence] | None = None,
               split_mm: Mapping[str, float] | None = None) -> QaVerdict:
         """Check every structure of the series, record the outcome, and decide what the route's mode does."""
@@ -83,11 +85,11 @@ class ContourQa:
                 self._metrics.qa_check(finding.check, finding.outcome.value)
 
 
-def _verdict(route: Route, findings: list[Finding], masks: dict[str, np.ndarray]) -> QaVerdict:
+def _verdict(route: Route, findings: list[Finding], masks: Mapping[str, np.ndarray]) -> QaVerdict:
     failed = {f.structure for f in findings if f.outcome is Outcome.FAIL}
     if route.qa == "drop" and failed:
         dropped = [name for name in masks if name in failed]
-        kept = {name: mask for name, mask in masks.items() if name not in failed}
+        kept = MaskView({name: functools.partial(masks.__getitem__, name) for name in masks if name not in failed})
         return QaVerdict(findings, kept, dropped, held=False)
     return QaVerdict(findings, masks, [], held=route.qa == "hold" and bool(failed))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,7 @@ from gateway.ops.metrics import Metrics
 from gateway.pipeline.qa import ContourQa
 from gateway.rt.plausibility import Outcome
 from gateway.rt.results import build_results, encode_results, structure_set_picture
+from gateway.rt.templates import apply_template, load_route_templates, manifests_of
 from gateway.sending.delivery import deliver_due, outcome
 from gateway.sending.scu import Sender
 from gateway.store.jobs import JobState
@@ -58,9 +59,14 @@ class Series:
 class Inferred:
     """What the infer stage found: each label's mask on the CT grid, and the model's confidence in it."""
 
-    masks: dict[str, np.ndarray]
+    masks: Mapping[str, np.ndarray]  # made one at a time when read (MaskView)
     confidence: dict[str, Confidence]
     split_mm: dict[str, float]  # gaps to pieces that keeping the largest component discarded
+
+    def renamed(self, masks: Mapping[str, np.ndarray], sources: Mapping[str, str]) -> Inferred:
+        """The same figures under a template's names (*sources*: new name -> label), with the template's *masks*."""
+        return Inferred(masks, {new: self.confidence[old] for new, old in sources.items() if old in self.confidence},
+                        {new: self.split_mm[old] for new, old in sources.items() if old in self.split_mm})
 
 
 class _TaskGone(Exception):
@@ -88,6 +94,8 @@ class SeriesStages:
         self._speed = SpeedMemory()
         self._volume_limits = VolumeLimits.from_config(config.limits)
         self._qa = ContourQa(ctx.jobs, audit, metrics, clock)
+        self._templates = load_route_templates(config.inference.templates_dir, config.routes,
+                                               manifests_of(self._predictors.manifest))
 
     def run(self, task: Task) -> None:
         """Take one series as far as it can go now (its deliveries may wait for a retry)."""
@@ -103,7 +111,7 @@ class SeriesStages:
                 series = self._load(task)
                 prediction = self._infer(route, series)
                 save_output(self._ctx, task.job_id, task.task_no, "masks", encode_masks(prediction))
-                inferred = Inferred({name: prediction.mask(name) for name in prediction.values}, prediction.confidence,
+                inferred = Inferred(prediction.masks.named(prediction.values), prediction.confidence,
                                     prediction.split_mm)
                 state = self._commit(task, JobState.INFERRED, "infer", started, structures=len(prediction.values),
                                      empty=len(prediction.empty), slices=series.volume.shape[0])
@@ -141,9 +149,14 @@ class SeriesStages:
             stored = load_output(self._ctx, task.job_id, task.task_no, "masks")
             inferred = Inferred(decode_masks(stored), decode_confidence(stored), decode_split(stored))
         manifest = self._predictors.manifest(route.models)
+        template = self._templates.get(route.name)
+        if template is not None:  # the site's structures: renamed, ordered, derived (unions of labels)
+            templated = apply_template(template, manifest, inferred.masks)
+            manifest, inferred = templated.manifest, inferred.renamed(templated.masks, templated.sources)
+            route = route.model_copy(update={"structures": templated.structures})
         verdict = self._qa.check(task.job_id, task.task_no, route, series.volume, inferred.masks, manifest,
                                  inferred.confidence, inferred.split_mm)
-        if not any(mask.any() for mask in verdict.masks.values()):
+        if verdict.dropped and not {f.structure for f in verdict.findings} - set(verdict.dropped):
             raise _TaskFailed("qa_failed")  # ``drop`` left nothing to send
         try:
             results = build_results(series.volume, series.datasets, verdict.masks, manifest, route, verdict.findings)

@@ -83,7 +83,7 @@ def expected_side(label: Label) -> str | None:
     return None
 
 
-def check_structures(volume: Volume, masks: dict[str, np.ndarray], manifest: ModelManifest,
+def check_structures(volume: Volume, masks: Mapping[str, np.ndarray], manifest: ModelManifest,
                      confidence: Mapping[str, Confidence] | None = None,
                      split_mm: Mapping[str, float] | None = None) -> list[Finding]:
     """Every applicable check of every non-empty structure in *masks* (label name -> boolean mask on the CT grid);
@@ -103,9 +103,10 @@ def check_structures(volume: Volume, masks: dict[str, np.ndarray], manifest: Mod
 
 @dataclass(frozen=True)
 class _Shape:
-    """A mask with what every check needs, computed once: its voxel count, its slices and its bounding box."""
+    """A mask with what every check needs, computed once: its voxel count, its slices, its bounding box, and the
+    mask within that box only (a structure set of a hundred organs holds a hundred small boxes, not whole CTs)."""
 
-    mask: np.ndarray
+    mask: np.ndarray  # the mask within ``box``
     count: int
     per_slice: np.ndarray  # voxels on each slice of the scan
     box: tuple[slice, slice, slice]
@@ -116,7 +117,7 @@ class _Shape:
         per_slice = np.count_nonzero(mask, axis=(1, 2))
         count = int(per_slice.sum())
         if not count:
-            return cls(mask, 0, per_slice, (slice(0, 0),) * 3, (0.0, 0.0, 0.0))
+            return cls(np.zeros((0, 0, 0), dtype=bool), 0, per_slice, (slice(0, 0),) * 3, (0.0, 0.0, 0.0))
         slices = np.flatnonzero(per_slice)
         k = slice(int(slices[0]), int(slices[-1]) + 1)
         rows = np.count_nonzero(mask[k], axis=(0, 2))
@@ -124,11 +125,21 @@ class _Shape:
         i, j = _span(rows), _span(columns)
         centroid = tuple(float((profile * np.arange(profile.size)).sum()) / count
                          for profile in (per_slice, rows, columns))
-        return cls(mask, count, per_slice, (k, i, j), centroid)  # type: ignore[arg-type]
+        box = (k, i, j)
+        return cls(mask[box].copy(), count, per_slice, box, centroid)  # type: ignore[arg-type]
 
     def inside(self, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """The mask within *box*."""
-        return self.mask[box]
+        """The mask within *box* (scan coordinates), false outside its own box."""
+        out = np.zeros(tuple(side.stop - side.start for side in box), dtype=bool)
+        source, target = [], []
+        for wanted, own in zip(box, self.box, strict=True):
+            low, high = max(wanted.start, own.start), min(wanted.stop, own.stop)
+            if low >= high:
+                return out
+            source.append(slice(low - own.start, high - own.start))
+            target.append(slice(low - wanted.start, high - wanted.start))
+        out[tuple(target)] = self.mask[tuple(source)]
+        return out
 
 
 def _span(profile: np.ndarray) -> slice:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -21,7 +21,7 @@ from gateway.rt.seg import build_segmentation
 __all__ = ["build_results", "encode_results", "structure_set_picture"]
 
 
-def build_results(volume: Volume, datasets: Sequence[Dataset], masks: dict[str, np.ndarray],
+def build_results(volume: Volume, datasets: Sequence[Dataset], masks: Mapping[str, np.ndarray],
                   manifest: ModelManifest, route: Route, qa: Sequence[Finding] = ()) -> list[Dataset]:
     """The RT Structure Set (and, if the route asks, its Segmentation twin) on the pseudonymised CT.
 
@@ -50,7 +50,7 @@ def encode_results(results: Sequence[Dataset]) -> list[bytes]:
     return encoded
 
 
-def structure_set_picture(volume: Volume, masks: dict[str, np.ndarray], structure_set: Dataset,
+def structure_set_picture(volume: Volume, masks: Mapping[str, np.ndarray], structure_set: Dataset,
                           route: Route, findings: Sequence[Finding] = ()) -> bytes:
     """The QA picture (PNG) of the structures written in *structure_set*, in their display colours.
 

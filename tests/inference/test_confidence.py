@@ -13,6 +13,7 @@ import pytest
 
 from gateway.inference.confidence import Confidence, from_logits, from_probabilities, measure
 from gateway.inference.ensemble import decode_confidence, decode_masks, decode_split, encode_masks, merge_predictions
+from gateway.inference.labels import LabelMasks
 from gateway.inference.manifest import Label, load_model_package
 from gateway.inference.predictor import Prediction, Predictor
 from gateway.inference.volume import Volume, volume_from_datasets
@@ -46,7 +47,7 @@ class TestMaths:
 
     def test_softmax_labels_read_their_class_and_sigmoid_labels_their_channel(self) -> None:
         probabilities = np.array([[0.45, 0.9], [0.4, 0.8], [0.7, 0.35]])
-        bits = np.array([0b01, 0b11], dtype=np.uint8)  # label 1 in both voxels, label 2 in the second
+        bits = LabelMasks.from_bits(np.array([0b01, 0b11], dtype=np.uint8))  # label 1 in both voxels, 2 in the second
         softmax = from_probabilities(probabilities, bits, [_label(1, "A"), _label(2, "B")], "softmax")
         assert softmax["A"].mean_probability == pytest.approx(0.6)  # class 1 = channel 1
         assert softmax["B"].mean_probability == pytest.approx(0.35)  # class 2 = channel 2, second voxel
@@ -70,7 +71,7 @@ class TestMaths:
         else:
             probabilities = 1 / (1 + np.exp(-before))
             bits = sum(((probabilities[c] >= 0.5).astype(np.uint8) << c) for c in range(3))
-        expected = from_probabilities(probabilities, np.asarray(bits), labels, kind)
+        expected = from_probabilities(probabilities, LabelMasks.from_bits(np.asarray(bits)), labels, kind)
         assert found.keys() == expected.keys() == {label.name for label in labels}
         for name, figures in found.items():
             assert figures.mean_probability == pytest.approx(expected[name].mean_probability, abs=1e-5)
@@ -92,14 +93,14 @@ class TestPredictor:
             assert all(0.5 <= figures.mean_probability <= 1 for figures in prediction.confidence.values())
 
     def test_a_prediction_built_without_figures_has_none(self) -> None:
-        assert Prediction(np.zeros((1, 1, 1), dtype=np.uint8), {"A": 1}, {"A": 0}, 0.0).confidence == {}
+        assert Prediction(LabelMasks.empty((1, 1, 1), 1), {"A": 1}, {"A": 0}, 0.0).confidence == {}
 
 
 class TestStorage:
     def _prediction(self, name: str, figures: Confidence) -> Prediction:
         bits = np.zeros((2, 3, 4), dtype=np.uint8)
         bits[0, 1, 2] = 1
-        return Prediction(bits, {name: 1}, {name: 1}, 1.0, {name: figures})
+        return Prediction(LabelMasks.from_bits(bits), {name: 1}, {name: 1}, 1.0, {name: figures})
 
     def test_confidence_survives_merging_and_storage(self) -> None:
         merged = merge_predictions([self._prediction("A", Confidence(0.9, 0.1)),
@@ -107,7 +108,7 @@ class TestStorage:
         data = encode_masks(merged)
         assert decode_confidence(data) == {"A": Confidence(0.9, 0.1), "B": Confidence(0.55, 0.75)}
         assert set(decode_masks(data)) == {"A", "B"}
-        assert decode_confidence(encode_masks(Prediction(merged.bits, merged.values, merged.voxels, 1.0))) == {}
+        assert decode_confidence(encode_masks(Prediction(merged.masks, merged.values, merged.voxels, 1.0))) == {}
 
     def test_gaps_to_discarded_pieces_survive_merging_and_storage(self) -> None:
         first, second = self._prediction("A", Confidence(0.9, 0.1)), self._prediction("B", Confidence(0.9, 0.1))

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,23 +35,18 @@ from nnunetv2.preprocessing.resampling.default_resampling import compute_new_sha
 from gateway.inference.manifest import load_model_package
 from gateway.inference.predictor import Predictor
 from gateway.inference.volume import Volume
-from tests.conftest import REPO
-from tests.nnunet_folder import PATCH, SPACING, Recipe, ct_volume, write_results_folder
+from tests.nnunet_folder import PATCH, SPACING, Recipe, ct_volume, load_importer, write_results_folder
 
 TOLERANCE = 1e-3
 #: Where nnU-Net's two likeliest classes are closer than this, either may win: ONNX Runtime and torch differ by
 #: some 1e-5 in a logit, and on this random network 4 voxels in 140,400 have margins under 1e-5.
 TIE = 1e-4
+TILE_STEP = 0.5  # nnUNetPredictor's default
 
 
 @pytest.fixture(scope="module")
 def importer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("import_nnunet", REPO / "scripts" / "import_nnunet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_importer()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +79,7 @@ def float32_sums() -> Iterator[None]:
 def nnunet(folder: Path, volume: Volume, folds: tuple[int, ...], *, mirroring: bool,
            exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """nnU-Net's ``(segmentation, probabilities)`` of *volume* (array axes z, y, x as SimpleITK reads them)."""
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+    predictor = nnUNetPredictor(tile_step_size=TILE_STEP, use_gaussian=True, use_mirroring=mirroring,
                                 device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=folds,
                                                    checkpoint_name="checkpoint_final.pth")
@@ -259,8 +252,17 @@ class TestRefusals:
         (Recipe(folds=(0,), plans_extra={"resampling_fn_data_kwargs": {
             "is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None,
             "separate_z_anisotropy_threshold": 2}}), (), "separate_z_anisotropy_threshold=2"),
+        (Recipe(folds=(0,), reader="Tiff3DIO"), (), "image reader 'Tiff3DIO': the gateway reproduces the axes of "
+         "NibabelIOWithReorient, SimpleITKIO, NibabelIO only"),
+        (Recipe(folds=(0,), reader="NibabelIO"), (), "NibabelIO keeps each training image's stored voxel axes"),
+        (Recipe(folds=(0,), reader="SimpleITKIO", reader_override="NibabelIOWithReorient"), (),
+         "plans.json reads images with SimpleITKIO, dataset.json's overwrite_image_reader_writer says "
+         "NibabelIOWithReorient"),
+        (Recipe(folds=(0,)), ("--orientation", "SPQ"), "--orientation 'SPQ': 3 letters"),
+        (Recipe(folds=(0,)), ("--tile-step", "1.5"), "--tile-step 1.5: a fraction of the patch in (0, 1]"),
     ], ids=["zscore", "two-channels", "regions", "cascade", "missing-fold", "unknown-rename", "name-collision",
-            "torch-resampling", "linear-image", "forced-no-separate-z", "forced-separate-z", "anisotropy-2"])
+            "torch-resampling", "linear-image", "forced-no-separate-z", "forced-separate-z", "anisotropy-2",
+            "tiff-reader", "nibabel-without-orientation", "readers-disagree", "bad-orientation", "tile-step"])
     def test_refused_with_exit_code_2_and_nothing_written(self, importer: ModuleType, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str], recipe: Recipe,
                                                           options: tuple[str, ...], reason: str) -> None:
@@ -275,6 +277,21 @@ class TestRefusals:
         (folder / "plans.json").unlink()
         assert import_model(importer, folder, tmp_path / "toy") == 2
         assert "plans.json: missing" in capsys.readouterr().err
+
+
+class TestReaders:
+    """The orientation of the network's axes is the image reader's (plans.json's image_reader_writer)."""
+
+    @pytest.mark.parametrize(("reader", "options", "orientation"), [
+        ("SimpleITKIO", (), "SPL"), ("SimpleITKIO", ("--orientation", "IPR"), "IPR"),
+        ("NibabelIO", ("--orientation", "SAR"), "SAR"), ("NibabelIOWithReorient", (), "SAR"),
+    ], ids=["simpleitk-default", "simpleitk-given", "nibabel-given", "nibabel-reorient"])
+    def test_orientation(self, importer: ModuleType, tmp_path: Path, reader: str, options: tuple[str, ...],
+                         orientation: str) -> None:
+        folder = write_results_folder(tmp_path / "results", Recipe(folds=(0,), reader=reader))
+        assert import_model(importer, folder, tmp_path / "toy", "--tile-step", "0.75", *options) == 0
+        spec = load_model_package(tmp_path / "toy").manifest.input
+        assert (spec.orientation, spec.overlap) == (orientation, 0.25)
 
 
 class TestNames:

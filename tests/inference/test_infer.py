@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gateway.errors import ConfigError, InferenceError
+from gateway.inference.labels import LabelMasks
 from gateway.inference.manifest import Label, load_model_package
 from gateway.inference.orientation import axis_transform, orientation_code, oriented, unoriented
 from gateway.inference.postprocess import ModelGrid, postprocess
@@ -76,7 +77,7 @@ class TestPredictor:
     def test_sphere_is_found_in_every_patient_position(self, threshold_package: Path, position: str) -> None:
         volume, (mask,) = make_volume(position)
         prediction = Predictor(load_model_package(threshold_package)).predict(volume)
-        assert prediction.bits.shape == volume.shape
+        assert prediction.masks.shape == volume.shape
         assert dice(prediction.mask("Bright"), mask) >= 0.95
         assert prediction.voxels["Bright"] > 0 and not prediction.is_empty
 
@@ -226,8 +227,10 @@ class TestPostprocessing:
         decided[2:38, 5:20, 5:20] = 1  # the trunk: 36 slices
         decided[5:35, 25:28, 25:28] = 1  # an arm: thin, but 30 slices long
         decided[18:22, 30:38, 2:38] = 1  # a bar across the couch: bulky, 4 slices
-        out, _gaps = postprocess(decided, self._labels(min_component_extent=0.5)[:1], self._grid(), "sigmoid")
-        assert out[20, 10, 10] and out[20, 26, 26] and not out[20, 34, 20]
+        labels = self._labels(min_component_extent=0.5)[:1]
+        out, _gaps = postprocess(LabelMasks.from_bits(decided), labels, self._grid(), "sigmoid")
+        body = out.mask(1)
+        assert body[20, 10, 10] and body[20, 26, 26] and not body[20, 34, 20]
 
     def test_keeping_the_largest_component_reports_the_gap_to_a_piece_that_continues_it(self) -> None:
         organ = Label(value=1, name="Organ", colour=[0, 0, 255], keep_largest_component=True)
@@ -236,17 +239,18 @@ class TestPostprocessing:
         decided[2:8, 6:20, 6:20] = 1  # a piece above it (over a quarter of its size), 4 empty slices away, in line
         decided[33:36, 22:28, 22:28] = 1  # below, but beside it (not in line): gas, not the organ
         decided[31:32, 10:12, 10:12] = 1  # debris below it: too small to count
-        out, gaps = postprocess(decided, [organ], self._grid(), "sigmoid")
-        assert out[12:30].any() and not out[2:8].any() and not out[33:].any()  # only the largest is kept
+        out, gaps = postprocess(LabelMasks.from_bits(decided), [organ], self._grid(), "sigmoid")
+        kept = out.mask(1)
+        assert kept[12:30].any() and not kept[2:8].any() and not kept[33:].any()  # only the largest is kept
         assert gaps == {"Organ": 4 * 3.0}  # mm along the slices
         decided[2:8] = 0
-        assert postprocess(decided, [organ], self._grid(), "sigmoid")[1] == {}
+        assert postprocess(LabelMasks.from_bits(decided), [organ], self._grid(), "sigmoid")[1] == {}
 
     def test_a_label_within_another_keeps_only_what_lies_inside_it(self) -> None:
         decided = np.zeros((10, 20, 20), dtype=np.uint8)
         decided[:, 2:10, 2:10] = 0b01  # the body
         decided[:, 4:8, 4:8] = 0b11  # an inner structure inside it ...
         decided[:, 12:18, 12:18] = 0b10  # ... and one outside it (a foam pad)
-        out, _gaps = postprocess(decided, self._labels(), self._grid(), "sigmoid")
-        inner = (out >> 1) & 1 == 1
+        out, _gaps = postprocess(LabelMasks.from_bits(decided), self._labels(), self._grid(), "sigmoid")
+        inner = out.mask(2)
         assert inner[:, 4:8, 4:8].all() and not inner[:, 12:18, 12:18].any()

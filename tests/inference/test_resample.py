@@ -67,7 +67,10 @@ class TestAsNnunet:
         assert list(target) == [int(n) for n in compute_new_shape(shape, current, new)]
         expected = resample_data_or_seg_to_shape(array[None], target, current, new, is_seg=False, order=order,
                                                  order_z=0, force_separate_z=None)[0]
-        np.testing.assert_array_equal(nnunet_resize(array, target, current, new, order), expected)
+        if order == 1:  # separable (scipy sums the four corners' products): the same to 1 ulp in float32
+            np.testing.assert_array_max_ulp(nnunet_resize(array, target, current, new, order), expected, maxulp=1)
+        else:
+            np.testing.assert_array_equal(nnunet_resize(array, target, current, new, order), expected)
 
     def test_same_shape_is_untouched(self) -> None:
         array = np.zeros((4, 5, 6), np.float32)
