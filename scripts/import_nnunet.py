@@ -161,6 +161,9 @@ class Options:
     renames: tuple[tuple[str, str], ...] = ()
     #: The dtype tiles are summed in (the manifest's ``accumulate``): nnU-Net 2.8.1 sums in float16.
     accumulate: str = "float32"
+    #: The manifest's ``resampling``: "nnunet" (nnU-Net's own, from the CT's spacing), or "totalsegmentator" (the CT
+    #: first resampled to the model's spacing as TotalSegmentator does, nnU-Net's resampling then an identity).
+    resampling: str = "nnunet"
     #: Structure name (after ``renames``) -> (display colour, RT ROI Interpreted Type), over the palette and ORGAN.
     styles: tuple[tuple[str, tuple[int, int, int], str], ...] = ()
 
@@ -646,7 +649,7 @@ def input_section(model: TrainedModel, options: Options) -> dict[str, object]:
         "batch_size": 1,
         "padding_value": 0.0,
         "pad_position": "centre",
-        "resampling": "nnunet",
+        "resampling": options.resampling,
         "accumulate": options.accumulate,
         "normalisation": {"kind": "zscore", "mean": props["mean"], "std": max(props["std"], STD_EPSILON),
                           "hu_min": props["percentile_00_5"], "hu_max": props["percentile_99_5"]},
@@ -712,6 +715,8 @@ def run_import(folder: Path, options: Options) -> Path:
         raise Refused(f"--tile-step {options.tile_step:g}: a fraction of the patch in (0, 1]")
     if options.accumulate not in ("float32", "float16"):
         raise Refused(f"--accumulate {options.accumulate}: float32 or float16")
+    if options.resampling not in ("nnunet", "totalsegmentator"):
+        raise Refused(f"--resampling {options.resampling}: nnunet or totalsegmentator")
     input_orientation("SimpleITKIO", options.orientation)  # a malformed --orientation before reading anything
     model = read_trained_model(folder, options.folds, options.checkpoint)
     if problems := unsupported(model):
@@ -762,6 +767,10 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Path, Options]:
     parser.add_argument("--accumulate", choices=("float32", "float16"), default="float32",
                         help="dtype the tiles are summed in (nnU-Net 2.8.1 and TotalSegmentator: float16, half the "
                              "memory; default float32)")
+    parser.add_argument("--resampling", choices=("nnunet", "totalsegmentator"), default="nnunet",
+                        help="nnunet: nnU-Net's resampling from the CT's spacing (default); totalsegmentator: the "
+                             "CT resampled to the model's spacing first as TotalSegmentator does (linear, to int32), "
+                             "labels back by nearest neighbour")
     parser.add_argument("--dynamic", action="store_true", help="export with dynamic spatial axes")
     parser.add_argument("--name", help="model name in the manifest (default: the --out folder's name)")
     parser.add_argument("--version", default="1.0.0", help="model version in the manifest")
@@ -771,7 +780,8 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Path, Options]:
     options = Options(folds=tuple(args.fold) if args.fold else None, checkpoint=args.checkpoint,
                       out=args.out.resolve(), orientation=args.orientation, mirroring=not args.disable_tta,
                       tile_step=args.tile_step, dynamic=args.dynamic, name=args.name, version=args.version,
-                      renames=tuple(args.rename), accumulate=args.accumulate)
+                      renames=tuple(args.rename), accumulate=args.accumulate,
+                      resampling=args.resampling)
     return args.results.resolve(), options
 
 

@@ -30,8 +30,13 @@ converted it refuses (exit code 2, naming the problem) a part whose folder is mi
 ``dataset.json`` labels differ from the table's snapshot of TotalSegmentator's class maps. The package is built in a
 temporary folder beside ``--out`` and renamed into place, so a failed import leaves no half package.
 
-Not reproduced: TotalSegmentator's own resampling of the CT to the task's spacing before nnU-Net's (nnU-Net's is
-reproduced, from the CT's spacing), and the cropping some tasks do to a region that ``total`` finds first
+TotalSegmentator resamples the CT itself to the task's spacing (:data:`RESAMPLE`) before nnU-Net sees it (linear,
+in RAS axes, cast to int32) and the labels back (nearest neighbour); the packages say ``resampling =
+"totalsegmentator"``, which does the same, where that spacing is the model's (nnU-Net's own resampling is then an
+identity); ``--resampling nnunet`` writes nnU-Net's resampling from the CT's spacing instead (as before). A part
+whose model spacing differs from the task's gets nnU-Net's, with a note.
+
+Not reproduced: the cropping some tasks do to a region that ``total`` finds first
 (:data:`CROPPED`: the gateway runs those models on the whole CT; the import says so).
 Exit codes: 0 success, 1 failure, 2 refused.
 """
@@ -81,6 +86,15 @@ VARIANTS: dict[str, tuple[str, int, str]] = {
     "total_v3_fastest": ("total_v3", 837, "nnUNetTrainer_4000epochs_NoMirroring"),
     "body_fast": ("body", 300, "nnUNetTrainer"),
 }
+#: TotalSegmentator 2.18.0 (``map_tasks_config``): the spacing (RAS axes, mm) each task's CT is resampled to first.
+RESAMPLE: dict[str, tuple[float, float, float]] = {
+    "total": (1.5, 1.5, 1.5), "total_fast": (3.0, 3.0, 3.0), "total_fastest": (6.0, 6.0, 6.0),
+    "total_v3": (1.5, 1.5, 1.5), "total_v3_fast": (3.0, 3.0, 3.0), "total_v3_fastest": (6.0, 6.0, 6.0),
+    "body": (1.5, 1.5, 1.5), "body_fast": (6.0, 6.0, 6.0), "lung_vessels": (0.703125, 0.703125, 1.0),
+    "heartchambers_highres": (1.5, 1.5, 1.5), "head_glands_cavities": (0.75, 0.75, 1.0),
+    "headneck_bones_vessels": (0.75, 0.75, 1.0), "head_muscles": (0.75, 0.75, 1.0),
+    "headneck_muscles": (0.47251562774181366, 0.47251562774181366, 0.8500002026557922),
+}
 #: Tasks TotalSegmentator runs with tile step 0.8 (all sub-modes); every other task 0.5.
 COARSE_STEP_TASKS = ("total", "total_v3", "total_mr")
 #: Tasks whose TotalSegmentator run first crops the CT to these classes of ``total`` (the gateway does not).
@@ -123,6 +137,8 @@ class Options:
     out: Path
     name: str | None = None
     version: str = "1.0.0"
+    #: "totalsegmentator" (TotalSegmentator's resampling, where the model's spacing is the task's) or "nnunet".
+    resampling: str = "totalsegmentator"
 
 
 # --- the task and its folders -------------------------------------------------------------------------------------
@@ -223,14 +239,34 @@ def available_tasks(weights: Path) -> dict[str, list[str]]:
 # --- the import ---------------------------------------------------------------------------------------------------
 
 
+def part_resampling(task: Task, part: names.Part, folder: Path, asked: str) -> str:
+    """*asked*, unless it is "totalsegmentator" and the part's model spacing is not the task's :data:`RESAMPLE`
+    (read by ``NibabelIOWithReorient``: reversed, then ``transpose_forward``): then "nnunet", with a note."""
+    if asked != "totalsegmentator":
+        return asked
+    resample = RESAMPLE.get(task.name)
+    try:
+        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+        spacing = [float(s) for s in plans["configurations"][task.configuration]["spacing"]]
+        transpose = [int(axis) for axis in plans["transpose_forward"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Refused(f"{part_label(task, part)}: {folder / 'plans.json'} has no readable spacing ({exc})") from None
+    expected = None if resample is None else [resample[::-1][axis] for axis in transpose]
+    if expected is None or any(abs(a - b) > 1e-6 for a, b in zip(spacing, expected, strict=True)):
+        print(f"note: {part_label(task, part)}: TotalSegmentator resamples to {resample} mm, the model's spacing is "
+              f"{spacing}; nnU-Net's resampling is reproduced instead")
+        return "nnunet"
+    return asked
+
+
 def part_options(task: Task, part: names.Part, entries: dict[str, names.NameEntry], out: Path, name: str,
-                 version: str) -> nnunet.Options:
+                 version: str, resampling: str = "nnunet") -> nnunet.Options:
     """``import_nnunet``'s options for one part, as TotalSegmentator runs it, with the table's names and colours."""
     classes = list(part.labels.values())
     return nnunet.Options(
         folds=FOLDS, checkpoint=CHECKPOINT, out=out, orientation=None, mirroring=False, tile_step=task.tile_step,
         name=name, version=version, renames=tuple((cls, entries[cls].tg263) for cls in classes),
-        accumulate="float16",
+        accumulate="float16", resampling=resampling,
         styles=tuple((entries[cls].tg263, entries[cls].colour, entries[cls].interpreted_type) for cls in classes))
 
 
@@ -261,16 +297,19 @@ def run_import(task_name: str, options: Options) -> Path:
         print(f"note: TotalSegmentator crops the CT to {', '.join(CROPPED[task.labels_task])} (found by 'total') "
               f"before running {task.name}; the gateway runs it on the whole CT")
     out, name = options.out, options.name or options.out.name
+    resampling = [part_resampling(task, part, folder, options.resampling)
+                  for folder, part in zip(folders, task.parts, strict=True)]
     if len(task.parts) == 1:
-        return nnunet.run_import(folders[0], part_options(task, task.parts[0], entries, out, name, options.version))
+        return nnunet.run_import(folders[0], part_options(task, task.parts[0], entries, out, name, options.version,
+                                                          resampling[0]))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         subfolders = [part_folder_name(task, part) for part in task.parts]
-        for folder, part, subfolder in zip(folders, task.parts, subfolders, strict=True):
+        for folder, part, subfolder, how in zip(folders, task.parts, subfolders, resampling, strict=True):
             print(f"{part_label(task, part)} -> {subfolder}")
             nnunet.run_import(folder, part_options(task, part, entries, staging / subfolder,
-                                                   f"{name}-{subfolder}"[:64], options.version))
+                                                   f"{name}-{subfolder}"[:64], options.version, how))
         (staging / "manifest.toml").write_text(bundle_text(task, entries, subfolders, name, options.version),
                                                encoding="utf-8")
         load_bundle(staging)
@@ -297,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="package folder to write (default: models/totalseg-<task>)")
     parser.add_argument("--name", help="model name in the manifest (default: the --out folder's name)")
     parser.add_argument("--version", default="1.0.0", help="model version in the manifest")
+    parser.add_argument("--resampling", choices=("totalsegmentator", "nnunet"), default="totalsegmentator",
+                        help="totalsegmentator: resample the CT as TotalSegmentator does (default, where the model's "
+                             "spacing is the task's); nnunet: nnU-Net's resampling from the CT's spacing")
     args = parser.parse_args(argv)
     weights = (args.weights or default_weights()).resolve()
     try:
@@ -305,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{task}: {'weights present' if not problems else problems[0]}")
             return 0
         out = (args.out or Path("models") / f"totalseg-{args.task}").resolve()
-        run_import(args.task, Options(weights=weights, out=out, name=args.name, version=args.version))
+        run_import(args.task, Options(weights=weights, out=out, name=args.name, version=args.version,
+                                         resampling=args.resampling))
     except (Refused, names.TableError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2

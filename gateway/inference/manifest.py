@@ -23,7 +23,9 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     # padding_value = 0.0        # ... or this value after normalisation (nnU-Net pads with 0)
     pad_position = "end"         # where a scan smaller than a tile sits in it: "end" (at 0) or "centre"
     prefilter = { kind = "median", size = 3, spacing_mm = [1.5, 1.5, 1.5] }  # optional, at its own spacing
-    resampling = "linear"        # or "nnunet": normalise, cubic resize, logits back to the CT grid (logits only)
+    resampling = "linear"        # or "nnunet": normalise, cubic resize, logits back to the CT grid (logits only);
+                                 # or "totalsegmentator": its own resampling first (linear to int32, in RAS axes),
+                                 # decided on the model grid, labels back by its nearest-neighbour zoom
     accumulate = "float32"       # or "float16": tiles summed in half precision, as nnU-Net (half the memory)
     normalisation = { kind = "clip_scale", hu_min = -1000, hu_max = 1000 }  # or kind = "zscore", mean, std
 
@@ -152,7 +154,7 @@ class InputSpec(_Model):
     padding_value: float | None = None
     pad_position: Literal["end", "centre"] = "end"
     prefilter: Median | None = None
-    resampling: Literal["linear", "nnunet"] = "linear"
+    resampling: Literal["linear", "nnunet", "totalsegmentator"] = "linear"
     #: The dtype tile outputs are summed in; "float16" as nnU-Net v2 (Gaussian weights peaking at 10, in half).
     accumulate: Literal["float32", "float16"] = "float32"
     normalisation: ClipScale | ZScore = Field(discriminator="kind")
@@ -168,7 +170,7 @@ class InputSpec(_Model):
             raise ValueError("output_crop leaves nothing of the tile (it is cropped at both sides)")
         if len(set(self.mirror_axes)) != len(self.mirror_axes):
             raise ValueError("mirror_axes must not repeat an axis")
-        if self.resampling == "nnunet" and self.prefilter is not None:
+        if self.resampling != "linear" and self.prefilter is not None:
             raise ValueError("a prefilter works with linear resampling only")
         return self
 

@@ -8,7 +8,9 @@ lungs), so the result holds any number of labels per voxel (:mod:`gateway.infere
 cleaned on the (small) model grid as the manifest says (left/right split, largest component, holes per
 axial plane, minimum volume), then the masks are mapped to the original CT grid; with
 ``resampling = "nnunet"`` the logits go back to the CT grid first and everything after happens
-there, as in nnU-Net. The pure geometry helpers are in :mod:`gateway.inference.orientation`,
+there, as in nnU-Net; with ``resampling = "totalsegmentator"`` the CT is resampled as TotalSegmentator does
+before nnU-Net sees it (in its canonical axes, to int32) and the masks go back by its nearest-neighbour zoom.
+The pure geometry helpers are in :mod:`gateway.inference.orientation`,
 :mod:`gateway.inference.resample` and :mod:`gateway.inference.tiling`.
 
 Networks take ``float32 [batch, 1, *patch]`` and return ``[batch, channels, *output]``, or
@@ -34,12 +36,17 @@ from gateway.inference.manifest import ClipScale, InputSpec, ModelPackage
 from gateway.inference.orientation import axis_transform, orientation_code, oriented, unoriented
 from gateway.inference.postprocess import ModelGrid, model_affine, postprocess
 from gateway.inference.resample import (
+    CANONICAL,
     back_to_grid,
     linear_shape,
     nnunet_resize,
     nnunet_shape,
     resample_linear,
     resample_median_linear,
+    zoom_factors,
+    zoom_indices,
+    zoom_shape,
+    zoom_to_int32,
 )
 from gateway.inference.tiling import Tiler
 from gateway.inference.volume import Volume, VolumeLimits
@@ -89,6 +96,8 @@ class _ModelInput:
     factors: list[float]  # model voxels per scan voxel along each model axis
     shape: tuple[int, ...]  # the reoriented CT's shape
     spacing: list[float]  # ... and its voxel size
+    #: ``resampling = "totalsegmentator"``: the model voxel each CT voxel takes its label from, per model axis.
+    picks: tuple[np.ndarray, ...] | None = None
 
 
 class Predictor:
@@ -153,7 +162,7 @@ class Predictor:
         del decided
         if self.manifest.input.resampling != "nnunet":
             confidence = _confidence.from_probabilities(scores, masks, labels, output.kind)
-        masks = masks.map(lambda plane: unoriented(back_to_grid(plane, prepared.shape, factors), order, flips))
+        masks = masks.map(lambda plane: unoriented(self._to_ct_grid(plane, prepared, factors), order, flips))
         values = {label.name: label.value for label in self.manifest.labels}
         counts = masks.counts()
         voxels = {name: counts[value] for name, value in values.items()}
@@ -177,6 +186,8 @@ class Predictor:
         spec = self.manifest.input
         if spec.resampling == "nnunet":
             return [nnunet_shape(shape, spacing, spec.spacing_mm)]
+        if spec.resampling == "totalsegmentator":
+            return [zoom_shape(shape, zoom_factors(spacing, spec.spacing_mm))]
         if spec.prefilter is None:
             return [linear_shape(shape, [s / t for s, t in zip(spacing, spec.spacing_mm, strict=True)])]
         between = spec.prefilter.spacing_mm
@@ -200,6 +211,8 @@ class Predictor:
             shape = nnunet_shape(hu.shape, spacing, spec.spacing_mm)
             image = nnunet_resize(_normalise(hu, spec), shape, spacing, spec.spacing_mm, order=3)
             return _ModelInput(image, order, flips, factors, hu.shape, spacing)
+        if spec.resampling == "totalsegmentator":
+            return self._prepare_as_totalsegmentator(volume, order, flips, hu.shape, spacing)
         if spec.prefilter is None:
             resampled = resample_linear(hu, factors)
         else:  # resample, median-filter on the filter's grid, resample again (corner-aligned, so factors compose)
@@ -209,6 +222,31 @@ class Predictor:
                                                spec.prefilter.size,
                                                [b / t for b, t in zip(between, spec.spacing_mm, strict=True)])
         return _ModelInput(_normalise(resampled, spec), order, flips, factors, hu.shape, spacing)
+
+    def _prepare_as_totalsegmentator(self, volume: Volume, order: tuple[int, int, int], flips: tuple[bool, bool, bool],
+                                     shape: tuple[int, ...], spacing: list[float]) -> _ModelInput:
+        """TotalSegmentator's ``change_spacing`` (order 1, int32) in its canonical axes, then the model's axes."""
+        spec = self.manifest.input
+        to_canonical = axis_transform(orientation_code(volume.affine), CANONICAL)
+        to_model = axis_transform(CANONICAL, spec.orientation)
+        target = [0.0, 0.0, 0.0]
+        for model_axis, canonical_axis in enumerate(to_model[0]):
+            target[canonical_axis] = spec.spacing_mm[model_axis]
+        canonical = oriented(volume.hu, *to_canonical)
+        factors = zoom_factors([volume.spacing[axis] for axis in to_canonical[0]], target)
+        image = oriented(zoom_to_int32(canonical, factors), *to_model)
+        del canonical
+        picks = tuple(zoom_indices(m, n, reverse) for m, n, reverse in zip(image.shape, shape, to_model[1],
+                                                                           strict=True))
+        corners = [(m - 1) / (n - 1) if n > 1 else 1.0 for m, n in zip(image.shape, shape, strict=True)]
+        return _ModelInput(_normalise(image, spec), order, flips, corners, shape, spacing, picks)
+
+    def _to_ct_grid(self, plane: np.ndarray, prepared: _ModelInput, factors: Sequence[float]) -> np.ndarray:
+        """A mask on the model grid mapped to the (oriented) CT grid."""
+        if prepared.picks is not None:
+            mapped: np.ndarray = plane[np.ix_(*prepared.picks)]
+            return mapped
+        return back_to_grid(plane, prepared.shape, factors)
 
     def _scores(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         spec = self.manifest.input

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["back_to_grid", "linear_shape", "resample_linear", "resample_median_linear"]
+__all__ = ["CANONICAL", "back_to_grid", "linear_shape", "resample_linear", "resample_median_linear", "zoom_factors",
+           "zoom_indices", "zoom_shape", "zoom_to_int32"]
 
 
 def _count(size: int, factor: float) -> int:
@@ -201,3 +202,50 @@ def _zoom_linear(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         result += step
         array = np.ascontiguousarray(np.swapaxes(result, axis, along)) if swap else result
     return array
+
+
+#: The axes TotalSegmentator resamples in: nibabel's ``as_closest_canonical`` (RAS). ``scipy.ndimage.zoom``'s sums
+#: depend on the array's axis order and direction (float64 rounding, then a cast to int32 that truncates), so
+#: ``resampling = "totalsegmentator"`` resamples there too, then turns the result to the model's axes.
+CANONICAL = "RAS"
+
+
+def zoom_shape(shape: Sequence[int], factors: Sequence[float]) -> tuple[int, ...]:
+    """``scipy.ndimage.zoom``'s output shape: each extent times its factor, rounded."""
+    return tuple(round(n * f) for n, f in zip(shape, factors, strict=True))
+
+
+def zoom_factors(spacing: Sequence[float], target: Sequence[float]) -> list[float]:
+    """TotalSegmentator's ``change_spacing`` zoom: the NIfTI header's (float32) voxel size over the target's."""
+    return [float(np.float32(s)) / t for s, t in zip(spacing, target, strict=True)]
+
+
+def zoom_to_int32(array: np.ndarray, factors: Sequence[float]) -> np.ndarray:
+    """TotalSegmentator's ``change_spacing(img, spacing, order=1, dtype=np.int32)``: ``scipy.ndimage.zoom`` of the
+    image in float64 (linear, ``mode="nearest"``, corners aligned), cast to int32 (truncated toward zero); the image
+    itself (as float64) where every factor is 1, as ``change_spacing`` returns it unresampled."""
+    from scipy import ndimage
+
+    data = array.astype(np.float64)
+    if all(f == 1 for f in factors):
+        return data
+    zoomed: np.ndarray = ndimage.zoom(data, list(factors), order=1, mode="nearest")
+    return zoomed.astype(np.int32)
+
+
+def zoom_indices(size: int, count: int, reverse: bool = False) -> np.ndarray:
+    """The input index ``scipy.ndimage.zoom(..., order=0, mode="nearest")`` picks for each of *count* outputs along
+    an axis of *size* (TotalSegmentator's labels back to the CT grid); order 0 is separable, so a 3D zoom is the
+    array indexed by each axis's picks. *reverse*: the picks of the same zoom done on the axis reversed (the
+    model's axis runs against TotalSegmentator's canonical one), in this axis's direction."""
+    from scipy import ndimage
+
+    if size == count:
+        return np.arange(count)
+    picks = ndimage.zoom(np.arange(size, dtype=np.float64), count / size, order=0, mode="nearest")
+    if len(picks) != count:
+        raise ValueError(f"zoom of {size} voxels by {count}/{size} gives {len(picks)}, not {count}")
+    indices: np.ndarray = np.rint(picks).astype(np.int64)
+    if reverse:
+        return np.asarray(size - 1 - indices[::-1])
+    return indices

@@ -29,6 +29,7 @@ _DISPLAY = "IPL"
 #: Checks along the head-feet axis, shown on a coronal panel (the cut or the gap is visible); all others axial.
 _CORONAL_CHECKS = frozenset({"truncation", "continuity"})
 _TEXT, _MARGIN = (255, 255, 255), 3  # caption colour and padding (pixels)
+_OWN = "\0"  # keys of a flagged structure's own cut, apart from the overview's "axial", "coronal", "sagittal"
 
 
 def qa_picture(volume: Volume, masks: Mapping[str, np.ndarray], colours: Mapping[str, Sequence[int]],
@@ -47,20 +48,24 @@ def qa_picture(volume: Volume, masks: Mapping[str, np.ndarray], colours: Mapping
     """
     order, flips = axis_transform(orientation_code(volume.affine), _DISPLAY)
     hu = oriented(volume.hu, order, flips)
-    shown = {name: oriented(mask, order, flips) for name, mask in masks.items()}
-    union = np.zeros(hu.shape, dtype=bool)
-    for mask in shown.values():
-        union |= mask
-    centre = [round(c) for c in ndimage.center_of_mass(union)] if union.any() else [n // 2 for n in hu.shape]
-    z, y, x = centre
     dz, dy, dx = (volume.spacing[axis] for axis in order)
+    flagged = _by_structure(flags)
+    drawn, union, centroids = _first_pass(masks, order, flips, hu.shape, set(flagged))
+    z, y, x = [round(c) for c in ndimage.center_of_mass(union)] if union.any() else [n // 2 for n in hu.shape]
+    cuts = {"axial": (0, z), "coronal": (1, y), "sagittal": (2, x)}
+    for name in drawn:
+        if name in flagged:
+            coronal = any(f.check in _CORONAL_CHECKS for f in flagged[name])
+            cuts[_OWN + name] = (1, centroids[name][1]) if coronal else (0, centroids[name][0])
+    planes = _planes(masks, drawn, order, flips, cuts)
     panels = [
-        _panel(hu[z], {n: m[z] for n, m in shown.items()}, colours, (dy, dx)),  # axial
-        _panel(hu[:, y, :], {n: m[:, y, :] for n, m in shown.items()}, colours, (dz, dx)),  # coronal
-        _panel(hu[:, :, x], {n: m[:, :, x] for n, m in shown.items()}, colours, (dz, dy)),  # sagittal
+        _panel(hu[z], planes["axial"], colours, (dy, dx)),  # axial
+        _panel(hu[:, y, :], planes["coronal"], colours, (dz, dx)),  # coronal
+        _panel(hu[:, :, x], planes["sagittal"], colours, (dz, dy)),  # sagittal
     ]
+    cells = [_flagged(hu, planes[_OWN + name], colours, name, flagged[name], cuts[_OWN + name], centroids[name],
+                      (dz, dy, dx)) for name in drawn if name in flagged]
     height = max(p.height for p in panels)
-    cells = [_flagged(hu, shown, colours, name, found, (dz, dy, dx)) for name, found in _by_structure(flags, shown)]
     sheet = Image.new("RGB", (max(sum(p.width for p in panels), sum(c.width for c in cells)),
                               height + max((c.height for c in cells), default=0)))
     x = 0
@@ -85,25 +90,56 @@ def flag_caption(finding: Finding) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
-def _by_structure(flags: Sequence[Finding], shown: Mapping[str, np.ndarray]) -> list[tuple[str, list[Finding]]]:
-    """The non-passed flags of each drawn, non-empty structure, in the order of the masks."""
+def _by_structure(flags: Sequence[Finding]) -> dict[str, list[Finding]]:
+    """The non-passed flags of each structure."""
     found: dict[str, list[Finding]] = {}
     for finding in flags:
         if finding.outcome is not Outcome.PASS:
             found.setdefault(finding.structure, []).append(finding)
-    return [(name, found[name]) for name, mask in shown.items() if name in found and mask.any()]
+    return found
 
 
-def _flagged(hu: np.ndarray, shown: Mapping[str, np.ndarray], colours: Mapping[str, Sequence[int]], name: str,
-             found: Sequence[Finding], spacing: tuple[float, float, float]) -> Image.Image:
-    """One flagged structure's panel, centred on its centroid, above its caption strip."""
-    z, y, x = (round(c) for c in ndimage.center_of_mass(shown[name]))
+def _first_pass(masks: Mapping[str, np.ndarray], order: tuple[int, int, int], flips: tuple[bool, bool, bool],
+                shape: tuple[int, ...], flagged: set[str]) -> tuple[list[str], np.ndarray, dict[str, list[int]]]:
+    """One structure at a time (masks may be made as they are read): the non-empty ones, their union, and the
+    centroid of each flagged one (display axes)."""
+    drawn, union, centroids = [], np.zeros(shape, dtype=bool), {}
+    for name in masks:
+        mask = oriented(masks[name], order, flips)
+        if not mask.any():
+            continue
+        drawn.append(name)
+        union |= mask
+        if name in flagged:
+            centroids[name] = [round(c) for c in ndimage.center_of_mass(mask)]
+    return drawn, union, centroids
+
+
+def _planes(masks: Mapping[str, np.ndarray], drawn: Sequence[str], order: tuple[int, int, int],
+            flips: tuple[bool, bool, bool], cuts: Mapping[str, tuple[int, int]]) -> dict[str, dict[str, np.ndarray]]:
+    """For each cut (display axis, index), every structure's plane there that has something in it."""
+    planes: dict[str, dict[str, np.ndarray]] = {key: {} for key in cuts}
+    for name in drawn:
+        mask = oriented(masks[name], order, flips)
+        for key, (axis, index) in cuts.items():
+            plane = np.take(mask, index, axis=axis)
+            if plane.any():
+                planes[key][name] = plane.copy()
+    return planes
+
+
+def _flagged(hu: np.ndarray, planes: Mapping[str, np.ndarray], colours: Mapping[str, Sequence[int]], name: str,
+             found: Sequence[Finding], cut: tuple[int, int], centroid: Sequence[int],
+             spacing: tuple[float, float, float]) -> Image.Image:
+    """One flagged structure's panel through its centroid (*cut*: display axis and index), centred on it, above its
+    caption strip."""
+    z, y, x = centroid
     dz, dy, dx = spacing
-    if any(f.check in _CORONAL_CHECKS for f in found):
-        plane, masks, at, pixel = hu[:, y, :], {n: m[:, y, :] for n, m in shown.items()}, (z, x), (dz, dx)
+    if cut[0] == 1:
+        plane, at, pixel = hu[:, y, :], (z, x), (dz, dx)
     else:
-        plane, masks, at, pixel = hu[z], {n: m[z] for n, m in shown.items()}, (y, x), (dy, dx)
-    panel = _panel(_centred(plane, at, _WINDOW[0]), {n: _centred(m, at, False) for n, m in masks.items()},
+        plane, at, pixel = hu[z], (y, x), (dy, dx)
+    panel = _panel(_centred(plane, at, _WINDOW[0]), {n: _centred(m, at, False) for n, m in planes.items()},
                    colours, pixel, emphasised=name)
     font = ImageFont.load_default()
     lines = [flag_caption(f) for f in found]

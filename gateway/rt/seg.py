@@ -51,7 +51,9 @@ def build_segmentation(source: StructureSetInput) -> Dataset:
         name=source.manifest.model.name, version=source.manifest.model.version,
         family=codes.cid7162.ArtificialIntelligence)
     descriptions: list[hd.seg.SegmentDescription] = []
-    planes: list[np.ndarray] = []
+    labelmap = np.zeros(source.volume.shape, dtype=np.uint8 if len(source.manifest.labels) < 256 else np.uint16)
+    written: list[str] = []
+    overlapping = False
     for label in source.manifest.labels:
         mask = source.masks.get(label.name)
         if mask is None or not mask.any():
@@ -63,11 +65,18 @@ def build_segmentation(source: StructureSetInput) -> Dataset:
             segmented_property_type=codes.SCT.BodyStructure if label.interpreted_type == "EXTERNAL"
             else codes.SCT.Organ,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
-        planes.append(mask)
-    if not planes:
+        written.append(label.name)
+        overlapping = overlapping or bool(labelmap[mask].any())
+        if not overlapping:
+            labelmap[mask] = len(descriptions)
+    if not written:
         raise StructureSetError("every structure is empty", reason="structure_set_empty")
+    # Segments that never overlap (a softmax model's organs) go as one label map, a byte or two a voxel; overlapping
+    # ones (an External around the lungs) as a stack of one plane per segment, each mask read again.
+    pixels = (np.stack([source.masks[name] for name in written], axis=-1).astype(np.uint8) if overlapping
+              else labelmap)
     return hd.seg.Segmentation(
-        source_images=ct, pixel_array=np.stack(planes, axis=-1).astype(np.uint8),
+        source_images=ct, pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=9002, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="contour-gateway",

@@ -74,7 +74,7 @@ class TestTotal:
         for part in bundle.parts:
             spec = part.manifest.input
             assert (spec.orientation, spec.mirror_axes, spec.overlap, spec.accumulate) == ("SAR", [], 0.2, "float16")
-            assert spec.spacing_mm == [1.5, 1.5, 1.5] and spec.resampling == "nnunet"
+            assert spec.spacing_mm == [1.5, 1.5, 1.5] and spec.resampling == "totalsegmentator"
         organs = {label.name: label for label in bundle.parts[0].manifest.labels}
         assert organs["Lung_LUL"].colour == [71, 232, 244]  # the table's colour in the part too
         assert "nnUNetTrainerNoMirroring" in bundle.parts[1].manifest.model.description

@@ -4,6 +4,7 @@ it, captioned only with names and codes; judged from the PNG's pixels."""
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from gateway.inference.labels import MaskView
 from gateway.inference.volume import Volume
 from gateway.routes import Route, StructureTemplate
 from gateway.rt.plausibility import Finding, Outcome
@@ -138,3 +140,19 @@ def test_the_structure_set_picture_captions_flags_with_the_roi_names_of_the_rout
     assert pictured == qa_picture(volume, {"BODY": masks["Body"], "Marker": masks["Marker"]},
                                   {"BODY": BLUE, "Marker": RED}, [renamed])
     assert structure_set_picture(volume, masks, structure_set, route) != pictured
+
+
+def test_masks_made_when_read_are_each_read_twice_and_the_picture_is_the_same() -> None:
+    """A structure set of a hundred organs passes its masks as a view that makes each one when read: the picture
+    reads each twice (centre, then planes), one at a time, and draws exactly what the masks in memory give."""
+    volume, masks = _hfs()
+    reads: list[str] = []
+
+    def make(name: str) -> np.ndarray:
+        reads.append(name)
+        return masks[name].copy()
+
+    view = MaskView({name: functools.partial(make, name) for name in masks})
+    colours = {"Body": BLUE, "Marker": RED}
+    assert qa_picture(volume, view, colours, (SWAPPED,)) == qa_picture(volume, masks, colours, (SWAPPED,))
+    assert sorted(reads) == ["Body", "Body", "Marker", "Marker"]

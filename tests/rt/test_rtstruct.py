@@ -11,10 +11,11 @@ import pytest
 from pydicom.dataset import Dataset
 
 from gateway.errors import StructureSetError
-from gateway.inference.manifest import ModelManifest
+from gateway.inference.labels import LabelMasks
+from gateway.inference.manifest import Label, ModelManifest
 from gateway.inference.volume import Volume, volume_from_datasets
 from gateway.rt.rtstruct import StructureSetInput, build_structure_set
-from tests.conftest import require_tool
+from tests.conftest import load_script, require_tool
 from tests.inference.test_volume import series
 
 MANIFEST = ModelManifest.model_validate({
@@ -202,3 +203,50 @@ def test_dicom_segmentation_twin(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pixels[..., 0] > 0, masks["Ring"])
     np.testing.assert_array_equal(pixels[..., 1] > 0, masks["Islands"])
     assert read.FrameOfReferenceUID == slices[0].FrameOfReferenceUID
+
+
+def test_a_structure_set_of_117_totalsegmentator_structures_passes_dciodvfy(tmp_path: Path) -> None:
+    """Every class of TotalSegmentator's total task under its TG-263 name and colour, each a small block of a
+    one-byte class map read one structure at a time: 117 ROIs, each contoured, and dciodvfy finds no error."""
+    entries = list(load_script("totalseg_names").names_for("total").values())
+    manifest = MANIFEST.model_copy(update={"labels": [
+        Label.model_validate({"value": value, "name": entry.tg263, "colour": list(entry.colour),
+                              "interpreted_type": entry.interpreted_type})
+        for value, entry in enumerate(entries, start=1)]})
+    slices = series("HFS", count=15)
+    for ds in slices:
+        ds.Rows = ds.Columns = 64
+        ds.PixelData = np.zeros((64, 64), dtype=np.int16).tobytes()
+    volume = volume_from_datasets(slices)
+    classes = np.zeros(volume.shape, dtype=np.uint8)
+    for value in range(1, len(entries) + 1):  # 5 x 5 pixel blocks, 12 a row, on slices 2-4, 6-8 ...
+        row, column, layer = (value - 1) // 12 % 12, (value - 1) % 12, (value - 1) // 144
+        classes[2 + 4 * layer:5 + 4 * layer, 2 + 5 * row:5 + 5 * row, 2 + 5 * column:5 + 5 * column] = value
+    masks = LabelMasks.from_classes(classes, len(entries)).named({e.tg263: v for v, e in enumerate(entries, 1)})
+    rtstruct = build_structure_set(StructureSetInput(volume, slices, masks, manifest))  # type: ignore[arg-type]
+    names = [str(roi.ROIName) for roi in rtstruct.StructureSetROISequence]
+    assert names == [entry.tg263 for entry in entries] and len(set(names)) == 117
+    assert all(len(item.ContourSequence) == 3 for item in rtstruct.ROIContourSequence)
+    assert [list(item.ROIDisplayColor) for item in rtstruct.ROIContourSequence] == [list(e.colour) for e in entries]
+    rtstruct.save_as(tmp_path / "rs.dcm", enforce_file_format=True)
+    result = subprocess.run([require_tool("dciodvfy"), str(tmp_path / "rs.dcm")], capture_output=True, text=True,
+                            timeout=60)
+    report = result.stdout + result.stderr
+    assert "Error" not in report, report
+
+
+def test_overlapping_segments_are_written_as_a_stack(tmp_path: Path) -> None:
+    """Segments that never overlap go as one label map; an External around the lungs needs a plane each."""
+    import highdicom as hd
+
+    from gateway.rt.seg import build_segmentation
+
+    slices, volume, masks, _ = _build("HFS")
+    masks = {**masks, "Islands": masks["Islands"] | masks["Ring"]}  # now encloses the ring, as an External would
+    seg = build_segmentation(StructureSetInput(volume, slices, masks, MANIFEST))
+    seg.save_as(tmp_path / "seg.dcm")
+    read = hd.seg.segread(tmp_path / "seg.dcm")
+    pixels = read.get_pixels_by_source_instance(list(volume.sop_instance_uids), segment_numbers=[1, 2],
+                                                ignore_spatial_locations=True)
+    np.testing.assert_array_equal(pixels[..., 0] > 0, masks["Ring"])
+    np.testing.assert_array_equal(pixels[..., 1] > 0, masks["Islands"])

@@ -16,7 +16,8 @@ from gateway.errors import ConfigError
 from gateway.inference.manifest import Label, load_model_package
 from gateway.rt.plausibility import Outcome, check_structures
 from gateway.rt.templates import apply_template, load_template, template_problems
-from tests.conftest import REPO, NodeProcess, dcmtk_env, require_tool, write_config
+from tests.conftest import REPO, NodeProcess, write_config
+from tests.pipeline.test_e2e import send
 from tests.synthetic import couch_phantom, write_volume_series
 
 DEFAULT = load_model_package(REPO / "models" / "default").manifest
@@ -119,9 +120,7 @@ def test_the_node_writes_the_template_s_structures(node_factory: Callable[..., N
     node = node_factory(config_path=config, data_dir=tmp_path / "var")
     volume, _ = couch_phantom(shape=(30, 160, 160), spacing=(4.0, 2.6, 2.6))
     ct = write_volume_series(tmp_path / "ct", volume)
-    sent = subprocess.run([require_tool("storescu"), "-aet", "PACS", "-aec", "CONTOUR_GW", "127.0.0.1",
-                           str(node.port), *map(str, ct.files)], capture_output=True, env=dcmtk_env(), timeout=60)
-    assert sent.returncode == 0
+    send(node, ct.files)
     assert node.wait_for("job_done", timeout=120)["state"] == "sent"
     [exported] = (node.data_dir / "export" / "folder").glob("*.dcm")
     rtstruct = pydicom.dcmread(exported)
