@@ -22,7 +22,7 @@ from gateway.store.jobs import JobState, JobStore
 from gateway.store.keys import KeyRing
 from gateway.store.sealing import Purpose, Sealer
 from gateway.store.spool import Spool
-from gateway.store.tasks import Export, TaskStore
+from gateway.store.tasks import Export, NewTask, TaskStore
 from tests.conftest import REPO, NodeProcess, dcmtk_env, free_port, key_config, key_ring, require_tool
 from tests.identity.test_pseudonymise import CanaryStudy, canary_study  # noqa: F401 (a fixture)
 
@@ -196,4 +196,21 @@ def test_folder_exports_outlive_delivery_but_not_the_deadline(tmp_path: Path) ->
     assert spool.export_files() == []
     result = verify(spool.audit_path, DAY, T0 + DAY)
     assert result.ok and result.jobs[job_id].deleted_at == pytest.approx(T0 + DAY - 300, abs=0.01)
+    jobs.close()
+
+
+def test_a_study_held_by_contour_qa_is_shredded_at_its_deadline_not_kept_for_review(tmp_path: Path) -> None:
+    """A series nobody released stays ``held``: it waits for a human, never past the 24 hours."""
+    spool, jobs, sealer, audit = _store(tmp_path)
+    job_id = jobs.reserve("e" * 64, "pacs", 30.0, T0).job_id
+    spool.write_instance(job_id, sealer.seal(job_id, Purpose.RECEIVED, [b"pixels"]))
+    jobs.force_complete(job_id, T0 + 30)
+    tasks = TaskStore(jobs)
+    tasks.create(job_id, [NewTask("thorax", ["0" * 32])], duration_ms=5, now=T0 + 31)
+    tasks.advance(job_id, 1, JobState.HELD, stage="structure", duration_ms=7, now=T0 + 60, reason="qa_failed")
+    assert jobs.get(job_id).state is JobState.HELD
+    shredder = Shredder(spool, jobs, Retention(), audit)
+    assert shredder.sweep(T0 + DAY / 2).jobs == []  # held for review within the day
+    assert [(j.job_id, j.state, j.why) for j in shredder.sweep(T0 + DAY).jobs] == [(job_id, "held", "deadline")]
+    assert jobs.jobs() == [] and spool.stored_job_ids() == set()
     jobs.close()
