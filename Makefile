@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= config/gateway.toml
 # Debian packages the tests talk to: command (or absolute path of a file) that proves presence -> package.
 # invesalius-examples has no command: its head CT (tests/realct.py) is the proof.
-TEST_PEERS := storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools \
+TEST_PEERS := /usr/lib/python3.11/ensurepip/__init__.py:python3.11-venv storescu:dcmtk dcmcjpls:dcmtk Orthanc:orthanc plastimatch:plastimatch dciodvfy:dicom3tools \
 	/usr/share/doc/invesalius-examples/examples/Cranium.inv3:invesalius-examples systemd-analyze:systemd
 
 .PHONY: run test venv dev peers lint typecheck bench clean install demo liver
@@ -25,9 +25,20 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,nnunet]'
 	touch $@
 
+# A real Triton Inference Server for the farm tests and benchmarks: NVIDIA's tritonserver with its Python backend,
+# from the nvidia-pytriton wheel, in a venv of Debian's own Python 3.11 (the backend stub links libpython3.11).
+TRITON_VENV := .venv-triton
+TRITON_PYTHON ?= /usr/bin/python3.11
+
+$(TRITON_VENV)/.installed: pyproject.toml
+	$(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install --quiet -e '.[triton-server]'
+	touch $@
+
 venv: $(VENV)/.installed
 
-dev: $(VENV)/.dev-installed
+dev: $(VENV)/.dev-installed $(TRITON_VENV)/.installed
 
 # A development master key, made explicitly (the node never creates one): outside data_dir, git-ignored.
 DEV_KEY := .keys/master.key
@@ -48,7 +59,7 @@ peers:
 
 # Two pytest workers, each taking whole files (module fixtures stay in one process): most tests wait on real
 # peers and node processes, so two overlap well even on 2 CPUs.
-test: dev peers
+test: peers dev
 	$(PY) -m ruff check gateway tests scripts
 	$(PY) -m mypy
 	$(PY) -m pytest -n 2 --dist loadfile
@@ -65,7 +76,7 @@ demo: venv
 liver: dev
 	$(PY) scripts/import_pyliverlesionseg.py --out models/liver
 
-bench: dev peers
+bench: peers dev
 	$(PY) scripts/bench_ingest.py
 	$(PY) scripts/bench_deidentify.py
 	$(PY) scripts/bench_infer.py
@@ -75,7 +86,7 @@ bench: dev peers
 	$(PY) scripts/bench_liver.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # A system install (as root): /opt/contour-gateway, a dedicated user, /etc/contour-gateway, the systemd unit.
 PREFIX ?= /opt/contour-gateway

@@ -23,6 +23,7 @@ from gateway import __version__
 from gateway.config import Destination, GatewayConfig, load_config, load_sweep_config
 from gateway.errors import ConfigError, GatewayError, SendError, StartupError
 from gateway.inference.model_cache import Predictors, check_route_models
+from gateway.inference.triton_repo import write_repository
 from gateway.ops.audit import AuditLog, verification_lines, verify
 from gateway.ops.logs import configure_logging
 from gateway.ops.process import configure_process
@@ -76,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     qa.add_argument("--series", type=int, default=1, help="the series number shown by status (default 1)")
     qa.add_argument("--out", help="PNG file to write (owner-only; routes with qa_picture = true): patient images, "
                     "no identifiers")
+    repo = commands.add_parser("triton-repo", help="write a Triton model repository serving every model package")
+    source = repo.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="take models_dir from this configuration")
+    source.add_argument("--models-dir", help="folder of model packages")
+    repo.add_argument("--out", required=True, help="repository folder to write (models in it are replaced)")
+    repo.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="instance kind (default gpu)")
+    repo.add_argument("--instances", type=int, default=1, help="instances per GPU (gpu) or in all (cpu)")
+    repo.add_argument("--execution-env", help="Triton EXECUTION_ENV_PATH: a packed Python environment holding "
+                      "contour-gateway, when the backend stub's own Python does not")
+    repo.add_argument("--model", action="append", help="only this package (repeatable; default: all)")
     release = commands.add_parser("release", help="send the series of a job that contour QA held (after review)")
     release.add_argument("--config", required=True)
     release.add_argument("job_id")
@@ -259,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keygen(args.out, args.env_file)
         if args.command == "shred":
             return _shred(args.config, args.dry_run, args.loop)
+        if args.command == "triton-repo":
+            return _triton_repo(args)
         if args.command == "serve":
             _sweep_before_start(args.config)
         config = load_config(args.config)
@@ -277,6 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _triton_repo(args: argparse.Namespace) -> int:
+    models_dir = load_config(args.config).inference.models_dir if args.config else Path(args.models_dir)
+    written = write_repository(models_dir, Path(args.out), kind=args.kind, instances=max(1, args.instances),
+                               execution_env=args.execution_env, names=args.model)
+    for name in written:
+        print(f"{name}: {Path(args.out) / name}")
+    return EXIT_OK
 
 
 def _sweep_before_start(path: str) -> None:

@@ -35,6 +35,7 @@ from gateway.destinations import (
     check_ae_title,
 )
 from gateway.errors import ConfigError
+from gateway.inference_servers import RemoteInference, TritonServer
 from gateway.routes import Name, Route, StructureTemplate
 
 __all__ = [
@@ -274,6 +275,22 @@ class Inference(_Model):
     threads: Annotated[int, Field(ge=0, le=256)] = 0
     #: CUDA: allow TF32 convolutions (some 20 % faster; probabilities differ from float32 by up to ~3e-3).
     cuda_tf32: bool = False
+    #: ``local``: models run in this process; ``triton``: on the Triton Inference Servers of ``servers``, which
+    #: receive the HU volume and its voxel axes only (no DICOM, no UID, no pseudonym) and return the masks.
+    backend: Literal["local", "triton"] = "local"
+    servers: list[TritonServer] = Field(default_factory=list)
+    remote: RemoteInference = RemoteInference()
+
+    @model_validator(mode="after")
+    def _servers_for_triton(self) -> Self:
+        names = [server.name for server in self.servers]
+        problems = [f"servers: name {name!r} is used more than once" for name in sorted(set(names))
+                    if names.count(name) > 1]
+        if self.backend == "triton" and not self.servers:
+            problems.append("backend 'triton' needs at least one [[inference.servers]]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class MetricsEndpoint(_Model):

@@ -30,6 +30,7 @@ __all__ = [
     "CryptoError",
     "GatewayError",
     "InferenceError",
+    "InferenceUnavailable",
     "JobNotFoundError",
     "PermanentSendError",
     "ReidentificationError",
@@ -106,6 +107,13 @@ class InferenceError(GatewayError):
     """A model could not be loaded or run, or its output was malformed (shape, NaN, infinity)."""
 
     reason = "inference_failed"
+
+
+class InferenceUnavailable(GatewayError):
+    """No inference server can take a series now (every one down, refusing or failing): transient, the series
+    waits and is tried again until its retention deadline."""
+
+    reason = "inference_unavailable"
 
 
 class StructureSetError(GatewayError):

@@ -40,6 +40,7 @@ def failpoint(point: str) -> None:
         log.warning("failpoint_oom", point=point)
         _exhaust_memory()
     elif configured.startswith(f"slow:{point}:"):
+        log.warning("failpoint_slow", point=point)
         time.sleep(float(configured.rsplit(":", 1)[1]))
 
 

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import structlog
@@ -14,6 +15,7 @@ import structlog
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.errors import StartupError
+from gateway.inference.farm import TritonFarm
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics, MetricsServer
 from gateway.ops.retention import Shredder
@@ -47,6 +49,7 @@ class Node:
         self._shredder: Shredder | None = None
         self._schedule: SweepSchedule | None = None
         self._metrics_server: MetricsServer | None = None
+        self._farm: TritonFarm | None = None
 
     def start(self) -> None:
         """Recover state, then accept associations and run the completion timer.
@@ -71,7 +74,8 @@ class Node:
                          anchor=functools.partial(record_audit_head, self._jobs))
         ctx = StageContext(self.spool, self._jobs, Sealer(ring, self._jobs))
         metrics = Metrics(self._listener.counters, self._jobs, node.data_dir, self.config.retention.max_age_seconds)
-        self._runner = Runner(self.config, ctx, audit, on_done=self._on_job_done, metrics=metrics)
+        self._farm = TritonFarm(self.config.inference, metrics) if self.config.inference.backend == "triton" else None
+        self._runner = Runner(self.config, ctx, audit, on_done=self._on_job_done, metrics=metrics, farm=self._farm)
         self._shredder = Shredder(self.spool, self._jobs, self.config.retention, audit, keys=ring.files,
                                   clock=RetentionClock(self._jobs).now, busy=self._runner.is_busy,
                                   on_sweep=metrics.sweep)
@@ -107,8 +111,13 @@ class Node:
         schedule = self._schedule
         checks = {"scp_accepting": self._listener.healthy,
                   "scheduler_running": lambda: schedule is not None and schedule.running}
+        details: dict[str, Callable[[], object]] = {}
+        farm = self._farm
+        if farm is not None:  # the node still receives with every server down: the pool is a check of its own
+            checks["inference_servers"] = farm.healthy
+            details["inference_servers"] = farm.pool
         try:
-            server = MetricsServer(metrics, endpoint.bind, endpoint.port, checks)
+            server = MetricsServer(metrics, endpoint.bind, endpoint.port, checks, details)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {endpoint.bind}:{endpoint.port} ({exc.strerror})") from exc
         server.start()
@@ -141,6 +150,8 @@ class Node:
             self._timer.join(timeout=10)
         if self._runner is not None:
             self._runner.stop()
+        if self._farm is not None:
+            self._farm.close()
         if self._schedule is not None:
             self._schedule.stop()
         if self._metrics_server is not None:

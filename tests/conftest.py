@@ -98,10 +98,11 @@ def toml_value(value: Any) -> str:
 def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[str, Any]] | None = None,
                  destinations: list[dict[str, Any]] | None = None, routes: list[dict[str, Any]] | None = None,
                  extra_node: str = "", extra: str = "", max_associations: int = 8,
-                 models_dir: Path = REPO / "models") -> Path:
+                 models_dir: Path = REPO / "models", extra_inference: str = "") -> Path:
     """Write a gateway TOML for tests; peers default to any AE on loopback with a 1 s quiet period.
 
-    Models come from *models_dir* (the repository's ``models/``); *extra* is appended as raw TOML.
+    Models come from *models_dir* (the repository's ``models/``); *extra_inference* goes into ``[inference]``
+    (keys, then its sub-tables), *extra* is appended as raw TOML.
     """
     peers = peers if peers is not None else [{"name": "local", "ae_title": "*", "host": "127.0.0.1",
                                               "quiet_seconds": 1}]
@@ -110,7 +111,8 @@ def write_config(path: Path, data_dir: Path, *, port: int = 0, peers: list[dict[
     for name, entries in (("peers", peers), ("destinations", destinations or []), ("routes", routes or [])):
         for entry in entries:
             lines += [f"[[{name}]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items()), ""]
-    lines += ["[inference]", f'models_dir = "{models_dir}"', "", "[metrics]", "port = 0", "", "[logging]",
+    lines += ["[inference]", f'models_dir = "{models_dir}"', extra_inference, "", "[metrics]", "port = 0", "",
+              "[logging]",
               'level = "debug"', extra]
     if "[encryption]" not in extra:
         lines += ["", "[encryption]", f'master_key_file = "{node_key_file(data_dir)}"']

@@ -29,6 +29,8 @@ class PKI:
     other_ca: Path  # a CA that signed none of these
     pacs_a: Pair  # client: subject CN pacs-a.hospital (its only subjectAltName is an e-mail address)
     pacs_b: Pair  # client: subject CN "PACS B", DNS subjectAltName pacs-b.hospital
+    untrusted: Pair  # server: localhost / 127.0.0.1, signed by other_ca
+    untrusted_client: Pair  # client: signed by other_ca
 
 
 def _name(common: str) -> x509.Name:
@@ -87,4 +89,7 @@ def make_pki(folder: Path) -> PKI:
     other_path.write_bytes(other_ca[0].public_bytes(serialization.Encoding.PEM))
     return PKI(ca_path, _write(folder, "server", *server), _write(folder, "client", *client),
                _write(folder, "wrong-host", *wrong), _write(folder, "expired", *expired), other_path,
-               _write(folder, "pacs-a", *pacs_a), _write(folder, "pacs-b", *pacs_b))
+               _write(folder, "pacs-a", *pacs_a), _write(folder, "pacs-b", *pacs_b),
+               _write(folder, "untrusted", *_leaf(other_ca, "impostor", local, ExtendedKeyUsageOID.SERVER_AUTH, valid)),
+               _write(folder, "untrusted-client", *_leaf(other_ca, "PACS", [x509.DNSName("pacs.local")],
+                                                         ExtendedKeyUsageOID.CLIENT_AUTH, valid)))

@@ -38,10 +38,10 @@ class BundlePredictor:
     """
 
     def __init__(self, bundle: ModelBundle, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0, cuda_tf32: bool = False) -> None:
+                 threads: int = 0, cuda_tf32: bool = False, device_id: int = 0) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
-        self.parts = [Predictor(part, providers=providers, threads=threads, cuda_tf32=cuda_tf32)
+        self.parts = [Predictor(part, providers=providers, threads=threads, cuda_tf32=cuda_tf32, device_id=device_id)
                       for part in bundle.parts]
 
     @property

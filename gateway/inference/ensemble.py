@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from gateway.errors import InferenceError
-from gateway.inference.bundle import BundlePredictor
 from gateway.inference.confidence import Confidence
 from gateway.inference.labels import MAX_LABELS, LabelMasks, MaskView
-from gateway.inference.predictor import Prediction, Predictor
+from gateway.inference.predictor import Prediction
 from gateway.inference.volume import Volume, VolumeLimits
 
-__all__ = ["decode_confidence", "decode_masks", "decode_split", "encode_masks", "infer", "merge_predictions"]
+__all__ = ["SegmentsVolumes", "decode_confidence", "decode_masks", "decode_prediction", "decode_split",
+           "encode_masks", "infer", "merge_predictions"]
 
 
-def infer(predictors: Sequence[Predictor | BundlePredictor], volume: Volume,
+class SegmentsVolumes(Protocol):
+    """A predictor: local (:class:`Predictor`, :class:`BundlePredictor`) or remote (the inference farm's)."""
+
+    def predict(self, volume: Volume, progress: Callable[[int, int], None] | None = None, *,
+                max_voxels: int = ...) -> Prediction: ...
+
+
+def infer(predictors: Sequence[SegmentsVolumes], volume: Volume,
           progress: Callable[[int, int], None] | None = None, limits: VolumeLimits | None = None) -> Prediction:
     """Run the route's models, their labels merged in order; an all-empty result is an error (nothing is sent).
 
@@ -78,6 +86,19 @@ def encode_masks(prediction: Prediction) -> bytes:
 def decode_masks(data: bytes) -> MaskView:
     """The masks of :func:`encode_masks`, by label name, each made when read; also from releases that stored one
     integer bit-field (``bits``: bit ``value - 1`` set where the label is)."""
+    masks, values = _label_masks(data)
+    return masks.named(values)
+
+
+def decode_prediction(data: bytes, seconds: float) -> Prediction:
+    """The whole prediction :func:`encode_masks` stored (an inference server's reply), voxel counts recounted."""
+    masks, values = _label_masks(data)
+    counts = masks.counts()
+    return Prediction(masks, values, {name: counts.get(value, 0) for name, value in values.items()}, seconds,
+                      decode_confidence(data), decode_split(data))
+
+
+def _label_masks(data: bytes) -> tuple[LabelMasks, dict[str, int]]:
     with np.load(io.BytesIO(data), allow_pickle=False) as stored:
         if "bits" in stored.files:
             masks = LabelMasks.from_bits(stored["bits"])
@@ -87,7 +108,7 @@ def decode_masks(data: bytes) -> MaskView:
                 raise InferenceError(f"stored masks of an unknown form {form!r}")
             masks = LabelMasks(list(stored["planes"]), "classes" if form == "classes" else "bits", int(stored["top"]))
         pairs = zip(stored["names"], stored["values"], strict=True)
-        return masks.named({str(name): int(value) for name, value in pairs})
+        return masks, {str(name): int(value) for name, value in pairs}
 
 
 def decode_confidence(data: bytes) -> dict[str, Confidence]:

@@ -11,24 +11,28 @@ from pathlib import Path
 from gateway.config import Inference
 from gateway.errors import ConfigError
 from gateway.inference.bundle import BundlePredictor
+from gateway.inference.farm import TritonFarm
 from gateway.inference.labels import MAX_LABELS
 from gateway.inference.manifest import INTERPRETED_TYPES, ModelInfo, ModelManifest, OutputSpec
 from gateway.inference.packages import ModelBundle, load_model
 from gateway.inference.predictor import Predictor
+from gateway.inference.remote import RemotePredictor
 from gateway.routes import Route
 
 __all__ = ["Predictors", "check_route_models", "combine_manifests"]
 
 
 class Predictors:
-    """Loads each model once and shares it between the pipeline's worker threads (onnxruntime allows it)."""
+    """Loads each model once and shares it between the pipeline's worker threads (onnxruntime allows it); with
+    ``backend = "triton"``, each model is run by *farm* instead."""
 
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, farm: TritonFarm | None = None) -> None:
         self._inference = inference
-        self._loaded: dict[str, Predictor | BundlePredictor] = {}
+        self._farm = farm
+        self._loaded: dict[str, Predictor | BundlePredictor | RemotePredictor] = {}
         self._lock = threading.Lock()
 
-    def get(self, model: str) -> Predictor | BundlePredictor:
+    def get(self, model: str) -> Predictor | BundlePredictor | RemotePredictor:
         """The predictor of the package (or bundle) ``models_dir/<model>``.
 
         Raises
@@ -39,16 +43,21 @@ class Predictors:
         with self._lock:
             predictor = self._loaded.get(model)
             if predictor is None:
-                loaded = load_model(self._inference.models_dir / model)
-                settings = self._inference
-                if isinstance(loaded, ModelBundle):
-                    predictor = BundlePredictor(loaded, providers=settings.providers, threads=settings.threads,
-                                                cuda_tf32=settings.cuda_tf32)
-                else:
-                    predictor = Predictor(loaded, providers=settings.providers, threads=settings.threads,
-                                          cuda_tf32=settings.cuda_tf32)
+                predictor = self._load(model)
                 self._loaded[model] = predictor
             return predictor
+
+    def _load(self, model: str) -> Predictor | BundlePredictor | RemotePredictor:
+        folder = self._inference.models_dir / model
+        if self._farm is not None:
+            return RemotePredictor(model, folder, self._farm)
+        loaded = load_model(folder)
+        settings = self._inference
+        if isinstance(loaded, ModelBundle):
+            return BundlePredictor(loaded, providers=settings.providers, threads=settings.threads,
+                                   cuda_tf32=settings.cuda_tf32)
+        return Predictor(loaded, providers=settings.providers, threads=settings.threads,
+                         cuda_tf32=settings.cuda_tf32)
 
     def manifest(self, models: Sequence[str]) -> ModelManifest:
         """The (combined) manifest of the packages ``models_dir/<model>``, without starting an inference session

@@ -104,7 +104,7 @@ class Predictor:
     """Runs one model package; build once, call :meth:`predict` per series."""
 
     def __init__(self, package: ModelPackage, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0, cuda_tf32: bool = False) -> None:
+                 threads: int = 0, cuda_tf32: bool = False, device_id: int = 0) -> None:
         self.package = package
         self.manifest = package.manifest
         options = ort.SessionOptions()
@@ -113,7 +113,8 @@ class Predictor:
         chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
         # TF32 convolutions differ from the CPU's float32 by up to 3e-3 in a probability (measured on the liver
         # network, H100); exact float32 costs some 20 % of the GPU time, so it is the default.
-        settings = [{"use_tf32": "1" if cuda_tf32 else "0"} if p == "CUDAExecutionProvider" else {} for p in chosen]
+        settings = [{"use_tf32": "1" if cuda_tf32 else "0", "device_id": str(device_id)}
+                    if p == "CUDAExecutionProvider" else {} for p in chosen]
         try:
             self._session = ort.InferenceSession(str(package.onnx_path), options, providers=chosen,
                                                  provider_options=settings)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -91,8 +91,31 @@ class Metrics:
                                  "code (nothing was sent for them)", ["stage", "reason"], registry=self.registry)
         self._qa = Counter("gateway_qa_checks_total", "Contour plausibility checks, by check and outcome",
                            ["check", "outcome"], registry=self.registry)
+        self._waits = Counter("gateway_stage_waits_total", "Times a series was put off because a stage could not "
+                              "run now (no inference server), by stage and reason", ["stage", "reason"],
+                              registry=self.registry)
+        self._remote_requests = Counter("gateway_inference_requests_total", "Requests to inference servers that "
+                                        "ended, by server and outcome", ["server", "outcome"], registry=self.registry)
+        self._remote_seconds = Histogram("gateway_inference_request_seconds", "Duration of requests to inference "
+                                         "servers", ["server"], buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+                                         registry=self.registry)
+        self._remote_up = Gauge("gateway_inference_server_up", "1 while an inference server is usable, 0 while it "
+                                "is marked down", ["server"], registry=self.registry)
         self.state = _StateCollector(counters, jobs, data_dir, max_age_seconds)
         self.registry.register(self.state)
+
+    def waiting(self, stage: str, reason: str) -> None:
+        """A stage could not run now and waits (no inference server): counted each time it is put off."""
+        self._waits.labels(stage, reason).inc()
+
+    def inference_request(self, server: str, outcome: str, seconds: float) -> None:
+        """One request to an inference server ended (``ok`` or ``failed``)."""
+        self._remote_requests.labels(server, outcome).inc()
+        self._remote_seconds.labels(server).observe(seconds)
+
+    def inference_server_up(self, server: str, up: bool) -> None:
+        """An inference server was found up (probe) or marked down (a failed request)."""
+        self._remote_up.labels(server).set(1 if up else 0)
 
     def stage(self, stage: str, seconds: float) -> None:
         """One stage of one job or series finished."""
@@ -171,9 +194,11 @@ class _StateCollector(Collector):
 class MetricsServer:
     """``/metrics`` (Prometheus text format) and ``/healthz`` (JSON; 503 when unhealthy) on a small HTTP server."""
 
-    def __init__(self, metrics: Metrics, bind: str, port: int, checks: dict[str, Callable[[], bool]]) -> None:
+    def __init__(self, metrics: Metrics, bind: str, port: int, checks: dict[str, Callable[[], bool]],
+                 details: dict[str, Callable[[], object]] | None = None) -> None:
         self._metrics = metrics
         self._checks = checks
+        self._details = details or {}
         handler = _handler(self)
         self._server = ThreadingHTTPServer((bind, port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
@@ -199,6 +224,10 @@ class MetricsServer:
                                           < self._metrics.state.max_age_seconds)
         return all(results.values()), results
 
+    def details(self) -> dict[str, object]:
+        """What ``/healthz`` shows beside the checks (the inference servers' states)."""
+        return {name: _safe_detail(detail) for name, detail in self._details.items()}
+
     def metrics_text(self) -> bytes:
         """The Prometheus exposition of every metric."""
         return bytes(generate_latest(self._metrics.registry))
@@ -211,6 +240,13 @@ def _safe(check: Callable[[], bool]) -> bool:
         return False
 
 
+def _safe_detail(detail: Callable[[], object]) -> object:
+    try:
+        return detail()
+    except Exception:
+        return None
+
+
 def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -218,7 +254,8 @@ def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
                 self._reply(200, CONTENT_TYPE_LATEST, server.metrics_text())
             elif self.path == "/healthz":
                 healthy, checks = server.health()
-                body = json.dumps({"status": "ok" if healthy else "unhealthy", "checks": checks}).encode()
+                body = json.dumps({"status": "ok" if healthy else "unhealthy", "checks": checks,
+                                   **server.details()}).encode()
                 self._reply(200 if healthy else 503, "application/json", body)
             else:
                 self._reply(404, "text/plain", b"not found\n")

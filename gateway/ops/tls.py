@@ -104,6 +104,10 @@ def check_certificates(config: GatewayConfig) -> None:
         if tls is not None:
             problems += certificate_problems(f"destinations[{index}].tls", tls.certificate_file,
                                              tls.private_key_file, tls.ca_file)
+    if config.inference.backend == "triton":
+        for index, server in enumerate(config.inference.servers):
+            problems += certificate_problems(f"inference.servers[{index}]", server.certificate_file,
+                                             server.private_key_file, server.ca_file)
     if problems:
         raise ConfigError("TLS", problems)
 

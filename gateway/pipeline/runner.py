@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from gateway.config import GatewayConfig
-from gateway.errors import SpoolError
+from gateway.errors import InferenceUnavailable, SpoolError
 from gateway.identity.stages import pseudonymise_job
+from gateway.inference.farm import TritonFarm
 from gateway.ops.audit import AuditLog
 from gateway.ops.logs import bind_job
 from gateway.ops.metrics import Metrics
@@ -48,7 +49,7 @@ class Runner:
 
     def __init__(self, config: GatewayConfig, ctx: StageContext, audit: AuditLog, *,
                  on_done: Callable[[Job], None] | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, farm: TritonFarm | None = None) -> None:
         self._config = config
         self._metrics = metrics
         self._ctx = ctx
@@ -59,7 +60,8 @@ class Runner:
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._deferred: dict[str, float] = {}
-        self._stages = SeriesStages(config, ctx, audit, metrics, clock)
+        self._waiting: set[str] = set()  # jobs that waited for an inference server (alerted once)
+        self._stages = SeriesStages(config, ctx, audit, metrics, clock, farm)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
@@ -118,11 +120,15 @@ class Runner:
                     self._stages.run(task)
             self._ctx.jobs.end_attempt(job_id)
             self._finish(job_id)
+            with self._lock:
+                self._waiting.discard(job_id)
         except SpoolError as exc:  # disk full or I/O error: nothing was committed, try again later
             log.warning("stage_deferred", reason=exc.reason, retry_in_seconds=_DEFER_SECONDS)
             with contextlib.suppress(sqlite3.Error):  # not the job's fault; the database may be short of room too
                 self._ctx.jobs.end_attempt(job_id)
             self._defer(job_id)
+        except InferenceUnavailable as exc:  # no inference server now: wait, until retention ends the study
+            self._wait_for_servers(job_id, exc)
         except Exception as exc:
             self._on_error(job_id, exc, attempts)
         finally:
@@ -133,9 +139,26 @@ class Runner:
     def _reopened(self, job_id: str) -> bool:
         return self._ctx.jobs.get(job_id).state is JobState.RECEIVING
 
-    def _defer(self, job_id: str) -> None:
+    def _defer(self, job_id: str, seconds: float = _DEFER_SECONDS) -> None:
         with self._lock:
-            self._deferred[job_id] = self._clock() + _DEFER_SECONDS
+            self._deferred[job_id] = self._clock() + seconds
+
+    def _wait_for_servers(self, job_id: str, exc: InferenceUnavailable) -> None:
+        """The series waits for an inference server: alerted once per job, counted each time, tried again after
+        ``[inference.remote] wait_seconds``; retention shreds it at its deadline if none returns in time."""
+        wait = self._config.inference.remote.wait_seconds
+        with self._lock:
+            first = job_id not in self._waiting
+            self._waiting.add(job_id)
+        if first:
+            log.error("alert", stage="infer", outcome="waiting", reason=exc.reason, retry_in_seconds=wait)
+        else:
+            log.warning("stage_waiting", stage="infer", reason=exc.reason, retry_in_seconds=wait)
+        if self._metrics is not None:
+            self._metrics.waiting("infer", exc.reason)
+        with contextlib.suppress(sqlite3.Error):
+            self._ctx.jobs.end_attempt(job_id)  # waiting is not a failed attempt
+        self._defer(job_id, wait)
 
     def _on_error(self, job_id: str, exc: Exception, attempts: int) -> None:
         """An unexpected error: try again later, and after a few tries fail the job rather than loop."""

@@ -23,6 +23,7 @@ from gateway.failpoints import failpoint
 from gateway.identity.stages import reidentify_task
 from gateway.inference.confidence import Confidence
 from gateway.inference.ensemble import decode_confidence, decode_masks, decode_split, encode_masks, infer
+from gateway.inference.farm import TritonFarm
 from gateway.inference.model_cache import Predictors
 from gateway.inference.predictor import Prediction
 from gateway.inference.progress import InferenceProgress, SpeedMemory
@@ -83,14 +84,14 @@ class SeriesStages:
     """Runs the stages of one series at a time; shared by the runner's worker threads."""
 
     def __init__(self, config: GatewayConfig, ctx: StageContext, audit: AuditLog, metrics: Metrics | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], farm: TritonFarm | None = None) -> None:
         self._config = config
         self._ctx = ctx
         self._audit = audit
         self._metrics = metrics
         self._clock = clock
         self._sender = Sender(config)
-        self._predictors = Predictors(config.inference)
+        self._predictors = Predictors(config.inference, farm)
         self._speed = SpeedMemory()
         self._volume_limits = VolumeLimits.from_config(config.limits)
         self._qa = ContourQa(ctx.jobs, audit, metrics, clock)
