@@ -47,12 +47,13 @@ class TritonServer(_Model):
 
 
 class RemoteModel(_Model):
-    """How one model's requests are made (``[inference.remote.models.<model>]``)."""
+    """How one model's requests are made (``[inference.remote.models.<model>]``); what it leaves out is taken from
+    ``[inference.remote]``."""
 
     #: Longest a server may take for one series before it counts as failed (and the series goes elsewhere).
-    timeout_seconds: Annotated[float, Field(gt=0, le=7200)] = 600.0
+    timeout_seconds: Annotated[float | None, Field(gt=0, le=7200)] = None
     #: Servers tried for one series before the stage waits for the pool (each at most once per try).
-    attempts: Annotated[int, Field(ge=1, le=32)] = 3
+    attempts: Annotated[int | None, Field(ge=1, le=32)] = None
 
 
 class RemoteInference(_Model):
@@ -70,5 +71,7 @@ class RemoteInference(_Model):
     probe_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
 
     def for_model(self, model: str) -> RemoteModel:
-        """The settings of *model*: its own section, else the defaults."""
-        return self.models.get(model) or RemoteModel(timeout_seconds=self.timeout_seconds, attempts=self.attempts)
+        """The settings of *model*: its own section's, completed from the defaults (every field set)."""
+        own = self.models.get(model) or RemoteModel()
+        return RemoteModel(timeout_seconds=own.timeout_seconds or self.timeout_seconds,
+                           attempts=own.attempts or self.attempts)

@@ -92,7 +92,11 @@ def start(repository: Path, folder: Path, *, grpc_port: int, metrics_port: int, 
                "--allow-http=false", "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
                "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}", "--allow-gpu-metrics=false",
                "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={certificate}", f"--grpc-server-key={key}",
-               f"--grpc-root-cert={ca}", "--exit-timeout-secs=5", "--strict-readiness=true"]
+               f"--grpc-root-cert={ca}", "--exit-timeout-secs=5", "--strict-readiness=true",
+               # A CT volume (50-500 MB) passes through the Python backend's shared memory: one region that fits
+               # it, rather than the default 1 MB grown 1 MB at a time.
+               "--backend-config=python,shm-default-byte-size=268435456",
+               "--backend-config=python,shm-growth-byte-size=134217728"]
     with log.open("wb") as stream:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment,
                                    start_new_session=True)

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config import MAX_AGE_CEILING_SECONDS, load_config, parse_config
 from gateway.errors import ConfigError
+from gateway.inference_servers import RemoteModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +44,8 @@ class TestEmbeddedDefault:
         assert (config.inference.templates_dir / "thorax.toml").is_file()  # config/templates/, the shipped ones
 
     def test_commented_examples_are_valid_when_uncommented(self, tmp_path: Path) -> None:
-        """The 4D-CT route, the template and the [limits] block are shipped commented out; uncommented, they load as
-        documented."""
+        """The 4D-CT route, the template, the [limits] block and the inference farm are shipped commented out;
+        uncommented, they load as documented."""
         lines = []
         for line in (REPO / "config" / "gateway.toml").read_text().splitlines():
             body = line[2:] if line.startswith("# ") else None
@@ -62,6 +63,10 @@ class TestEmbeddedDefault:
         assert config.limits.max_dataset_bytes == 128 * 1024 * 1024
         assert (route.template, route.qa) == ("thorax", "annotate")
         assert config.inference.templates_dir == (tmp_path / "templates").resolve()  # beside the file, by default
+        assert config.inference.backend == "triton"
+        assert [(s.name, s.url, s.expected_name) for s in config.inference.servers] == [
+            ("gpu1", "gpu1.hospital.local:8001", "gpu1.hospital.local")]
+        assert config.inference.remote.for_model("default").attempts == 3
 
     def test_valid_mapping_round_trips(self) -> None:
         config = parse_config(_valid())
@@ -164,3 +169,21 @@ class TestCommandLine:
         result = self._run("serve", "--config", str(tmp_path / "absent.toml"))
         assert result.returncode == 2
         assert "cannot read the file" in result.stderr
+
+
+def test_the_inference_farm_needs_servers_with_distinct_names_and_mutual_tls() -> None:
+    server = {"name": "gpu1", "url": "gpu1:8001", "ca_file": "ca.pem", "certificate_file": "c.pem",
+              "private_key_file": "c.key"}
+    with pytest.raises(ConfigError) as no_server:
+        parse_config({"inference": {"backend": "triton"}})
+    assert "backend 'triton' needs at least one [[inference.servers]]" in str(no_server.value)
+    with pytest.raises(ConfigError) as twice:
+        parse_config({"inference": {"backend": "triton", "servers": [server, server]}})
+    assert "name 'gpu1' is used more than once" in str(twice.value)
+    with pytest.raises(ConfigError) as plain:  # no plain-text form: the client certificate and key are required
+        parse_config({"inference": {"servers": [{"name": "gpu1", "url": "gpu1:8001", "ca_file": "ca.pem"}]}})
+    assert {line.split(":")[0].strip(" -") for line in str(plain.value).splitlines()[1:]} == {
+        "inference.servers[0].certificate_file", "inference.servers[0].private_key_file"}
+    remote = parse_config({"inference": {"remote": {"attempts": 5, "models": {"big": {"timeout_seconds": 1200}}}}})
+    assert remote.inference.remote.for_model("big") == RemoteModel(timeout_seconds=1200, attempts=5)
+    assert remote.inference.remote.for_model("other") == RemoteModel(timeout_seconds=600, attempts=5)

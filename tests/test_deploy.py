@@ -99,26 +99,34 @@ def test_the_timer_sweeps_at_the_configured_interval_whether_or_not_the_node_run
     assert [key for key in tied if key in _unit(SHRED_UNIT)["Unit"]] == []
 
 
-def test_systemd_accepts_the_units(tmp_path: Path) -> None:
+def _systemd_verify(root: Path, units: list[Path]) -> tuple[int, str]:
+    """``systemd-analyze verify`` of *units* in a root holding the system's own units, ours, and a stand-in for
+    each unit's ExecStart program (verify checks that it exists)."""
     analyze = shutil.which("systemd-analyze")
     assert analyze is not None, "systemd-analyze is missing: apt-get install systemd"
-    # A root holding the system's own units, ours, and a stand-in for the venv's python (verify checks ExecStart).
     system_units = next(path for path in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
                         if path.is_dir())
-    shutil.copytree(system_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
-    ours = tmp_path / "etc/systemd/system"
+    shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
+    ours = root / "etc/systemd/system"
     ours.mkdir(parents=True)
-    units = [NODE_UNIT, SHRED_UNIT, TIMER_UNIT]
-    for name in units:
-        shutil.copy(DEPLOY / name, ours / name)
-    python = tmp_path / _unit(NODE_UNIT)["Service"]["ExecStart"].split()[0].lstrip("/")
-    python.parent.mkdir(parents=True)
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
-    result = subprocess.run([analyze, "verify", f"--root={tmp_path}", "--man=no", *units],
+    for unit in units:
+        shutil.copy(unit, ours / unit.name)
+        parsed = configparser.ConfigParser(strict=False, interpolation=None)
+        parsed.read_string(unit.read_text())
+        if parsed.has_option("Service", "ExecStart"):
+            program = root / parsed["Service"]["ExecStart"].split()[0].lstrip("/")
+            program.parent.mkdir(parents=True, exist_ok=True)
+            program.write_text("#!/bin/sh\n")
+            program.chmod(0o755)
+    result = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", *(unit.name for unit in units)],
                             capture_output=True, text=True, timeout=60, check=False)
     # Unknown keys and unparsable values are only warnings, with status 0: any output is a failure.
-    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_systemd_accepts_the_units(tmp_path: Path) -> None:
+    units = [DEPLOY / name for name in (NODE_UNIT, SHRED_UNIT, TIMER_UNIT)]
+    assert _systemd_verify(tmp_path, units) == (0, "")
 
 
 def test_the_container_does_not_run_as_root() -> None:
@@ -160,3 +168,130 @@ def test_make_install_enables_the_timer_and_never_makes_a_key_itself() -> None:
     assert f"test -f {ENV_FILE} || {{ \\" in dry_run.splitlines()
     keygen = [line.strip() for line in dry_run.splitlines() if "keygen" in line]
     assert keygen == [f'echo "  /opt/contour-gateway/.venv/bin/python -m gateway keygen --env-file {ENV_FILE}"; \\']
+
+
+# The inference farm's Triton server (deploy/triton): a container, or a systemd unit on bare metal.
+
+TRITON = DEPLOY / "triton"
+TRITON_UNIT = "contour-triton.service"
+TRITON_REPOSITORY = "/srv/triton/models"
+#: What makes Triton speak gRPC with mutual TLS only (the flags scripts/triton_local.py uses for the tests too).
+TRITON_TLS_FLAGS = ("--allow-http", "--grpc-use-ssl-mutual", "--grpc-server-cert", "--grpc-server-key",
+                    "--grpc-root-cert")
+#: The node's hardening that a GPU server keeps as it is (it has its own user, no writable path, and needs the GPU).
+TRITON_HARDENING = tuple(key for key in HARDENING if key not in (
+    "User", "Group", "ReadWritePaths", "StateDirectory", "StateDirectoryMode", "PrivateDevices"))
+
+
+def _triton_service() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((TRITON / "docker-compose.yml").read_text())
+    assert list(compose["services"]) == ["triton"]
+    assert "volumes" not in compose  # no named volume: the server keeps nothing
+    service: dict[str, Any] = compose["services"]["triton"]
+    return service
+
+
+def _triton_unit() -> configparser.SectionProxy:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((TRITON / TRITON_UNIT).read_text())
+    return unit["Service"]
+
+
+def _flags(words: list[str]) -> dict[str, str]:
+    return {key: value for key, _, value in (word.partition("=") for word in words if word.startswith("--"))}
+
+
+def _triton_commands() -> dict[str, list[str]]:
+    """tritonserver's command line in the container and in the systemd unit (its continuation lines joined)."""
+    unit = [word for word in _triton_unit()["ExecStart"].split() if word != "\\"]
+    return {"compose": _triton_service()["command"], "systemd": unit}
+
+
+def test_the_triton_server_speaks_grpc_with_mutual_tls_only() -> None:
+    commands = _triton_commands()
+    assert commands["compose"][0] == "tritonserver"
+    assert commands["systemd"][0] == "/opt/tritonserver/bin/tritonserver"
+    tls = {name: {key: flags[key] for key in TRITON_TLS_FLAGS}
+           for name, flags in ((name, _flags(words)) for name, words in commands.items())}
+    assert tls["compose"] == tls["systemd"]
+    assert tls["compose"]["--allow-http"] == "false"
+    assert tls["compose"]["--grpc-use-ssl-mutual"] == "true"
+    for name, words in commands.items():
+        flags = _flags(words)
+        assert [key for key in flags if key.startswith("--http")] == [], name
+        assert flags.get("--grpc-use-ssl") in (None, "true"), name
+        assert flags["--log-verbose"] == "0", name  # request details stay out of the log
+    local = (REPO / "scripts" / "triton_local.py").read_text()
+    assert all(f'"{flag}=' in local for flag in TRITON_TLS_FLAGS)
+
+
+def test_the_triton_container_reads_the_repository_and_tls_files_and_writes_nothing() -> None:
+    service = _triton_service()
+    mounts = [volume.split(":") for volume in service["volumes"]]
+    assert all(len(mount) == 3 and mount[0].startswith("/") and mount[2] == "ro" for mount in mounts)
+    folders = {target: source for source, target, _ in mounts}
+    flags = _flags(service["command"])
+    assert folders[flags["--model-repository"]] == TRITON_REPOSITORY
+    for flag in ("--grpc-server-cert", "--grpc-server-key", "--grpc-root-cert"):
+        assert str(Path(flags[flag]).parent) in folders
+    assert service["read_only"] is True
+    assert service["tmpfs"] == ["/tmp"]
+    assert service["user"] not in ("root", "0", "0:0")
+    assert service["cap_drop"] == ["ALL"]
+    assert service["security_opt"] == ["no-new-privileges:true"]
+    assert service["ulimits"]["core"] == 0
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert [(device["driver"], device["capabilities"]) for device in devices] == [("nvidia", ["gpu"])]
+
+
+def test_the_triton_container_publishes_grpc_and_keeps_metrics_off_the_clinical_network() -> None:
+    service = _triton_service()
+    flags = _flags(service["command"])
+    grpc, metrics = flags.get("--grpc-port", "8001"), flags["--metrics-port"]
+    published = {port.rsplit(":", 1)[1]: port for port in service["ports"]}
+    assert set(published) == {grpc, metrics}
+    assert published[grpc] == f"{grpc}:{grpc}"
+    address = published[metrics].rsplit(":", 2)[0]
+    assert address.endswith("127.0.0.1}")  # an address of the host's, loopback unless the site sets one
+
+
+def test_the_triton_image_is_nvidias_with_the_sites_wheel_and_runs_as_its_unprivileged_user() -> None:
+    lines = (TRITON / "Dockerfile").read_text().splitlines()
+    base = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert len(base) == 1 and base[0].startswith("nvcr.io/nvidia/tritonserver:") and base[0].endswith("-py3")
+    assert [line.split()[1] for line in lines if line.startswith("USER ")] == ["triton-server"]
+    assert "COPY dist/*.whl /tmp/wheels/" in lines
+    build = "\n".join(lines)
+    # The CPU onnxruntime that contour-gateway depends on goes before the GPU build comes (same module).
+    assert build.index("uninstall --yes onnxruntime") < build.index("install --no-cache-dir \"onnxruntime-gpu")
+    assert base[0] in (TRITON / "README.md").read_text()
+    assert _triton_service()["build"] == {"context": "../..", "dockerfile": "deploy/triton/Dockerfile"}
+
+
+def test_the_triton_unit_runs_with_least_privilege_and_no_writable_path() -> None:
+    service = _triton_unit()
+    assert service["User"] == service["Group"] == "contour-triton"
+    expected = {"ProtectSystem": "strict", "LimitCORE": "0", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+                "ProtectHome": "yes", "CapabilityBoundingSet": "", "DevicePolicy": "closed", "RemoveIPC": "yes"}
+    assert {key: service.get(key) for key in expected} == expected
+    node = _unit(NODE_UNIT)["Service"]
+    assert {key: service.get(key) for key in TRITON_HARDENING} == {key: node.get(key) for key in TRITON_HARDENING}
+    writable = ("ReadWritePaths", "StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory",
+                "ConfigurationDirectory", "DynamicUser")
+    assert [key for key in writable if key in service] == []
+    flags = _flags(_triton_commands()["systemd"])
+    readonly = service["ReadOnlyPaths"].split()
+    assert flags["--model-repository"] == TRITON_REPOSITORY and TRITON_REPOSITORY in readonly
+    assert {str(Path(flags[flag]).parent) for flag in ("--grpc-server-cert", "--grpc-server-key",
+                                                       "--grpc-root-cert")} <= set(readonly)
+    assert flags["--metrics-address"] == "127.0.0.1"
+    allowed = [line.split()[0] for line in (TRITON / TRITON_UNIT).read_text().splitlines()
+               if line.startswith("DeviceAllow=")]
+    assert all(device.removeprefix("DeviceAllow=").startswith("/dev/nvidia") for device in allowed)
+    readme = (TRITON / "README.md").read_text()
+    assert f"triton-repo \\\n    --config /etc/contour-gateway/gateway.toml --out {TRITON_REPOSITORY}" in readme
+
+
+def test_systemd_accepts_the_triton_unit(tmp_path: Path) -> None:
+    assert _systemd_verify(tmp_path, [TRITON / TRITON_UNIT]) == (0, "")

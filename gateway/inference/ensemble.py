@@ -14,7 +14,7 @@ from gateway.inference.labels import MAX_LABELS, LabelMasks, MaskView
 from gateway.inference.predictor import Prediction
 from gateway.inference.volume import Volume, VolumeLimits
 
-__all__ = ["SegmentsVolumes", "decode_confidence", "decode_masks", "decode_prediction", "decode_split",
+__all__ = ["SegmentsVolumes", "decode_confidence", "decode_masks", "decode_split",
            "encode_masks", "infer", "merge_predictions"]
 
 
@@ -86,19 +86,6 @@ def encode_masks(prediction: Prediction) -> bytes:
 def decode_masks(data: bytes) -> MaskView:
     """The masks of :func:`encode_masks`, by label name, each made when read; also from releases that stored one
     integer bit-field (``bits``: bit ``value - 1`` set where the label is)."""
-    masks, values = _label_masks(data)
-    return masks.named(values)
-
-
-def decode_prediction(data: bytes, seconds: float) -> Prediction:
-    """The whole prediction :func:`encode_masks` stored (an inference server's reply), voxel counts recounted."""
-    masks, values = _label_masks(data)
-    counts = masks.counts()
-    return Prediction(masks, values, {name: counts.get(value, 0) for name, value in values.items()}, seconds,
-                      decode_confidence(data), decode_split(data))
-
-
-def _label_masks(data: bytes) -> tuple[LabelMasks, dict[str, int]]:
     with np.load(io.BytesIO(data), allow_pickle=False) as stored:
         if "bits" in stored.files:
             masks = LabelMasks.from_bits(stored["bits"])
@@ -108,7 +95,7 @@ def _label_masks(data: bytes) -> tuple[LabelMasks, dict[str, int]]:
                 raise InferenceError(f"stored masks of an unknown form {form!r}")
             masks = LabelMasks(list(stored["planes"]), "classes" if form == "classes" else "bits", int(stored["top"]))
         pairs = zip(stored["names"], stored["values"], strict=True)
-        return masks, {str(name): int(value) for name, value in pairs}
+        return masks.named({str(name): int(value) for name, value in pairs})
 
 
 def decode_confidence(data: bytes) -> dict[str, Confidence]:

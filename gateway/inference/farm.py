@@ -94,14 +94,15 @@ class TritonFarm:
             When the model refused the volume or failed on it (the series' own failure).
         """
         settings = self._settings.for_model(model)
+        attempts, timeout = settings.attempts or 1, settings.timeout_seconds
         tried: set[str] = set()
-        for _ in range(settings.attempts):
+        for _ in range(attempts):
             server = self._pick(model, digest, tried)
             if server is None:
                 break
             tried.add(server.name)
             try:
-                return self._call(server, model, arrays, settings.timeout_seconds)
+                return self._call(server, model, arrays, timeout)
             except _ServerFailure as failure:
                 self._mark_down(server, failure.reason)
         log.warning("inference_unavailable", model=model, servers_tried=len(tried))
@@ -166,7 +167,8 @@ class TritonFarm:
             log.error("alert", stage="infer", outcome="refused", reason="inference_server_model_differs",
                       server=server.name, model=model)
 
-    def _call(self, server: _Server, model: str, arrays: Mapping[str, np.ndarray], timeout: float) -> np.ndarray:
+    def _call(self, server: _Server, model: str, arrays: Mapping[str, np.ndarray],
+              timeout: float | None) -> np.ndarray:
         started = time.monotonic()
         outcome = "failed"
         try:

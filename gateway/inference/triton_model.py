@@ -32,6 +32,9 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / str(args["model_version"]) / "package"
         self._server = ModelServer(folder, providers=providers, threads=int(parameters.get("threads") or 0),
                                    device_id=int(args.get("model_instance_device_id") or 0))
+        if on_gpu and "CUDAExecutionProvider" not in self._server.predictor.providers:  # no silent CPU fallback
+            raise pb_utils.TritonModelException("a KIND_GPU instance but onnxruntime has no CUDA provider here "
+                                                "(install onnxruntime-gpu, check CUDA and cuDNN)")
         expected = parameters.get("package_sha256")
         if expected and expected != self._server.digest:
             raise pb_utils.TritonModelException("the model package differs from the one this repository was written "

@@ -21,14 +21,14 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from gateway.config import parse_config
-from gateway.errors import InferenceUnavailable, VolumeError
+from gateway.errors import InferenceError, InferenceUnavailable, VolumeError
 from gateway.inference.farm import TritonFarm
 from gateway.inference.packages import load_model
 from gateway.inference.predictor import Prediction, Predictor
 from gateway.inference.remote import RemotePredictor
 from gateway.inference.serving import package_digest
 from gateway.inference.volume import Volume, volume_from_datasets
-from gateway.inference.wire import request_arrays
+from gateway.inference.wire import error_text, prediction_from_result, raise_remote, request_arrays, result_array
 from tests.conftest import REPO, free_port
 from tests.pki import PKI, make_pki
 from tests.realct import real_chest_ct
@@ -245,3 +245,22 @@ def test_the_request_carries_the_volume_and_its_axes_only(phantom: Volume) -> No
     assert set(arrays) == {"HU_INT16", "VOXEL_AXES", "MAX_VOXELS"}
     assert np.array_equal(arrays["HU_INT16"], phantom.hu)
     assert np.array_equal(arrays["VOXEL_AXES"], phantom.affine[:3, :3])
+
+
+def test_a_reply_round_trips_and_a_damaged_one_is_refused(local_on_phantom: Prediction) -> None:
+    reply = result_array(local_on_phantom)
+    assert_same(prediction_from_result(reply), local_on_phantom)
+    damaged = np.array([bytes(reply[0])[:-100]], dtype=np.object_)
+    with pytest.raises(InferenceError) as refused:
+        prediction_from_result(damaged)
+    assert refused.value.reason == "inference_reply_malformed"
+
+
+def test_a_refusal_keeps_its_reason_code_across_the_wire() -> None:
+    with pytest.raises(VolumeError) as volume:
+        raise_remote("[StatusCode.INTERNAL] " + error_text(VolumeError("model_grid_too_large", "too many voxels")))
+    assert volume.value.reason == "model_grid_too_large"
+    with pytest.raises(InferenceError) as model:
+        raise_remote(error_text(InferenceError("the output holds NaN", reason="inference_failed")))
+    assert model.value.reason == "inference_failed"
+    raise_remote("failed to connect to all addresses")  # not a refusal: the server's failure, nothing raised
