@@ -84,6 +84,7 @@ bench: peers dev
 	$(PY) scripts/bench_e2e.py
 	$(PY) scripts/bench_tls.py
 	$(PY) scripts/bench_liver.py
+	$(PY) scripts/bench_farm.py
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

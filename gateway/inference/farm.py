@@ -116,8 +116,26 @@ class TritonFarm:
                     for s in self._servers}
 
     def healthy(self) -> bool:
-        """Whether any server is not known to be down."""
-        return any(state != "down" for state in self.pool().values())
+        """Whether any server is usable: each one not known up (never used, or down and due for a probe) is asked
+        first whether it is ready (``/healthz`` calls this: a pool that is unreachable shows before any study)."""
+        now = self._clock()
+        with self._lock:
+            due = [s for s in self._servers if not s.probed and s.down_until <= now]
+        for server in due:
+            self._renew(server)
+            try:
+                ready = bool(server.client.is_server_ready(client_timeout=self._settings.probe_seconds))
+            except InferenceServerException as exc:
+                self._mark_down(server, _reason(exc))
+                continue
+            if not ready:
+                self._mark_down(server, "server_not_ready")
+                continue
+            with self._lock:
+                server.probed = True  # its models are still checked before it gets a series
+            if self._observer is not None:
+                self._observer.inference_server_up(server.name, True)
+        return any(state == "up" for state in self.pool().values())
 
     def close(self) -> None:
         """Close every connection."""
@@ -147,10 +165,7 @@ class TritonFarm:
 
     def _probe(self, server: _Server, model: str, digest: str) -> None:
         timeout = self._settings.probe_seconds
-        if server.down_until:  # a new channel: the old one may still be backing off from the failure
-            with self._lock:
-                old, server.client, server.down_until = server.client, _client(server.settings), 0.0
-            old.close()
+        self._renew(server)
         try:
             if not server.client.is_model_ready(model, client_timeout=timeout):
                 raise _ServerFailure("model_not_ready")
@@ -166,6 +181,14 @@ class TritonFarm:
         if served != digest:
             log.error("alert", stage="infer", outcome="refused", reason="inference_server_model_differs",
                       server=server.name, model=model)
+
+    def _renew(self, server: _Server) -> None:
+        """A new channel to a server that was down: the old one may still be backing off from the failure."""
+        with self._lock:
+            if not server.down_until:
+                return
+            old, server.client, server.down_until = server.client, _client(server.settings), 0.0
+        old.close()
 
     def _call(self, server: _Server, model: str, arrays: Mapping[str, np.ndarray],
               timeout: float | None) -> np.ndarray:

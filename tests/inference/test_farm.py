@@ -136,7 +136,8 @@ def test_series_spread_over_both_servers(servers: list[Any], pki: PKI, phantom: 
     assert len(results) == 4
     for result in results:
         assert_same(result, local_on_phantom)
-    assert [served(server) - count for server, count in zip(servers, before, strict=True)] == [2, 2]
+    counts = [served(server) - count for server, count in zip(servers, before, strict=True)]
+    assert sum(counts) == 4 and min(counts) >= 1, counts  # 2 and 2 unless a request ends before another starts
     assert farm.pool() == {"s0": "up", "s1": "up"}
 
 

@@ -168,6 +168,8 @@ def test_with_every_server_down_a_study_waits_and_is_sent_once_when_one_returns(
     ports = [free_port(), free_port()]
     node = triton_node(node_factory, tps, [server_entry(f"gpu{i}", f"127.0.0.1:{port}", pki)
                                            for i, port in enumerate(ports)], wait_seconds=1.0, down_seconds=0.5)
+    code, health = healthz(node)  # an unreachable pool shows before any study
+    assert (code, health["inference_servers"]) == (503, {"gpu0": "down", "gpu1": "down"})
     send(node, ct.files)
     waiting = node.wait_for("alert", timeout=60, outcome="waiting")
     assert waiting["stage"] == "infer" and waiting["reason"] == "inference_unavailable"
