@@ -43,6 +43,9 @@ __all__ = ["CANARY_ACCESSION", "CANARY_BIRTH", "CANARY_ID", "CANARY_NAME", "CANA
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: Fixtures of other helper modules, for every test.
+pytest_plugins = ["tests.triton_farm"]
+
 def canaries(series: CTSeries) -> list[str]:
     """Every PHI-like value of *series* that must never appear in a sink."""
     return [CANARY_NAME, "CANARY", CANARY_ID, CANARY_BIRTH, CANARY_ACCESSION, series.study_uid,

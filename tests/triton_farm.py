@@ -1,16 +1,19 @@
-"""Real Triton Inference Servers for the farm tests: NVIDIA's tritonserver (nvidia-pytriton, in .venv-triton) on
+"""Real Triton Inference Servers for the farm tests (a plugin of tests/conftest.py: its fixtures farm_pki and
+farm_repository are everyone's): NVIDIA's tritonserver (nvidia-pytriton, in .venv-triton) on
 loopback with mutual TLS, serving the repository ``python -m gateway triton-repo`` writes."""
 
 from __future__ import annotations
 
-import re
-import urllib.request
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import tritonclient.grpc as triton
+
 from gateway.inference.triton_repo import write_repository
 from tests.conftest import REPO, free_port, load_script, toml_value
-from tests.pki import PKI, Pair
+from tests.pki import PKI, Pair, make_pki
 
 triton_local = load_script("triton_local")
 TritonProcess = triton_local.TritonProcess
@@ -49,9 +52,32 @@ def inference_toml(servers: list[dict[str, Any]], **remote: Any) -> str:
     return "\n".join(lines)
 
 
-def served(server: Any, model: str = "default") -> int:
-    """Requests *server* answered successfully for *model*, from its own Prometheus metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    found = re.search(rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)', text, re.MULTILINE)
-    return int(found.group(1)) if found else 0
+def served(server: Any, pki: PKI, model: str = "default", *, at_least: int = 0, wait: float = 10.0) -> int:
+    """Requests *server* answered successfully for *model*, from its own statistics (gRPC, with the node's
+    certificate); waits up to *wait* seconds for *at_least* (a server counts a request just after replying)."""
+    client = triton.InferenceServerClient(server.url, ssl=True, root_certificates=str(pki.ca),
+                                          private_key=str(pki.client.key),
+                                          certificate_chain=str(pki.client.certificate),
+                                          channel_args=[("grpc.ssl_target_name_override", "localhost")])
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+            count = int(stats.get("success", {}).get("count", 0))
+            if count >= at_least or time.monotonic() > deadline:
+                return count
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def farm_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A CA, the servers' and the node's certificates, and the untrusted kinds."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def farm_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CPU repository of the default model."""
+    return write_repo(tmp_path_factory.mktemp("repo") / "models")

@@ -63,8 +63,10 @@ class _Server:
     outstanding: int = 0
     served: int = 0
     down_until: float = 0.0
-    #: Model name -> whether the server holds exactly the node's package of it (checked when first used).
-    verified: dict[str, bool] = field(default_factory=dict)
+    #: Models the server holds exactly as the node's packages (checked when first used).
+    verified: set[str] = field(default_factory=set)
+    #: Models it holds in another version, with when to ask again (after a repository update and restart).
+    differs_until: dict[str, float] = field(default_factory=dict)
     probed: bool = False
 
     @property
@@ -150,11 +152,11 @@ class TritonFarm:
                 if not candidates:
                     return None
                 server = min(candidates, key=lambda s: (s.outstanding, s.served))
-                ready = server.probed and server.verified.get(model) is not None
-                if ready and server.verified[model]:
+                if server.probed and model in server.verified:
                     server.outstanding += 1
                     return server
-            if ready:  # holds another version of the model: not for this model, maybe for others
+                differs = server.probed and server.differs_until.get(model, 0.0) > now
+            if differs:  # holds another version of the model: not for this model, maybe for others
                 tried.add(server.name)
                 continue
             try:
@@ -175,7 +177,11 @@ class TritonFarm:
         served = config.get("config", {}).get("parameters", {}).get("package_sha256", {}).get("string_value")
         with self._lock:
             server.probed = True
-            server.verified[model] = served == digest
+            if served == digest:
+                server.verified.add(model)
+                server.differs_until.pop(model, None)
+            else:
+                server.differs_until[model] = self._clock() + self._settings.down_seconds
         if self._observer is not None:
             self._observer.inference_server_up(server.name, True)
         if served != digest:
@@ -221,6 +227,7 @@ class TritonFarm:
             server.down_until = self._clock() + self._settings.down_seconds
             server.probed = False
             server.verified.clear()
+            server.differs_until.clear()
         log.warning("inference_server_down", server=server.name, reason=reason,
                     retry_in_seconds=self._settings.down_seconds)
         if self._observer is not None:

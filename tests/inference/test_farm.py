@@ -30,7 +30,7 @@ from gateway.inference.serving import package_digest
 from gateway.inference.volume import Volume, volume_from_datasets
 from gateway.inference.wire import error_text, prediction_from_result, raise_remote, request_arrays, result_array
 from tests.conftest import REPO, free_port
-from tests.pki import PKI, make_pki
+from tests.pki import PKI
 from tests.realct import real_chest_ct
 from tests.synthetic import couch_phantom
 from tests.triton_farm import served, server_entry, start_server, write_repo
@@ -39,20 +39,10 @@ MODELS = REPO / "models"
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_repo(tmp_path_factory.mktemp("repo") / "models")
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory, repository: Path, pki: PKI) -> Iterator[list[Any]]:
+def servers(tmp_path_factory: pytest.TempPathFactory, farm_repository: Path, farm_pki: PKI) -> Iterator[list[Any]]:
     """Two servers for the module (tests that kill one start their own)."""
     folder = tmp_path_factory.mktemp("triton")
-    started = [start_server(repository, folder, pki) for _ in range(2)]
+    started = [start_server(farm_repository, folder, farm_pki) for _ in range(2)]
     yield started
     for server in started:
         server.stop()
@@ -113,20 +103,20 @@ def test_triton_repo_lists_every_package_it_cannot_serve(tmp_path: Path) -> None
     assert not (tmp_path / "repo").exists()  # nothing half-written
 
 
-def test_triton_gives_the_local_predictors_masks_on_real_ct(tmp_path: Path, servers: list[Any], pki: PKI) -> None:
+def test_triton_gives_the_local_predictors_masks_on_real_ct(tmp_path: Path, servers: list[Any], farm_pki: PKI) -> None:
     ct = real_chest_ct(tmp_path / "ct", source="lung2", slices=40, downsample=2)
     volume = volume_from_datasets([pydicom.dcmread(path) for path in ct.files])
-    farm = farm_of([server_entry("a", servers[0].url, pki)])
+    farm = farm_of([server_entry("a", servers[0].url, farm_pki)])
     local = Predictor(load_model(MODELS / "default")).predict(volume)
     assert local.voxels["External"] > 0 and local.voxels["Lung_L"] > 0
     assert_same(remote_default(farm).predict(volume), local)
 
 
-def test_series_spread_over_both_servers(servers: list[Any], pki: PKI, phantom: Volume,
+def test_series_spread_over_both_servers(servers: list[Any], farm_pki: PKI, phantom: Volume,
                                          local_on_phantom: Prediction) -> None:
-    farm = farm_of([server_entry(f"s{i}", server.url, pki) for i, server in enumerate(servers)])
+    farm = farm_of([server_entry(f"s{i}", server.url, farm_pki) for i, server in enumerate(servers)])
     predictor = remote_default(farm)
-    before = [served(server) for server in servers]
+    before = [served(server, farm_pki) for server in servers]
     results: list[Prediction] = []
     threads = [threading.Thread(target=lambda: results.append(predictor.predict(phantom))) for _ in range(4)]
     for thread in threads:
@@ -136,18 +126,22 @@ def test_series_spread_over_both_servers(servers: list[Any], pki: PKI, phantom: 
     assert len(results) == 4
     for result in results:
         assert_same(result, local_on_phantom)
-    counts = [served(server) - count for server, count in zip(servers, before, strict=True)]
+    deadline = time.monotonic() + 10  # a server counts a request just after it replied
+    counts = [served(server, farm_pki) - count for server, count in zip(servers, before, strict=True)]
+    while sum(counts) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        counts = [served(server, farm_pki) - count for server, count in zip(servers, before, strict=True)]
     assert sum(counts) == 4 and min(counts) >= 1, counts  # 2 and 2 unless a request ends before another starts
     assert farm.pool() == {"s0": "up", "s1": "up"}
 
 
 def test_a_server_killed_mid_request_is_marked_down_and_the_series_retried_on_the_other(
-        tmp_path: Path, repository: Path, servers: list[Any], pki: PKI, phantom: Volume,
+        tmp_path: Path, farm_repository: Path, servers: list[Any], farm_pki: PKI, phantom: Volume,
         local_on_phantom: Prediction) -> None:
-    slow = start_server(repository, tmp_path, pki, env={"CONTOUR_GW_FAILPOINT": "slow:remote_infer:4"})
+    slow = start_server(farm_repository, tmp_path, farm_pki, env={"CONTOUR_GW_FAILPOINT": "slow:remote_infer:4"})
     try:
-        farm = farm_of([server_entry("slow", slow.url, pki), server_entry("other", servers[1].url, pki)])
-        before = served(servers[1])
+        farm = farm_of([server_entry("slow", slow.url, farm_pki), server_entry("other", servers[1].url, farm_pki)])
+        before = served(servers[1], farm_pki)
         outcome: list[Prediction] = []
         thread = threading.Thread(target=lambda: outcome.append(remote_default(farm).predict(phantom)))
         thread.start()
@@ -158,22 +152,22 @@ def test_a_server_killed_mid_request_is_marked_down_and_the_series_retried_on_th
         thread.join(timeout=120)
         [result] = outcome
         assert_same(result, local_on_phantom)
-        assert served(servers[1]) == before + 1
+        assert served(servers[1], farm_pki, at_least=before + 1) == before + 1
         assert farm.pool()["slow"] == "down"
     finally:
         slow.kill()
 
 
-def test_with_every_server_down_the_series_waits_until_one_comes_back(tmp_path: Path, repository: Path, pki: PKI,
-                                                                      phantom: Volume,
+def test_with_every_server_down_the_series_waits_until_one_comes_back(tmp_path: Path, farm_repository: Path,
+                                                                      farm_pki: PKI, phantom: Volume,
                                                                       local_on_phantom: Prediction) -> None:
     port = free_port()
-    farm = farm_of([server_entry("late", f"127.0.0.1:{port}", pki)], down_seconds=0.5)
+    farm = farm_of([server_entry("late", f"127.0.0.1:{port}", farm_pki)], down_seconds=0.5)
     predictor = remote_default(farm)
     with pytest.raises(InferenceUnavailable):
         predictor.predict(phantom)
     assert farm.pool() == {"late": "down"} and not farm.healthy()
-    server = start_server(repository, tmp_path, pki, grpc_port=port)
+    server = start_server(farm_repository, tmp_path, farm_pki, grpc_port=port)
     try:
         time.sleep(0.6)
         assert_same(predictor.predict(phantom), local_on_phantom)
@@ -182,32 +176,32 @@ def test_with_every_server_down_the_series_waits_until_one_comes_back(tmp_path: 
         server.stop()
 
 
-def test_a_node_without_a_trusted_client_certificate_is_refused(servers: list[Any], pki: PKI,
+def test_a_node_without_a_trusted_client_certificate_is_refused(servers: list[Any], farm_pki: PKI,
                                                                 phantom: Volume) -> None:
-    farm = farm_of([server_entry("a", servers[0].url, pki, client=pki.untrusted_client)])
+    farm = farm_of([server_entry("a", servers[0].url, farm_pki, client=farm_pki.untrusted_client)])
     with pytest.raises(InferenceUnavailable):
         remote_default(farm).predict(phantom)
-    client = triton.InferenceServerClient(servers[0].url, ssl=True, root_certificates=str(pki.ca),
+    client = triton.InferenceServerClient(servers[0].url, ssl=True, root_certificates=str(farm_pki.ca),
                                           channel_args=[("grpc.ssl_target_name_override", "localhost")])
     with pytest.raises(InferenceServerException):  # no client certificate at all: the handshake fails
         client.is_server_live(client_timeout=5)
 
 
 @pytest.mark.parametrize("case", ["untrusted_server", "wrong_name"])
-def test_a_server_that_cannot_prove_its_identity_is_not_used(case: str, tmp_path: Path, repository: Path,
-                                                             servers: list[Any], pki: PKI, phantom: Volume,
+def test_a_server_that_cannot_prove_its_identity_is_not_used(case: str, tmp_path: Path, farm_repository: Path,
+                                                             servers: list[Any], farm_pki: PKI, phantom: Volume,
                                                              local_on_phantom: Prediction) -> None:
     if case == "untrusted_server":  # a certificate of another CA
-        impostor = start_server(repository, tmp_path, pki, certificate=pki.untrusted)
-        entry = server_entry("impostor", impostor.url, pki)
+        impostor = start_server(farm_repository, tmp_path, farm_pki, certificate=farm_pki.untrusted)
+        entry = server_entry("impostor", impostor.url, farm_pki)
     else:  # a certificate of our CA, for another name
         impostor = None
-        entry = server_entry("impostor", servers[0].url, pki, server_name="gpu9.hospital")
+        entry = server_entry("impostor", servers[0].url, farm_pki, server_name="gpu9.hospital")
     try:
-        before = served(servers[1])
-        farm = farm_of([entry, server_entry("good", servers[1].url, pki)])
+        before = served(servers[1], farm_pki)
+        farm = farm_of([entry, server_entry("good", servers[1].url, farm_pki)])
         assert_same(remote_default(farm).predict(phantom), local_on_phantom)
-        assert served(servers[1]) == before + 1
+        assert served(servers[1], farm_pki, at_least=before + 1) == before + 1
         assert farm.pool()["impostor"] == "down"
         alone = farm_of([entry])
         with pytest.raises(InferenceUnavailable):
@@ -217,24 +211,24 @@ def test_a_server_that_cannot_prove_its_identity_is_not_used(case: str, tmp_path
             impostor.stop()
 
 
-def test_a_server_with_another_version_of_the_model_is_not_used(tmp_path: Path, pki: PKI, phantom: Volume) -> None:
+def test_a_server_with_another_version_of_the_model_is_not_used(tmp_path: Path, farm_pki: PKI, phantom: Volume) -> None:
     models = tmp_path / "models"
     shutil.copytree(MODELS / "default", models / "default")
     manifest = models / "default" / "manifest.toml"
     manifest.write_text(manifest.read_text().replace('version = "', 'version = "9.', 1))
-    other = start_server(write_repo(tmp_path / "repo", models), tmp_path, pki)
+    other = start_server(write_repo(tmp_path / "repo", models), tmp_path, farm_pki)
     try:
-        farm = farm_of([server_entry("stale", other.url, pki)])
+        farm = farm_of([server_entry("stale", other.url, farm_pki)])
         with pytest.raises(InferenceUnavailable):
             remote_default(farm).predict(phantom)
-        assert served(other) == 0  # asked which model it serves, never sent a volume
+        assert served(other, farm_pki) == 0  # asked which model it serves, never sent a volume
     finally:
         other.stop()
 
 
-def test_a_volume_the_model_refuses_fails_the_series_without_blaming_the_server(servers: list[Any], pki: PKI,
+def test_a_volume_the_model_refuses_fails_the_series_without_blaming_the_server(servers: list[Any], farm_pki: PKI,
                                                                                 phantom: Volume) -> None:
-    farm = farm_of([server_entry("a", servers[0].url, pki)])
+    farm = farm_of([server_entry("a", servers[0].url, farm_pki)])
     with pytest.raises(VolumeError) as refused:
         remote_default(farm).predict(phantom, max_voxels=1000)
     assert refused.value.reason == "model_grid_too_large"

@@ -27,9 +27,9 @@ from tritonclient.grpc import service_pb2
 from tests.conftest import NodeProcess, canaries, free_port
 from tests.orthanc import Orthanc, orthanc_running
 from tests.pipeline.test_e2e import audit_records, jobs_of, route, rtstructs_of, send, tps_destination, wait_rtstruct
-from tests.pki import PKI, make_pki
+from tests.pki import PKI
 from tests.realct import real_chest_ct
-from tests.triton_farm import inference_toml, server_entry, start_server, write_repo
+from tests.triton_farm import inference_toml, served, server_entry, start_server
 
 _UID = re.compile(rb"[0-9]+(\.[0-9]+){3,}")
 _MAX_MESSAGE = 2**31 - 1
@@ -41,30 +41,20 @@ def tps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield orthanc
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_repo(tmp_path_factory.mktemp("repo") / "models")
-
-
 class RecordingProxy:
     """A gRPC proxy with the server's certificate that records every call (method, request bytes, metadata) before
     passing it on to the real server: what the server receives, exactly."""
 
-    def __init__(self, upstream: str, pki: PKI) -> None:
+    def __init__(self, upstream: str, farm_pki: PKI) -> None:
         self.calls: list[tuple[str, bytes, tuple[tuple[str, Any], ...]]] = []
-        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client.key.read_bytes(),
-                                                   pki.client.certificate.read_bytes())
+        credentials = grpc.ssl_channel_credentials(farm_pki.ca.read_bytes(), farm_pki.client.key.read_bytes(),
+                                                   farm_pki.client.certificate.read_bytes())
         sizes = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
         self._upstream = grpc.secure_channel(upstream, credentials,
                                              options=[*sizes, ("grpc.ssl_target_name_override", "localhost")])
         self._server = grpc.server(ThreadPoolExecutor(4), handlers=[_Forward(self)], options=sizes)
-        pair = (pki.server.key.read_bytes(), pki.server.certificate.read_bytes())
-        server_credentials = grpc.ssl_server_credentials([pair], root_certificates=pki.ca.read_bytes(),
+        pair = (farm_pki.server.key.read_bytes(), farm_pki.server.certificate.read_bytes())
+        server_credentials = grpc.ssl_server_credentials([pair], root_certificates=farm_pki.ca.read_bytes(),
                                                          require_client_auth=True)
         self.url = f"127.0.0.1:{self._server.add_secure_port('127.0.0.1:0', server_credentials)}"
         self._server.start()
@@ -120,12 +110,13 @@ def contours(rtstruct: pydicom.Dataset) -> dict[str, list[np.ndarray]]:
 
 
 def test_the_farm_sends_the_local_rtstruct_and_the_server_sees_no_identity(
-        node_factory: Callable[..., NodeProcess], tps: Orthanc, pki: PKI, repository: Path, tmp_path: Path) -> None:
+        node_factory: Callable[..., NodeProcess], tps: Orthanc, farm_pki: PKI, farm_repository: Path,
+        tmp_path: Path) -> None:
     ct = real_chest_ct(tmp_path / "ct", source="lung2", slices=40, downsample=2)
-    server = start_server(repository, tmp_path / "triton", pki)
-    proxy = RecordingProxy(server.url, pki)
+    server = start_server(farm_repository, tmp_path / "triton", farm_pki)
+    proxy = RecordingProxy(server.url, farm_pki)
     try:
-        node = triton_node(node_factory, tps, [server_entry("gpu1", proxy.url, pki)])
+        node = triton_node(node_factory, tps, [server_entry("gpu1", proxy.url, farm_pki)])
         send(node, ct.files)
         remote = wait_rtstruct(tps, ct.study_uid)
         job_id = node.wait_for("job_done", timeout=120)["job_id"]
@@ -162,11 +153,40 @@ def test_the_farm_sends_the_local_rtstruct_and_the_server_sees_no_identity(
     assert not _UID.search(headers)
 
 
+def test_a_server_killed_mid_request_leaves_one_rtstruct_computed_by_the_other(
+        node_factory: Callable[..., NodeProcess], tps: Orthanc, farm_pki: PKI, farm_repository: Path,
+        tmp_path: Path) -> None:
+    ct = real_chest_ct(tmp_path / "ct", source="lung1", slices=30, downsample=4)
+    slow = start_server(farm_repository, tmp_path / "slow", farm_pki,
+                        env={"CONTOUR_GW_FAILPOINT": "slow:remote_infer:30"})
+    other = start_server(farm_repository, tmp_path / "other", farm_pki)
+    try:
+        node = triton_node(node_factory, tps, [server_entry("slow", slow.url, farm_pki),
+                                               server_entry("other", other.url, farm_pki)])
+        send(node, ct.files)
+        deadline = time.monotonic() + 60
+        while "failpoint_slow" not in slow.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first server has the series ...
+        slow.kill()  # ... and dies with it
+        wait_rtstruct(tps, ct.study_uid)
+        assert node.wait_for("job_done", timeout=60)["state"] == "sent"
+        assert served(other, farm_pki, at_least=1) == 1
+    finally:
+        slow.kill()
+        other.stop()
+    down = node.wait_for("inference_server_down")
+    assert (down["server"], down["reason"]) == ("slow", "unavailable")
+    time.sleep(2)
+    assert len(rtstructs_of(tps, ct.study_uid)) == 1
+    assert [e["event"] for e in node.events() if e["event"] == "alert"] == []  # retried at once: nothing waited
+
+
 def test_with_every_server_down_a_study_waits_and_is_sent_once_when_one_returns(
-        node_factory: Callable[..., NodeProcess], tps: Orthanc, pki: PKI, repository: Path, tmp_path: Path) -> None:
+        node_factory: Callable[..., NodeProcess], tps: Orthanc, farm_pki: PKI, farm_repository: Path,
+        tmp_path: Path) -> None:
     ct = real_chest_ct(tmp_path / "ct", source="lung1", slices=30, downsample=4)
     ports = [free_port(), free_port()]
-    node = triton_node(node_factory, tps, [server_entry(f"gpu{i}", f"127.0.0.1:{port}", pki)
+    node = triton_node(node_factory, tps, [server_entry(f"gpu{i}", f"127.0.0.1:{port}", farm_pki)
                                            for i, port in enumerate(ports)], wait_seconds=1.0, down_seconds=0.5)
     code, health = healthz(node)  # an unreachable pool shows before any study
     assert (code, health["inference_servers"]) == (503, {"gpu0": "down", "gpu1": "down"})
@@ -179,7 +199,7 @@ def test_with_every_server_down_a_study_waits_and_is_sent_once_when_one_returns(
     assert re.search(r'gateway_stage_waits_total\{reason="inference_unavailable",stage="infer"\} [1-9]',
                      metrics(node))
     assert rtstructs_of(tps, ct.study_uid) == [] and len(jobs_of(node.data_dir)) == 1
-    server = start_server(repository, tmp_path / "triton", pki, grpc_port=ports[1])
+    server = start_server(farm_repository, tmp_path / "triton", farm_pki, grpc_port=ports[1])
     try:
         wait_rtstruct(tps, ct.study_uid)
         assert node.wait_for("job_done", timeout=60)["state"] == "sent"
@@ -193,9 +213,9 @@ def test_with_every_server_down_a_study_waits_and_is_sent_once_when_one_returns(
 
 
 def test_with_every_server_down_past_the_deadline_the_study_is_shredded_on_time_and_nothing_sent(
-        node_factory: Callable[..., NodeProcess], tps: Orthanc, pki: PKI, tmp_path: Path) -> None:
+        node_factory: Callable[..., NodeProcess], tps: Orthanc, farm_pki: PKI, tmp_path: Path) -> None:
     ct = real_chest_ct(tmp_path / "ct", source="lung1", slices=30, downsample=4)
-    node = triton_node(node_factory, tps, [server_entry("gpu0", f"127.0.0.1:{free_port()}", pki)],
+    node = triton_node(node_factory, tps, [server_entry("gpu0", f"127.0.0.1:{free_port()}", farm_pki)],
                        wait_seconds=1.0, down_seconds=0.5, extra="[retention]\nsweep_interval_seconds = 1")
     send(node, ct.files)
     node.wait_for("alert", timeout=60, outcome="waiting")
