@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -252,15 +251,11 @@ def _reason(exc: InferenceServerException) -> str:
 
 def _client(server: TritonServer) -> triton.InferenceServerClient:
     try:
-        credentials = grpc.ssl_channel_credentials(root_certificates=_read(server.ca_file),
-                                                   private_key=_read(server.private_key_file),
-                                                   certificate_chain=_read(server.certificate_file))
+        credentials = grpc.ssl_channel_credentials(root_certificates=server.ca_file.read_bytes(),
+                                                   private_key=server.private_key_file.read_bytes(),
+                                                   certificate_chain=server.certificate_file.read_bytes())
     except OSError as exc:
         raise StartupError(f"inference server {server.name}: cannot read its TLS files ({exc.strerror})") from exc
     options = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE),
                ("grpc.ssl_target_name_override", server.expected_name), ("grpc.enable_retries", 0)]
     return triton.InferenceServerClient(server.url, creds=credentials, channel_args=options)
-
-
-def _read(path: Path) -> bytes:
-    return path.read_bytes()
