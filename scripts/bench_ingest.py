@@ -1,30 +1,43 @@
 #!/usr/bin/env python3
-"""Ingest benchmark: C-STORE throughput of the gateway node against Orthanc, same machine, same run.
+"""Ingest benchmark: C-STORE throughput of the gateway node against Orthanc and the sender's own limit, same run.
 
 Method
 ------
-* Both receivers run as real processes on loopback with ``TCP_NODELAY=1``: our node
-  (``python -m gateway serve``, own process group, temporary ``data_dir``, port 0) and Orthanc
+* Three receivers run as real processes on loopback with ``TCP_NODELAY=1``: our node
+  (``python -m gateway serve``, own process group, temporary ``data_dir``, port 0), Orthanc
   (generated JSON configuration, temporary storage and index, ``SyncStorageArea`` on so that
   both make every instance durable before answering, no compression, no plugins, C-STORE
-  accepted only from the benchmark AE title on 127.0.0.1).
+  accepted only from the benchmark AE title on 127.0.0.1), and the *limit*: dcmtk
+  ``storescp --ignore`` (AE title ``LIMIT``, free port, no host lookup, 128 KiB max PDU like
+  the node's default), which receives every instance and stores nothing, so its rate is what
+  the sender itself allows on this machine. It counts as started once its port accepts a
+  TCP connection.
 * The sender is dcmtk ``storescu +sd``; its wall time is measured, from process start to the
   exit of the last process, in two configurations: (a) one association carrying every
   instance, (b) ``--parallel`` storescu processes at once, one sub-folder each.
 * Every measured run sends a freshly generated series (new Study and SOP Instance UIDs) of
-  512x512 int16 CT slices, since both receivers skip duplicates. Generation, and an
+  512x512 int16 CT slices, since the receivers skip duplicates. Generation, and an
   ``os.sync()`` flushing what it wrote, happen before the clock starts.
-* Before each run the script waits until neither receiver uses CPU (Orthanc keeps working
+* Before each run the script waits until no receiver uses CPU (Orthanc keeps working
   for a while after it answered the last C-STORE; that must not be charged to the next run).
-* Runs alternate between the two receivers, and the order flips on every repetition, to
+* Runs alternate between the three receivers, and the order flips on every repetition, to
   spread machine noise; the median instances/s per receiver and configuration is reported
-  with the ratio gateway / Orthanc. A small unmeasured warm-up store goes to each first.
-* After every run the receiver must hold exactly ``--instances`` more instances (spool
-  files for the node, ``/statistics`` CountInstances for Orthanc); any loss, storescu
-  failure or receiver that does not start ends the script with exit code 1. Missed
-  targets do not: this is a measurement, not a test.
+  with the ratio gateway / Orthanc (targets: ``TARGETS``) and the fraction gateway / limit
+  (target ``LIMIT_TARGET`` on one association). A small unmeasured warm-up store goes to each
+  first.
+* After every run the node and Orthanc must hold exactly ``--instances`` more instances
+  (``gateway.store.spool.count_instances`` for the node, ``/statistics`` CountInstances for
+  Orthanc); ``storescp --ignore`` keeps nothing to count, so only its storescu exit status is
+  checked. Any loss, storescu failure or receiver that does not start ends the script with
+  exit code 1. Missed targets do not: this is a measurement, not a test.
+* Flushes per instance: after the measured runs, one more, unmeasured store per receiver of
+  a fresh series (``--flush-instances``, one association) with ``strace -f -c`` attached to
+  every process of the receiver's process group, counting ``fsync``, ``fdatasync``,
+  ``sync_file_range``, ``msync``, ``syncfs`` and ``sync`` from attach to storescu's exit;
+  calls per instance are reported by syscall and in total. Without strace, or where ptrace
+  is not permitted, the script says so and carries on.
 * Peak RSS (``VmHWM`` from ``/proc``) is read at the end for every process of the node's
-  process group and for Orthanc.
+  process group, for Orthanc and for storescp.
 """
 
 from __future__ import annotations
@@ -55,7 +68,11 @@ sys.path.insert(0, str(REPO))
 from tests.synthetic import ct_slice  # noqa: E402 - the same CT the tests use
 
 SCU_AET = "BENCHSCU"
-TARGETS = {"single": 1.5, "parallel": 1.0}  # minimum ratio gateway / Orthanc
+TARGETS = {"single": 1.5, "parallel": 1.2}  # minimum ratio gateway / Orthanc
+LIMIT_TARGET = 0.5  # minimum fraction gateway / storescp --ignore, one association
+LIMIT_AET = "LIMIT"
+LIMIT_MAX_PDU = 131_072  # storescp's default is 16 KiB; the node offers 128 KiB (gateway.config max_pdu_size)
+FLUSH_SYSCALLS = ("fsync", "fdatasync", "sync_file_range", "msync", "syncfs", "sync")
 
 
 class BenchError(RuntimeError):
@@ -202,7 +219,7 @@ class Receiver:
     name: str
     ae_title: str
     port: int
-    count: Callable[[], int]
+    count: Callable[[], int] | None  # instances held; None: keeps nothing to count (storescp --ignore)
     process: subprocess.Popen[bytes]
     log_path: Path
     info: dict[str, Any] = field(default_factory=dict)
@@ -247,10 +264,15 @@ def start_gateway(stack: ExitStack, root: Path) -> Receiver:
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     process = stack.enter_context(spawn(command, log_path, REPO))
     started = wait_until(lambda: node_started(log_path), process, "gateway node", log_path)
-    spool = data_dir / "spool"
-    return Receiver("gateway", "CONTOUR_GW", int(started["port"]),
-                    lambda: sum(1 for _ in spool.glob("*/*.dcm")), process, log_path,
-                    {"receive_workers": started.get("receive_workers")})
+    return Receiver("gateway", "CONTOUR_GW", int(started["port"]), lambda: spool_count(data_dir),
+                    process, log_path, {"receive_workers": started.get("receive_workers")})
+
+
+def spool_count(data_dir: Path) -> int:
+    """Instances the node's spool under *data_dir* holds, counted by the node's own code (any layout)."""
+    from gateway.store.spool import count_instances
+
+    return count_instances(data_dir)
 
 
 def _orthanc_get(http_port: int, path: str) -> Any:
@@ -291,6 +313,31 @@ def start_orthanc(stack: ExitStack, root: Path, taken: set[int]) -> Receiver:
                     process, log_path, {"version": version})
 
 
+def _port_open(port: int) -> bool:
+    """Whether something accepts a TCP connection on loopback *port*."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def start_limit(stack: ExitStack, root: Path, taken: set[int]) -> Receiver:
+    """Start dcmtk ``storescp --ignore`` (receives, stores nothing); return it once its port accepts."""
+    binary = dcmtk_tool("storescp")
+    if "--ignore" not in subprocess.run([binary, "--help"], capture_output=True, text=True).stdout:
+        raise BenchError(f"{binary} has no --ignore option (dcmtk too old)")
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    port, log_path = free_port(taken), root / "storescp.log"
+    command = [binary, "--ignore", "--disable-host-lookup", "--aetitle", LIMIT_AET,
+               "--max-pdu", str(LIMIT_MAX_PDU), str(port)]
+    process = stack.enter_context(spawn(command, log_path, root))
+    wait_until(lambda: _port_open(port), process, "storescp", log_path)
+    return Receiver("storescp", LIMIT_AET, port, None, process, log_path,
+                    {"version": version.splitlines()[0].strip("$ ") if version else None,
+                     "max_pdu": LIMIT_MAX_PDU})
+
+
 # --------------------------------------------------------------------------- measurement
 
 
@@ -318,7 +365,9 @@ def send(storescu: str, receiver: Receiver, folders: list[Path]) -> float:
 
 
 def measured_store(storescu: str, receiver: Receiver, folder: Path, count: int) -> float:
-    """Send each sub-folder of *folder* at once; verify the receiver gained exactly *count*."""
+    """Send each sub-folder of *folder* at once; verify the receiver gained exactly *count* (if it keeps any)."""
+    if receiver.count is None:  # storescp --ignore: only storescu's exit status (checked by send) tells
+        return send(storescu, receiver, sorted(folder.iterdir()))
     before = receiver.count()
     elapsed = send(storescu, receiver, sorted(folder.iterdir()))
     gained = receiver.count() - before
@@ -337,6 +386,7 @@ class Plan:
     size: int
     repeat: int
     warmup: int
+    flush: int  # instances of the strace'd store per receiver (0: none)
 
 
 def run_one(storescu: str, receivers: list[Receiver], receiver: Receiver, work: Path, plan: Plan,
@@ -382,56 +432,177 @@ def measure(storescu: str, receivers: list[Receiver], work: Path, plan: Plan) ->
     return times
 
 
+# --------------------------------------------------------------------------- flushes
+
+
+class NoTrace(Exception):
+    """strace is missing or cannot attach (ptrace not permitted): flushes cannot be counted."""
+
+
+def attach_strace(pgid: int, out: Path) -> subprocess.Popen[bytes]:
+    """Start ``strace -f -c`` on every process of group *pgid*, counting flush syscalls into *out*.
+
+    Returns once strace reports every process attached; raises NoTrace if it cannot.
+    """
+    binary = shutil.which("strace")
+    pids = sorted(int(entry.name) for entry, _fields in _group_members(pgid))
+    if binary is None or not pids:
+        raise NoTrace("strace not found (apt-get install strace)" if binary is None else "no process to trace")
+    log_path = out.with_suffix(".log")
+    args = [binary, "-f", "-c", "-o", str(out), "-e", f"trace={','.join(FLUSH_SYSCALLS)}",
+            *(arg for pid in pids for arg in ("-p", str(pid)))]
+    with log_path.open("wb") as log:
+        tracer = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and tracer.poll() is None:
+        text = log_path.read_text(errors="replace")
+        if all(f"Process {pid} attached" in text for pid in pids):
+            return tracer
+        if "attach: ptrace" in text:
+            break
+        time.sleep(0.05)
+    stop_strace(tracer)
+    raise NoTrace(log_path.read_text(errors="replace").strip()[-500:] or "strace did not attach")
+
+
+def stop_strace(tracer: subprocess.Popen[bytes]) -> None:
+    """SIGINT strace (it detaches and writes its summary) and wait for it; SIGKILL if it hangs."""
+    if tracer.poll() is None:
+        tracer.send_signal(signal.SIGINT)
+        try:
+            tracer.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+
+
+def parse_strace_counts(text: str) -> dict[str, int]:
+    """Calls by syscall from the table ``strace -c`` writes (a syscall not listed was not called)."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()  # % time, seconds, usecs/call, calls, [errors], syscall
+        if len(fields) >= 5 and fields[-1] in FLUSH_SYSCALLS:
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
+def count_flushes(storescu: str, receivers: list[Receiver], receiver: Receiver, work: Path, plan: Plan,
+                  seed: int) -> dict[str, Any]:
+    """Flush syscalls per instance while *receiver* takes a fresh series over one association (unmeasured)."""
+    folder, out = work / f"flush-{receiver.name}", work / f"strace-{receiver.name}.txt"
+    write_series(folder, plan.flush, 1, plan.size, seed)
+    os.sync()
+    quiesce(receivers)
+    try:
+        tracer = attach_strace(receiver.process.pid, out)
+        try:
+            measured_store(storescu, receiver, folder, plan.flush)
+        finally:
+            stop_strace(tracer)
+    except NoTrace as exc:
+        return {"counted": False, "reason": str(exc)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    calls = parse_strace_counts(out.read_text(errors="replace") if out.exists() else "")
+    return {"counted": True, "instances": plan.flush,
+            "per_instance": {name: round(calls.get(name, 0) / plan.flush, 3) for name in FLUSH_SYSCALLS},
+            "total_per_instance": round(sum(calls.values()) / plan.flush, 3)}
+
+
+def flushes_per_instance(storescu: str, receivers: list[Receiver], work: Path, plan: Plan) -> dict[str, Any]:
+    """``count_flushes`` for every receiver in turn (none with ``--flush-instances 0``)."""
+    if plan.flush <= 0:
+        return {}
+    return {r.name: count_flushes(storescu, receivers, r, work, plan, 20_000 + i) for i, r in enumerate(receivers)}
+
+
 # --------------------------------------------------------------------------- report
+
+LABELS = {"gateway": "gateway", "orthanc": "orthanc", "storescp": "storescp --ignore (limit)"}
+
+
+def _rates(runs: list[float], plan: Plan, mb_per_instance: float) -> dict[str, Any]:
+    """Seconds, instances/s per run, and their medians, of one receiver in one configuration."""
+    rates = [plan.instances / s for s in runs]
+    return {"seconds": [round(s, 3) for s in runs], "inst_per_s": [round(r, 1) for r in rates],
+            "median_inst_per_s": round(statistics.median(rates), 1),
+            "median_mb_per_s": round(statistics.median(rates) * mb_per_instance, 1)}
 
 
 def summarize(times: Times, plan: Plan, mb_per_instance: float) -> dict[str, Any]:
-    """Median instances/s per receiver and the gateway / Orthanc ratio per configuration."""
+    """Median instances/s per receiver, gateway / Orthanc and gateway / limit, per configuration."""
     out: dict[str, Any] = {}
     for config, by_receiver in times.items():
         entry: dict[str, Any] = {"associations": 1 if config == "single" else plan.parallel,
                                  "target_ratio": TARGETS[config]}
-        for name, runs in by_receiver.items():
-            rates = [plan.instances / s for s in runs]
-            entry[name] = {"seconds": [round(s, 3) for s in runs],
-                           "inst_per_s": [round(r, 1) for r in rates],
-                           "median_inst_per_s": round(statistics.median(rates), 1),
-                           "median_mb_per_s": round(statistics.median(rates) * mb_per_instance, 1)}
-        medians = [entry[name]["median_inst_per_s"] for name in ("gateway", "orthanc")]
-        entry["ratio"] = round(medians[0] / medians[1], 3)
+        entry |= {name: _rates(runs, plan, mb_per_instance) for name, runs in by_receiver.items()}
+        gateway = entry["gateway"]["median_inst_per_s"]
+        entry["ratio"] = round(gateway / entry["orthanc"]["median_inst_per_s"], 3)
         entry["target_met"] = entry["ratio"] >= TARGETS[config]
+        entry["limit_fraction"] = round(gateway / entry["storescp"]["median_inst_per_s"], 3)
+        if config == "single":
+            entry["limit_target"] = LIMIT_TARGET
+            entry["limit_target_met"] = entry["limit_fraction"] >= LIMIT_TARGET
         out[config] = entry
     return out
 
 
-def print_summary(summary: dict[str, Any], rss: dict[str, Any], plan: Plan, mb: float) -> None:
+def print_summary(summary: dict[str, Any], flushes: dict[str, Any], rss: dict[str, Any], plan: Plan,
+                  mb: float) -> None:
     print(f"\n{plan.instances} instances of {plan.size}x{plan.size} int16 ({mb:.2f} MB each), "
           f"median of {plan.repeat} runs, {os.cpu_count()} CPUs")
     for config, entry in summary.items():
-        print(_summary_line(config, entry))
+        print("\n".join(_summary_lines(config, entry)))
+    for line in _flush_lines(flushes):
+        print(line)
     per_process = ", ".join(f"{v:.0f}" for v in rss["gateway_mib"])
     print(f"peak RSS: gateway {rss['gateway_total_mib']:.0f} MiB over {len(rss['gateway_mib'])} "
-          f"processes ({per_process} MiB), orthanc {rss['orthanc_mib']:.0f} MiB")
+          f"processes ({per_process} MiB), orthanc {rss['orthanc_mib']:.0f} MiB, "
+          f"storescp {rss['storescp_mib']:.0f} MiB")
 
 
-def _summary_line(config: str, entry: dict[str, Any]) -> str:
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def _summary_lines(config: str, entry: dict[str, Any]) -> list[str]:
+    """Rates of each receiver, then the ratio to Orthanc and the fraction of the limit, with targets."""
     label = "single association" if config == "single" else f"{entry['associations']} associations"
-    gateway, orthanc = entry["gateway"], entry["orthanc"]
-    verdict = "met" if entry["target_met"] else "MISSED"
-    return (f"{label}: gateway {gateway['median_inst_per_s']:.1f} inst/s, "
-            f"orthanc {orthanc['median_inst_per_s']:.1f} inst/s, ratio {entry['ratio']:.2f} "
-            f"(target >= {entry['target_ratio']:.1f}, {verdict}; runs gateway "
-            f"{min(gateway['inst_per_s']):.0f}-{max(gateway['inst_per_s']):.0f}, "
-            f"orthanc {min(orthanc['inst_per_s']):.0f}-{max(orthanc['inst_per_s']):.0f})")
+    rates = ", ".join(f"{LABELS[name]} {entry[name]['median_inst_per_s']:.1f} inst/s "
+                      f"(runs {min(entry[name]['inst_per_s']):.0f}-{max(entry[name]['inst_per_s']):.0f})"
+                      for name in LABELS)
+    limit = f"gateway / limit {entry['limit_fraction']:.2f}"
+    if "limit_target" in entry:
+        limit += f" (target >= {entry['limit_target']:.1f}, {_verdict(entry['limit_target_met'])})"
+    return [f"{label}: {rates}",
+            f"  gateway / orthanc {entry['ratio']:.2f} (target >= {entry['target_ratio']:.1f}, "
+            f"{_verdict(entry['target_met'])}); {limit}"]
+
+
+def _flush_lines(flushes: dict[str, Any]) -> list[str]:
+    """Flush syscalls per instance of each receiver, or why they could not be counted."""
+    if not flushes:
+        return ["flushes per instance: not counted (--flush-instances 0)"]
+    counted = [f for f in flushes.values() if f["counted"]]
+    lines = [f"flushes per instance (strace -f -c, unmeasured store of {counted[0]['instances']} instances, "
+             "one association):" if counted else "flushes per instance:"]
+    for name, found in flushes.items():
+        if not found["counted"]:
+            lines.append(f"  {name:<8} flushes could not be counted: {found['reason']}")
+            continue
+        calls = ", ".join(f"{k} {v:.2f}" for k, v in found["per_instance"].items() if v)
+        lines.append(f"  {name:<8} total {found['total_per_instance']:.2f}" + (f" ({calls})" if calls else ""))
+    return lines
 
 
 def peak_rss(receivers: list[Receiver]) -> dict[str, Any]:
-    """Peak RSS in MiB: each process of the gateway's group, their sum, and Orthanc."""
+    """Peak RSS in MiB: each process of the gateway's group, their sum, Orthanc and storescp."""
     by_name = {r.name: group_hwm_kib(r.process.pid) for r in receivers}
     gateway = [v / 1024 for _, v in sorted(by_name["gateway"].items())]
     return {"gateway_mib": [round(v, 1) for v in gateway],
             "gateway_total_mib": round(sum(gateway), 1),
-            "orthanc_mib": round(sum(by_name["orthanc"].values()) / 1024, 1)}
+            "orthanc_mib": round(sum(by_name["orthanc"].values()) / 1024, 1),
+            "storescp_mib": round(sum(by_name["storescp"].values()) / 1024, 1)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -441,34 +612,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=4, help="storescu processes at once")
     parser.add_argument("--size", type=int, default=512, help="rows = columns of each slice")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured first (0: none)")
+    parser.add_argument("--flush-instances", type=int, default=100,
+                        help="instances of the unmeasured store per receiver under strace (0: no flush count)")
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the temporary folder goes")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     args = parser.parse_args(argv)
-    if args.repeat < 1 or args.instances < args.parallel or args.parallel < 1:
-        parser.error("need --repeat >= 1 and --instances >= --parallel >= 1")
+    if args.repeat < 1 or args.instances < args.parallel or args.parallel < 1 or args.flush_instances < 0:
+        parser.error("need --repeat >= 1, --instances >= --parallel >= 1 and --flush-instances >= 0")
     return args
 
 
+def start_receivers(stack: ExitStack, root: Path) -> list[Receiver]:
+    """The node, Orthanc and storescp --ignore, each on its own free port, in that order."""
+    gateway = start_gateway(stack, root)
+    orthanc = start_orthanc(stack, root, {gateway.port})
+    limit = start_limit(stack, root, {gateway.port, orthanc.port})
+    return [gateway, orthanc, limit]
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    plan = Plan(args.instances, args.parallel, args.size, args.repeat, args.warmup)
+    plan = Plan(args.instances, args.parallel, args.size, args.repeat, args.warmup, args.flush_instances)
     storescu = dcmtk_tool("storescu")
     with ExitStack() as stack:
         temp = tempfile.TemporaryDirectory(prefix="bench_ingest_", dir=args.tmpdir)
         root = Path(stack.enter_context(temp))
-        gateway = start_gateway(stack, root)
-        orthanc = start_orthanc(stack, root, {gateway.port})
-        receivers = [gateway, orthanc]
+        receivers = start_receivers(stack, root)
+        gateway, orthanc, limit = receivers
         print(f"gateway on port {gateway.port} ({gateway.info}), Orthanc {orthanc.info['version']} "
-              f"on port {orthanc.port}; sender {storescu}; work dir {root}", flush=True)
+              f"on port {orthanc.port}, {limit.info['version']} --ignore on port {limit.port}; "
+              f"sender {storescu}; work dir {root}", flush=True)
         warm_up(storescu, receivers, root, plan)
         mb = write_series(root / "probe", 1, 1, plan.size, 0) / 1e6
         times = measure(storescu, receivers, root, plan)
+        flushes = flushes_per_instance(storescu, receivers, root, plan)
         rss = peak_rss(receivers)
     summary = summarize(times, plan, mb)
-    print_summary(summary, rss, plan, mb)
+    print_summary(summary, flushes, rss, plan, mb)
     return {"instances": plan.instances, "size": plan.size, "repeat": plan.repeat,
             "parallel": plan.parallel, "mb_per_instance": round(mb, 4), "cpus": os.cpu_count(),
-            "gateway": gateway.info, "orthanc": orthanc.info, "results": summary, "peak_rss": rss}
+            "gateway": gateway.info, "orthanc": orthanc.info, "storescp": limit.info, "results": summary,
+            "limit_target": LIMIT_TARGET, "flushes_per_instance": flushes, "peak_rss": rss}
 
 
 def raise_interrupt(_signum: int, _frame: object) -> None:

@@ -15,7 +15,8 @@ Method
 * Runs alternate between plain and TLS, and the order flips on every repetition; the median
   instances/s per transport and the ratio TLS / plain are reported. A small unmeasured,
   verified warm-up store goes over each transport first.
-* After every run the spool must hold exactly ``--instances`` more files; any loss, storescu
+* After every run the spool must hold exactly ``--instances`` more instances (counted by
+  ``gateway.store.spool.count_instances``, whatever the spool layout); any loss, storescu
   failure or node that does not start ends the script with exit code 1. A missed target does
   not: this is a measurement, not a test.
 * The TLS version and ciphersuite come from ``storescu -d`` during the (unmeasured) warm-up.
@@ -79,8 +80,10 @@ class Node:
     info: dict[str, Any]
 
     def count(self) -> int:
-        """Instances in the spool (temporaries excluded)."""
-        return sum(1 for _ in (self.data_dir / "spool").glob("*/*.dcm"))
+        """Instances in the spool, counted by the node's own code (any spool layout)."""
+        from gateway.store.spool import count_instances
+
+        return count_instances(self.data_dir)
 
     def diagnosis(self) -> str:
         """Whether the node still runs, and the end of its log."""

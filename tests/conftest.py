@@ -28,6 +28,7 @@ from gateway.ops.process import ProcessSettings
 from gateway.store.jobs import JobStore
 from gateway.store.keys import KekFiles, KeyRing, MasterKey, create_key_file
 from gateway.store.sealing import Purpose, Sealer
+from gateway.store.spool import Spool
 from tests.synthetic import (
     CANARY_ACCESSION,
     CANARY_BIRTH,
@@ -238,19 +239,21 @@ def key_ring(folder: Path, key: bytes = bytes(32)) -> KeyRing:
     return KeyRing(MasterKey(key), KekFiles(folder), 3600)
 
 
-def spooled_files(data_dir: Path) -> list[Path]:
-    """Every instance file in the spool (temporaries excluded)."""
-    return sorted((data_dir / "spool").glob("*/*.dcm"))
+def spooled_instances(data_dir: Path) -> list[tuple[str, str]]:
+    """Every received instance in the spool, as ``(job_id, file_id)``, read as the gateway reads it."""
+    spool = Spool(data_dir)
+    return sorted((job_id, file_id) for job_id in spool.job_ids() for file_id in spool.file_ids(job_id))
 
 
-def spooled_plaintext(data_dir: Path) -> dict[Path, bytes]:
+def spooled_plaintext(data_dir: Path) -> dict[tuple[str, str], bytes]:
     """Every spooled instance, decrypted as the gateway does (master key file in data_dir)."""
     ring = KeyRing.open(key_config(data_dir))
     jobs = JobStore(data_dir / "gateway.db")
+    spool = Spool(data_dir)
     try:
         sealer = Sealer(ring, jobs)
-        return {path: sealer.open(path.parent.name, Purpose.RECEIVED, path.read_bytes())
-                for path in spooled_files(data_dir)}
+        return {(job_id, file_id): sealer.open(job_id, Purpose.RECEIVED, spool.read_instance(job_id, file_id))
+                for job_id, file_id in spooled_instances(data_dir)}
     finally:
         jobs.close()
 

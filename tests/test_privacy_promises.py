@@ -42,7 +42,7 @@ from tests.conftest import (
     key_config,
     node_key_file,
     require_tool,
-    spooled_files,
+    spooled_instances,
     write_config,
 )
 from tests.pki import make_pki
@@ -63,7 +63,7 @@ def _send(node: NodeProcess, series: CTSeries) -> str:
                              str(node.port), *map(str, series.files)], capture_output=True, text=True,
                             env=dcmtk_env(), timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    assert len(spooled_files(node.data_dir)) == len(series.files)
+    assert len(spooled_instances(node.data_dir)) == len(series.files)
     return str(node.wait_for("job_created")["job_id"])
 
 
@@ -118,7 +118,7 @@ class TestRetentionNeedsNothingButItsSections:
         config = write_config(tmp_path / "expired.toml", node.data_dir, peers=HELD, extra_node=tls)
         refused = _cli(config, "serve")
         assert refused.returncode == 2 and "expired on" in refused.stderr
-        assert _job_ids(node.data_dir) == [] and spooled_files(node.data_dir) == []
+        assert _job_ids(node.data_dir) == [] and spooled_instances(node.data_dir) == []
         assert '"event": "job_shredded"' in refused.stdout
         verified = _cli(config, "audit", "verify")
         assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -302,8 +302,10 @@ def _open_copy(copy: Path, data_dir: Path, job_id: str) -> bytes:
     """An instance of *job_id* from a copy of data_dir, opened with the node's master key and key directory."""
     jobs = JobStore(copy / "gateway.db")
     try:
-        [path, *_] = sorted((copy / "spool" / job_id).glob("*.dcm"))
-        return Sealer(KeyRing.open(key_config(data_dir)), jobs).open(job_id, Purpose.RECEIVED, path.read_bytes())
+        spool = Spool(copy)
+        [file_id, *_] = spool.file_ids(job_id)
+        return Sealer(KeyRing.open(key_config(data_dir)), jobs).open(job_id, Purpose.RECEIVED,
+                                                                     spool.read_instance(job_id, file_id))
     finally:
         jobs.close()
 

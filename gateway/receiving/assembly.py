@@ -139,6 +139,8 @@ class Assembler:
             log.info("instance_replaced", job_id=job_id, bytes=size)
         else:
             self._spool.remove_instance(job_id, file_id)
+            if outcome is RecordOutcome.JOB_CLOSED:
+                self._spool.close_segment(job_id)
         return outcome
 
     def _reserve(self, study_key: str, sop_key: str, instance: IncomingInstance, peer: Peer) -> Reservation:
@@ -159,6 +161,7 @@ class Assembler:
     def reconcile(self) -> None:
         """Make the database and the spool agree after a crash or power loss."""
         removed = self._spool.remove_temporaries()
+        self._spool.trim_segments()
         self._jobs.forget_writes()  # no receiver runs yet
         known = {job.job_id: job for job in self._jobs.jobs()}
         for job_id in self._spool.job_ids():
@@ -179,7 +182,7 @@ class Assembler:
             sop_uid = self._read_sop_instance_uid(job.job_id, file_id)
             outcome = RecordOutcome.JOB_CLOSED
             if sop_uid is not None and job.state is JobState.RECEIVING:
-                size = self._spool.instance_path(job.job_id, file_id).stat().st_size
+                size = self._spool.instance_size(job.job_id, file_id)
                 outcome = self._jobs.record_instance(job.job_id, self.key(sop_uid), file_id, size, self._clock())
             if outcome is not RecordOutcome.STORED:
                 # Never acknowledged to the sender (it was not registered), so it will be re-sent.

@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+#: A job's segment is closed (its pre-allocated tail cut) once nothing was appended to it for this long.
+SEGMENT_IDLE_SECONDS = 5.0
 
 
 def run_receiver(config: GatewayConfig, control: socket.socket, index: int, counters: Any, node_counters: Any) -> None:
@@ -75,6 +77,9 @@ def run_receiver(config: GatewayConfig, control: socket.socket, index: int, coun
                                  disk_low=DiskWatermark(config).low, tls=tls,
                                  counters=NodeCounters(node_counters, row=index + 1))
     failpoint("receiver:ready")  # a receiver still importing on a busy machine
+    closer = threading.Thread(target=_close_idle_segments, args=(spool, quit_event), name="segment-closer",
+                              daemon=True)
+    closer.start()
     with send_lock:
         control.send(MSG_READY)
     try:
@@ -82,8 +87,15 @@ def run_receiver(config: GatewayConfig, control: socket.socket, index: int, coun
     finally:
         _drain(ae)
         server.server_close()
+        quit_event.set()
+        spool.close_idle_segments(0)
         jobs.close()
         control.close()
+
+
+def _close_idle_segments(spool: Spool, stop: threading.Event) -> None:
+    while not stop.wait(SEGMENT_IDLE_SECONDS / 2):
+        spool.close_idle_segments(SEGMENT_IDLE_SECONDS)
 
 
 def _keep_large_buffers() -> None:

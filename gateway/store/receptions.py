@@ -52,14 +52,12 @@ class Receptions(Database):
         -> whether the incoming content is different) reopens that job (a corrected re-send: its
         tasks are dropped and it is processed again once quiet); otherwise a new job is created.
         """
-        with self._lock:
-            row = self._db.execute(
-                "SELECT job_id FROM jobs WHERE study_key = ? AND state = 'receiving'", (study_key,)
-            ).fetchone()
-        if row is not None:
-            with self.transaction() as db:
-                if _take_writer(db, row["job_id"], now):
-                    return Reservation(row["job_id"], False, None, _held(db, row["job_id"], sop_key))
+        with self.transaction() as db:  # the common case, one statement: the study's job is receiving
+            row = db.execute(
+                "UPDATE jobs SET last_received_at = max(last_received_at, ?), writing = writing + 1 "
+                "WHERE study_key = ? AND state = 'receiving' RETURNING job_id", (now, study_key)).fetchone()
+            if row is not None:
+                return Reservation(row["job_id"], False, None, _held(db, row["job_id"], sop_key))
         corrected = self._corrected_copy(study_key, sop_key, differs)  # compared with no lock held
         with self.transaction(durable=True) as db:
             row = db.execute(

@@ -4,7 +4,7 @@ Layout (every name is a server-generated random hex id, never a UID or patient d
 
     data_dir/
         gateway.db                 job table (gateway.store.jobs)
-        spool/<job_id>/<file_id>.dcm   received instances (sealed)
+        spool/<job_id>/<segment_id>.seg   received instances (sealed records, gateway.store.segments)
         work/<job_id>/<file_id>.dcm    pseudonymised instances (sealed)
         vault/<job_id>.vault           re-identification entry (sealed; gateway.identity.vault only)
         results/<job_id>/t<n>.<kind>   stage outputs of task n: masks, structure sets, outbox (sealed)
@@ -12,8 +12,12 @@ Layout (every name is a server-generated random hex id, never a UID or patient d
         audit/audit.jsonl              the audit trail (no patient data; kept beyond retention)
         <folder>/.<random>.tmp         while being written; removed at start-up
 
-A file is durable when its write returns: written to a temporary file in the same
-folder, fsynced, renamed, and the folder fsynced.
+Received instances are records in segment files, ``spool/<job_id>/<segment_id>.seg``
+(:mod:`gateway.store.segments`: one flush per instance, shared by concurrent writers); their
+file ids are locators. A spool written by an earlier version keeps its one-file-per-instance
+``spool/<job_id>/<file_id>.dcm``, read and removed as before. Every other file is durable when
+its write returns: written to a temporary file in the same folder, fsynced, renamed, and the
+folder fsynced.
 """
 
 from __future__ import annotations
@@ -28,22 +32,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gateway.errors import SpoolError
+from gateway.store import segments
+from gateway.store.segment_writer import OpenSegments
+from gateway.store.segments import fsync_dir
 
-__all__ = ["Spool", "fsync_dir"]
+__all__ = ["Spool", "count_instances", "fsync_dir"]
 
 _ID = re.compile(r"^[0-9a-f]{16,64}$")
 _SUFFIX = ".dcm"
 _RESULT = re.compile(r"^t[0-9]{1,4}\.[a-z0-9-]{1,24}$")
 _FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of folder *path* (a file created, renamed or unlinked in it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _error_code(exc: OSError) -> str:
@@ -142,6 +140,7 @@ class Spool:
         self.export_root = data_dir / "export"
         self.database_path = data_dir / "gateway.db"
         self.audit_path = data_dir / "audit" / "audit.jsonl"
+        self._segments = OpenSegments()  # this process's open segment of each job it receives
 
     def prepare(self) -> None:
         """Create the folders (owner-only) if missing."""
@@ -159,21 +158,32 @@ class Spool:
         """Return (creating if needed) the folder of job *job_id*."""
         return _make_dir(self.root / _check_id(job_id), self.root)
 
-    def instance_path(self, job_id: str, file_id: str) -> Path:
-        """Return the path of a stored instance."""
-        return self.root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}"
-
     def write_instance(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> tuple[str, int]:
-        """Write *parts* as one new received instance of *job_id*; return ``(file_id, size)``.
+        """Append *parts* as one new received instance of *job_id*, durably; return ``(file_id, size)``.
 
         Raises
         ------
         SpoolError
-            On any I/O error (disk full included); no temporary or partial file remains.
+            On any I/O error (disk full included); the sender is told, and reading the spool skips what is left.
         """
-        file_id = secrets.token_hex(16)
-        size = _durable_write(self.job_dir(job_id), f"{file_id}{_SUFFIX}", parts)
-        return file_id, size
+        try:
+            return self._segments.append(job_id, lambda: self.job_dir(job_id), parts)
+        except OSError as exc:
+            raise _spool_error("cannot write an instance", exc) from exc
+
+    def close_segment(self, job_id: str) -> None:
+        """Close this process's open segment of *job_id* (the job stopped receiving)."""
+        self._segments.close(job_id)
+
+    def close_idle_segments(self, idle_seconds: float) -> int:
+        """Close the segments nothing was appended to for *idle_seconds* (or all, with 0); return how many."""
+        return self._segments.close_idle(idle_seconds)
+
+    def instance_size(self, job_id: str, file_id: str) -> int:
+        """The stored (sealed) size of an instance."""
+        if segments.is_locator(file_id):
+            return segments.locator_size(file_id)
+        return (self.root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}").stat().st_size
 
     def write_work(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> str:
         """Write a pseudonymised file of *job_id* (``work/<job_id>/``); return its file id."""
@@ -257,10 +267,14 @@ class Spool:
         return ids
 
     def remove_job(self, job_id: str) -> dict[str, int]:
-        """Delete every file of *job_id* (received, pseudonymised, stage outputs, vault); return counts by kind."""
-        removed = {}
-        for kind, folder in (("received", self.root), ("pseudonymised", self.work_root),
-                             ("results", self.results_root)):
+        """Delete every file of *job_id* (received, pseudonymised, stage outputs, vault); return counts by kind.
+
+        Segments are per job: removing the job's folder removes every record of it, and nothing of another job.
+        """
+        self.close_segment(job_id)
+        removed = {"received": len(self.file_ids(job_id))}  # instances, whether records or files
+        _remove_folder(self.root / job_id)
+        for kind, folder in (("pseudonymised", self.work_root), ("results", self.results_root)):
             removed[kind] = _remove_folder(folder / _check_id(job_id))
         vault = self.vault_root / f"{job_id}.vault"
         removed["vault"] = int(vault.exists())
@@ -268,12 +282,19 @@ class Spool:
         return removed
 
     def read_instance(self, job_id: str, file_id: str) -> bytes:
-        """The stored (sealed) bytes of an instance."""
-        return self.instance_path(job_id, file_id).read_bytes()
+        """The stored (sealed) bytes of an instance; ``FileNotFoundError`` if it is gone."""
+        folder = self.root / _check_id(job_id)
+        if segments.is_locator(file_id):
+            return segments.read_record(folder, file_id)
+        return (folder / f"{_check_id(file_id)}{_SUFFIX}").read_bytes()
 
     def remove_instance(self, job_id: str, file_id: str) -> None:
-        """Delete one instance file (a duplicate that lost a race)."""
-        self.instance_path(job_id, file_id).unlink(missing_ok=True)
+        """Delete one instance (a duplicate that lost a race, a replaced copy, a write the sender was told failed)."""
+        folder = self.root / _check_id(job_id)
+        if segments.is_locator(file_id):
+            segments.remove_record(folder, file_id)
+        else:
+            (folder / f"{_check_id(file_id)}{_SUFFIX}").unlink(missing_ok=True)
 
     def job_ids(self) -> Iterator[str]:
         """Yield the id of every job folder present."""
@@ -283,8 +304,14 @@ class Spool:
                     yield entry.name
 
     def file_ids(self, job_id: str) -> list[str]:
-        """Return the ids of the instance files present for *job_id*."""
-        return _file_ids(self.root / _check_id(job_id))
+        """The ids of the instances present for *job_id*: live segment records, and files of an older spool."""
+        folder = self.root / _check_id(job_id)
+        return [record.locator for record in segments.records(folder) if record.live] + _file_ids(folder)
+
+    def trim_segments(self) -> None:
+        """Cut the space pre-allocated after the last record of every segment (start-up, no receiver running)."""
+        for job_id in self.job_ids():
+            segments.trim(self.root / job_id)
 
     def remove_temporaries(self) -> int:
         """Delete leftovers of writes interrupted by a crash; return how many."""
@@ -294,3 +321,9 @@ class Spool:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def count_instances(data_dir: Path) -> int:
+    """How many received instances the spool under *data_dir* holds (benchmarks and tests)."""
+    spool = Spool(data_dir)
+    return sum(len(spool.file_ids(job_id)) for job_id in spool.job_ids())

@@ -27,6 +27,7 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from gateway.identity.pseudonymise import identity_of, patient_of
+from gateway.store.spool import Spool
 from tests.conftest import (
     CANARY_STUDY_PREFIX,
     REPO,
@@ -171,7 +172,7 @@ def test_real_ct_corrected_after_delivery_carries_the_corrected_patient(
             .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence}
     assert refs == set(ct.sop_uids)
     assert [job for job, _, _ in jobs_of(node.data_dir)] == [job_id]  # the same job, processed again
-    assert len(list((node.data_dir / "spool" / job_id).glob("*.dcm"))) == len(ct.files)  # replaced, not added
+    assert len(Spool(node.data_dir).file_ids(job_id)) == len(ct.files)  # replaced, not added
     _no_phi(node, status(node), ct)
 
 

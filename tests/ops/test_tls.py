@@ -26,7 +26,7 @@ from tests.conftest import (
     NodeProcess,
     dcmtk_env,
     require_tool,
-    spooled_files,
+    spooled_instances,
     write_config,
 )
 from tests.pki import PKI, Pair, make_pki
@@ -217,13 +217,13 @@ class TestPeerCertificate:
         assert result.returncode != 0
         assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
         node.wait_for("association_rejected", reason="client_certificate_missing", calling_ae="PACS_A", tls=False)
-        assert spooled_files(node.data_dir) == []
+        assert spooled_instances(node.data_dir) == []
         assert not any(e["event"] == "association_accepted" for e in node.events())
 
         result = _dcmtk("storescu", node.tls_port, "PACS_A", *files, client=pki.pacs_a, ca=pki.ca)  # subject CN
         assert result.returncode == 0, result.stdout + result.stderr
         assert node.wait_for("association_accepted", calling_ae="PACS_A")["peer"] == "pacs_a"
-        assert len(spooled_files(node.data_dir)) == 2
+        assert len(spooled_instances(node.data_dir)) == 2
         result = _dcmtk("echoscu", node.tls_port, "PACS_B", client=pki.pacs_b, ca=pki.ca)  # DNS subjectAltName
         assert result.returncode == 0, result.stdout + result.stderr
         assert node.wait_for("association_accepted", calling_ae="PACS_B")["peer"] == "pacs_b"

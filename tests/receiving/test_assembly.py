@@ -152,11 +152,11 @@ def test_reconcile_registers_orphans_and_forgets_missing_files(
         assembler.accept(IncomingInstance(series.study_uid, uid, (path.read_bytes(),)), PEER)
     [job] = jobs.jobs()
     files = spool.file_ids(job.job_id)
-    # A crash after the rename but before the row was written: the file exists, the row does not.
+    # A crash after the flush but before the row was written: the record exists, the row does not.
     with sqlite3.connect(spool.database_path) as db:
         db.execute("DELETE FROM instances WHERE file_id = ?", (files[0],))
-    # And a row whose file vanished.
-    spool.instance_path(job.job_id, files[1]).unlink()
+    # And a row whose record vanished.
+    spool.remove_instance(job.job_id, files[1])
     (spool.root / job.job_id / ".0123456789abcdef0123456789abcdef.tmp").write_bytes(b"partial")
     assembler.reconcile()
     assert set(jobs.instance_files(job.job_id)) == {files[0], files[2]}

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
+from gateway.store.spool import count_instances
 from tests.conftest import REPO, NodeProcess, group_memory_kib, write_config
 from tests.synthetic import ct_slice
 
@@ -287,6 +288,6 @@ def test_path_like_identifiers_never_reach_a_path(node_factory: Callable[..., No
     assert {p.name for p in temp.iterdir() if p.name != ".ses" and not (p.name.startswith("pymp-") and p.is_dir())} \
         == set()
     assert not [f for f in temp.rglob("*") if f.is_file() and f.name != ".ses"]  # no file: no data set, no name
-    stored = list(node.data_dir.rglob("*.dcm"))
-    assert all(re.fullmatch(r"[0-9a-f]{32}\.dcm", p.name) for p in stored)
-    assert len(stored) == (1 if status == 0 else 0)
+    spooled = [p.name for p in (node.data_dir / "spool").rglob("*") if p.is_file()]
+    assert all(re.fullmatch(r"[0-9a-f]{16}\.seg", name) for name in spooled), spooled  # names carry no data
+    assert count_instances(node.data_dir) == (1 if status == 0 else 0)

@@ -28,7 +28,7 @@ from tests.conftest import (
     dcmtk_env,
     require_tool,
     spooled_by_sop,
-    spooled_files,
+    spooled_instances,
 )
 
 
@@ -130,14 +130,14 @@ class TestAssociationPolicy:
         assert result.returncode != 0
         assert "Called AE Title Not Recognized" not in result.stderr
         assert "Calling AE Title Not Recognized" in result.stderr
-        assert spooled_files(node.data_dir) == []
+        assert spooled_instances(node.data_dir) == []
         assert node.wait_for("association_rejected")["reason"] == "calling_ae_not_recognised"
 
     def test_wrong_called_ae_is_rejected(self, node: NodeProcess, ct_series: Callable[..., CTSeries]) -> None:
         result = storescu(node.port, ct_series(2).files, called="NOT_US")
         assert result.returncode != 0
         assert "Called AE Title Not Recognized" in result.stderr
-        assert spooled_files(node.data_dir) == []
+        assert spooled_instances(node.data_dir) == []
         assert node.wait_for("association_rejected")["reason"] == "called_ae_not_recognised"
 
     def test_wrong_source_address_is_dropped_before_any_pdu(
@@ -145,7 +145,7 @@ class TestAssociationPolicy:
         node = node_factory(peers=[{"name": "far", "ae_title": "*", "host": "10.99.0.0/16"}])
         result = storescu(node.port, ct_series(2).files)
         assert result.returncode != 0
-        assert spooled_files(node.data_dir) == []
+        assert spooled_instances(node.data_dir) == []
         refused = node.wait_for("connection_refused")
         assert refused["reason"] == "address_not_allowed"
         assert not any(e.get("event") == "association_rejected" for e in node.events())
@@ -215,7 +215,7 @@ class TestFailureStatuses:
         ds = self._dataset()
         ds.StudyInstanceUID = "1.2.not-a-uid"
         assert self._send(node.port, ds) == 0xC220
-        assert spooled_files(node.data_dir) == []
+        assert spooled_instances(node.data_dir) == []
 
     def test_undecodable_data_set_is_refused(self, node_factory: Callable[..., NodeProcess],
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,7 +231,7 @@ class TestFailureStatuses:
         bad = tmp_path / "bad.dcm"
         bad.write_bytes(raw[:header_end] + b"\x08\x00\x18\x00UI\xff\xff" + b"garbage" * 3)
         assert self._send(node.port, bad) == 0xC210
-        assert spooled_files(node.data_dir) == []
+        assert spooled_instances(node.data_dir) == []
         assert node.wait_for("store_refused", reason="undecodable")
 
     def test_duplicate_is_success_and_stored_once(self, node_factory: Callable[..., NodeProcess]) -> None:
@@ -239,7 +239,7 @@ class TestFailureStatuses:
         ds = self._dataset()
         assert self._send(node.port, ds) == 0x0000
         assert self._send(node.port, ds) == 0x0000
-        assert len(spooled_files(node.data_dir)) == 1
+        assert len(spooled_instances(node.data_dir)) == 1
 
 
 class TestNoPatientDataOutside:
@@ -254,13 +254,13 @@ class TestNoPatientDataOutside:
         sinks = {"log": node.log_path.read_text(errors="replace"),
                  "paths": "\n".join(str(p) for p in node.data_dir.rglob("*"))}
         files = [p for p in node.data_dir.rglob("*") if p.is_file()]
-        assert len(spooled_files(node.data_dir)) == 5
+        assert len(spooled_instances(node.data_dir)) == 5
         for path in files:  # spooled instances, database, WAL, keys: raw bytes, as a thief would read them
             sinks[str(path.relative_to(node.data_dir))] = path.read_bytes().decode("latin-1")
         for canary in canaries(series):
             for sink, text in sinks.items():
                 assert canary not in text, f"{canary!r} leaked into {sink}"
-        modes = {p.stat().st_mode & 0o777 for p in spooled_files(node.data_dir)}
+        modes = {p.stat().st_mode & 0o777 for p in (node.data_dir / "spool").rglob("*") if p.is_file()}
         assert modes == {0o600}
         assert (node.data_dir / "spool").stat().st_mode & 0o777 == 0o700
 

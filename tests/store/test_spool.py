@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from tests.conftest import (
     NodeProcess,
     dataset_bytes,
     dcmtk_env,
+    group_memory_kib,
     require_tool,
     spooled_by_sop,
 )
@@ -129,31 +132,121 @@ def test_below_the_free_space_watermark_stores_and_associations_are_refused(
     assert node.wait_for("association_rejected", reason="disk_space_low")
 
 
+_JOB = "0123456789abcdef"
+
+
+def _fresh_spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "var")
+    spool.prepare()
+    return spool
+
+
 class TestWriteProtocol:
-    def test_write_is_atomic_and_owner_only(self, tmp_path: Path) -> None:
-        spool = Spool(tmp_path / "var")
-        spool.prepare()
-        job_id = "0123456789abcdef"
-        file_id, size = spool.write_instance(job_id, [b"head", memoryview(b"body")])
-        path = spool.instance_path(job_id, file_id)
-        assert path.read_bytes() == b"headbody"
-        assert size == 8
-        assert path.stat().st_mode & 0o777 == 0o600
-        assert [p.name for p in path.parent.iterdir()] == [path.name]
+    def test_an_instance_is_a_record_in_an_owner_only_segment(self, tmp_path: Path) -> None:
+        spool = _fresh_spool(tmp_path)
+        first, size = spool.write_instance(_JOB, [b"head", memoryview(b"body")])
+        second, _ = spool.write_instance(_JOB, [b"second"])
+        assert size == 8 and spool.instance_size(_JOB, first) == 8
+        assert spool.read_instance(_JOB, first) == b"headbody"
+        assert spool.read_instance(_JOB, second) == b"second"
+        assert spool.file_ids(_JOB) == [first, second]
+        [segment] = (spool.root / _JOB).iterdir()  # one file for the job's instances, whatever their number
+        assert segment.suffix == ".seg" and segment.stat().st_mode & 0o777 == 0o600
+        assert segment.stat().st_size >= 1 << 20  # pre-allocated ahead of the writes
+        spool.close_idle_segments(0)
+        assert segment.stat().st_size == 2 * 4096  # cut to its records (4 KiB aligned) when closed
+        assert spool.file_ids(_JOB) == [first, second]
 
-    def test_failed_write_removes_the_temporary(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        spool = Spool(tmp_path / "var")
-        spool.prepare()
-        job_id = "0123456789abcdef"
+    def test_every_instance_is_flushed_once_and_concurrent_writers_share_flushes(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        spool = _fresh_spool(tmp_path)
+        spool.write_instance(_JOB, [b"first"])  # the segment exists
+        flushes: list[int] = []
+        real_fdatasync = os.fdatasync
 
-        def no_space(fd: int, data: object) -> int:
+        def slow_fdatasync(fd: int) -> None:  # a slow disk: writers queue behind one flush
+            flushes.append(fd)
+            time.sleep(0.02)
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+        monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync on the instance write path"))
+        written: list[tuple[str, bytes]] = []
+
+        def writer(index: int) -> None:
+            for n in range(10):
+                payload = f"w{index}-{n}".encode() * 100
+                written.append((spool.write_instance(_JOB, [payload])[0], payload))
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(written) == 40
+        assert 1 <= len(flushes) < 40, "four writers on one segment share their flushes"
+        for file_id, payload in written:
+            assert spool.read_instance(_JOB, file_id) == payload
+
+    def test_a_failed_write_leaves_no_record(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        spool = _fresh_spool(tmp_path)
+        kept, _ = spool.write_instance(_JOB, [b"kept"])
+
+        def no_space(*_args: object) -> int:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(os, "write", no_space)
+        monkeypatch.setattr(os, "pwritev", no_space)
         with pytest.raises(SpoolError, match="ENOSPC"):
-            spool.write_instance(job_id, [b"x" * 100])
+            spool.write_instance(_JOB, [b"x" * 100])
         monkeypatch.undo()
-        assert list((spool.root / job_id).iterdir()) == []
+        assert spool.file_ids(_JOB) == [kept]
+        again, _ = spool.write_instance(_JOB, [b"again"])  # a new segment: the failed one was closed
+        assert sorted(spool.file_ids(_JOB)) == sorted([kept, again])
+
+    def test_a_full_disk_gets_exactly_the_space_an_instance_needs(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        spool = _fresh_spool(tmp_path)
+        real_fallocate = os.posix_fallocate
+        asked: list[int] = []
+
+        def nearly_full(fd: int, offset: int, length: int) -> None:
+            asked.append(length)
+            if length > 8192:
+                raise OSError(28, "No space left on device")
+            real_fallocate(fd, offset, length)
+
+        monkeypatch.setattr(os, "posix_fallocate", nearly_full)
+        file_id, _ = spool.write_instance(_JOB, [b"small"])
+        assert asked == [1 << 20, 24 + 5]
+        with pytest.raises(SpoolError, match="ENOSPC"):
+            spool.write_instance(_JOB, [b"x" * 10_000])
+        assert spool.file_ids(_JOB) == [file_id]
+
+    def test_reading_stops_at_a_torn_record_and_skips_removed_ones(self, tmp_path: Path) -> None:
+        spool = _fresh_spool(tmp_path)
+        ids = [spool.write_instance(_JOB, [bytes([n]) * 5000])[0] for n in range(4)]
+        spool.remove_instance(_JOB, ids[1])
+        with pytest.raises(FileNotFoundError):
+            spool.read_instance(_JOB, ids[1])
+        spool.close_idle_segments(0)
+        [segment] = (spool.root / _JOB).iterdir()
+        raw = bytearray(segment.read_bytes())
+        assert bytes([1]) * 5000 not in raw, "a removed record is zeroed"
+        raw[3 * 8192 + 10] ^= 0xFF  # the last record's header torn by a power cut
+        segment.write_bytes(raw)
+        assert spool.file_ids(_JOB) == [ids[0], ids[2]]
+        with pytest.raises(FileNotFoundError):
+            spool.read_instance(_JOB, ids[3])
+
+    def test_an_older_spool_of_one_file_per_instance_is_still_read(self, tmp_path: Path) -> None:
+        spool = _fresh_spool(tmp_path)
+        record, _ = spool.write_instance(_JOB, [b"record"])
+        legacy = "0123456789abcdef0123456789abcdef"
+        (spool.root / _JOB / f"{legacy}.dcm").write_bytes(b"legacy")
+        assert sorted(spool.file_ids(_JOB)) == sorted([record, legacy])
+        assert spool.read_instance(_JOB, legacy) == b"legacy" and spool.instance_size(_JOB, legacy) == 6
+        assert spool.remove_job(_JOB)["received"] == 2
+        assert not (spool.root / _JOB).exists()
 
     @pytest.mark.parametrize("bad", ["../etc", "1.2.840.10008", "ABCDEF0123456789", ""])
     def test_paths_are_built_only_from_server_ids(self, tmp_path: Path, bad: str) -> None:
@@ -168,3 +261,35 @@ class TestWriteProtocol:
         (folder / ".deadbeefdeadbeefdeadbeefdeadbeef.tmp").write_bytes(b"partial")
         assert spool.remove_temporaries() == 1
         assert list(folder.iterdir()) == []
+
+
+def _open_spool_files(node: NodeProcess) -> list[str]:
+    """Files under the node's spool that one of its processes holds open."""
+    spool = str(node.data_dir / "spool")
+    found = []
+    for pid in group_memory_kib(node.process.pid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith(spool):
+                        found.append(target)
+    return found
+
+
+def test_a_received_study_leaves_no_segment_open_and_none_oversized(
+        node_factory: Callable[..., NodeProcess], ct_series: Callable[..., CTSeries], tmp_path: Path) -> None:
+    node = node_factory(peers=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "quiet_seconds": 30}])
+    series = ct_series(6, size=256)
+    assert _storescu(node.port, series.files, tmp_path / "storescu.log").wait(timeout=60) == 0
+    assert _open_spool_files(node), "a receiver keeps the job's segment open while the study arrives"
+    deadline = time.monotonic() + 30
+    while _open_spool_files(node) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Closed once idle: shredding the job then frees its blocks at once, and no pre-allocated space is left.
+    assert _open_spool_files(node) == []
+    spool = Spool(node.data_dir)
+    [job_id] = list(spool.job_ids())
+    needed = sum(-(-(spool.instance_size(job_id, file_id) + 24) // 4096) * 4096 for file_id in spool.file_ids(job_id))
+    assert len(spool.file_ids(job_id)) == len(series.files)
+    assert sum(p.stat().st_size for p in (spool.root / job_id).iterdir()) == needed
