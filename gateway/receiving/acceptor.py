@@ -126,12 +126,29 @@ class _GatewayDIMSE(DIMSEServiceProvider):
             kept = self._bounded(fragment)
             if kept is None:
                 continue
+            if self._appended(kept):
+                if not kept[0] & _LAST_BIT:
+                    continue
+                kept = kept[:1]  # the control byte alone ends the message in pynetdicom's decoder
             single = P_DATA()
             item: Any = [context_id, kept]  # a list, as pynetdicom's own decoder makes
             single.presentation_data_value_list = [item]
             super().receive_primitive(single)
             if self.message is None:  # a whole message was decoded: the next one starts from zero
                 self._command_bytes = self._dataset_bytes = 0
+
+    def _appended(self, fragment: bytes) -> bool:
+        """Append a data set fragment to its message without the copy pynetdicom's ``data[1:]`` makes.
+
+        Only once the command set is decoded (the message then has its own class) and the data set is buffered
+        in memory. Returns whether it was appended: the last fragment is then passed on emptied, any other dropped.
+        """
+        message = self.message
+        if (message is None or not fragment or fragment[0] & _COMMAND_BIT or type(message) is DIMSEMessage
+                or getattr(message, "_data_set_file", None) or type(message.data_set) is not BytesIO):
+            return False
+        message.data_set.write(memoryview(fragment)[1:])
+        return True
 
     def _bounded(self, fragment: bytes) -> bytes | None:
         """*fragment* while its message is within bounds; past them, what is left of it to decode (or None)."""

@@ -144,8 +144,10 @@ def _check_not_truncated(ds: Dataset) -> None:
             raise UndecodableError("data set truncated inside an element")
 
 
-def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
+def identify(data: bytes | memoryview | io.BytesIO, transfer_syntax: UID) -> Identity | None:
     """Parse *data* (a data set in *transfer_syntax*, little endian) and return its UIDs and declared pixel count.
+
+    A ``BytesIO`` (the received data set) is read in place, from its start: no copy of the data set is made.
 
     Returns ``None`` when a UID is missing or malformed.
 
@@ -155,7 +157,9 @@ def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
         When the data set is not parseable DICOM, or its Rows, Columns or Number of Frames are malformed.
     """
     try:
-        ds = read_dataset(io.BytesIO(data), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
+        source = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
+        source.seek(0)
+        ds = read_dataset(source, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
         _check_not_truncated(ds)
         values = [_uid_value(ds, tag) for tag in _IDENTITY_TAGS]
         pixels = _declared_pixels(ds)
@@ -214,7 +218,7 @@ def _store(event: evt.Event, assembler: Assembler, limits: Limits) -> str | None
         return _refused("disk_space_low")
     data = request.DataSet.getbuffer()
     try:
-        return _spool(event, request, data, assembler, limits, peer)
+        return _spool(event, request, request.DataSet, data, assembler, limits, peer)
     except (SpoolError, sqlite3.OperationalError) as exc:
         return _refused("out_of_resources", exc=exc)
     except Exception as exc:  # an escaping exception would be answered 0xC211 by pynetdicom
@@ -223,12 +227,12 @@ def _store(event: evt.Event, assembler: Assembler, limits: Limits) -> str | None
         data.release()
 
 
-def _spool(event: evt.Event, request: C_STORE, data: memoryview, assembler: Assembler, limits: Limits,
-           peer: Peer) -> str | None:
-    """Identify the data set, check it against the request and *limits*, and hand it to the spool."""
+def _spool(event: evt.Event, request: C_STORE, received: io.BytesIO, data: memoryview, assembler: Assembler,
+           limits: Limits, peer: Peer) -> str | None:
+    """Identify the data set (*received*, its buffer *data*), check it against the request and *limits*, spool it."""
     transfer_syntax = UID(event.context.transfer_syntax)
     try:
-        identity = identify(data, transfer_syntax)
+        identity = identify(received, transfer_syntax)
     except UndecodableError:
         return _refused("undecodable")
     if identity is None:
