@@ -349,7 +349,7 @@ class TestResponseEncoding:
         from pynetdicom.dimse_messages import C_STORE_RSP
         from pynetdicom.dimse_primitives import C_STORE
 
-        from gateway.receiving.acceptor import encode_c_store_response
+        from gateway.receiving.commands import encode_c_store_response
 
         response = C_STORE()
         response.MessageIDBeingRespondedTo = 7
