@@ -28,8 +28,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from gateway import encoding
 from gateway.config import GatewayConfig, Limits, Peer
 from gateway.errors import SpoolError
-from gateway.receiving.acceptor import DiscardedDataSet
 from gateway.receiving.assembly import Assembler, IncomingInstance
+from gateway.receiving.dimse import DiscardedDataSet
 from gateway.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, VERIFICATION_TRANSFER_SYNTAXES
 
 __all__ = [

@@ -30,7 +30,7 @@ from gateway.inference.manifest import load_model_package
 from gateway.inference.predictor import Predictor
 from gateway.inference.volume import Volume, VolumeLimits, volume_from_datasets
 from gateway.ops.metrics import STORE_REFUSALS
-from gateway.receiving.acceptor import DiscardedDataSet, _GatewayDIMSE
+from gateway.receiving.dimse import DiscardedDataSet, GatewayDIMSE
 from gateway.receiving.storage_scp import REFUSALS, UndecodableError, identify
 from tests.conftest import (
     CANARY_ACCESSION,
@@ -149,7 +149,7 @@ class TestDimseBound:
 
     @staticmethod
     def _received(cap: int, *primitives: P_DATA) -> list[Any]:
-        dimse = _GatewayDIMSE(Association(AE(), "acceptor"), cap)
+        dimse = GatewayDIMSE(Association(AE(), "acceptor"), cap)
         for primitive in primitives:
             dimse.receive_primitive(primitive)
         requests = []
