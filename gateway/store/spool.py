@@ -22,110 +22,36 @@ folder fsynced.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import re
 import secrets
-import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gateway.errors import SpoolError
 from gateway.store import segments
+from gateway.store.durable_files import (
+    ID,
+    SUFFIX,
+    durable_write,
+    file_ids,
+    make_dir,
+    remove_folder,
+    restrict,
+    spool_error,
+)
 from gateway.store.segment_writer import OpenSegments
 from gateway.store.segments import fsync_dir
 
 __all__ = ["Spool", "count_instances", "fsync_dir"]
 
-_ID = re.compile(r"^[0-9a-f]{16,64}$")
-_SUFFIX = ".dcm"
 _RESULT = re.compile(r"^t[0-9]{1,4}\.[a-z0-9-]{1,24}$")
 _FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def _error_code(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, "EIO")
-
-
-def _spool_error(what: str, exc: OSError) -> SpoolError:
-    code = _error_code(exc)
-    return SpoolError(f"{what} ({code})", reason=f"spool_{code.lower()}")
-
-
 def _check_id(value: str) -> str:
-    if not _ID.match(value):
+    if not ID.match(value):
         raise ValueError(f"not a spool id: {value!r}")
     return value
-
-
-def _write_all(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> int:
-    total = 0
-    for part in parts:
-        view = memoryview(part).cast("B")
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-            total += written
-    return total
-
-
-def _restrict(path: Path, mode: int) -> None:
-    with contextlib.suppress(FileNotFoundError):  # shredded meanwhile
-        if stat.S_IMODE(path.lstat().st_mode) & ~mode and not path.is_symlink():
-            os.chmod(path, mode)
-
-
-def _make_dir(path: Path, parent: Path) -> Path:
-    if not path.is_dir():
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fsync_dir(parent)
-        except OSError as exc:
-            raise _spool_error("cannot create a folder", exc) from exc
-    return path
-
-
-def _durable_write(folder: Path, name: str, parts: Iterable[bytes | bytearray | memoryview]) -> int:
-    # Temporary file in the same folder, fsync, rename, fsync the folder; nothing partial remains.
-    tmp = folder / f".{secrets.token_hex(16)}.tmp"
-    final = folder / name
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise _spool_error("cannot create a file", exc) from exc
-    try:
-        try:
-            size = _write_all(fd, parts)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        fsync_dir(folder)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        final.unlink(missing_ok=True)
-        raise _spool_error("cannot write a file", exc) from exc
-    return size
-
-
-def _file_ids(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return [p.name[: -len(_SUFFIX)] for p in folder.iterdir()
-            if p.name.endswith(_SUFFIX) and _ID.match(p.name[: -len(_SUFFIX)])]
-
-
-def _remove_folder(folder: Path) -> int:
-    if not folder.is_dir():
-        return 0
-    count = 0
-    for entry in os.scandir(folder):
-        os.unlink(entry.path)
-        count += 1
-    folder.rmdir()
-    fsync_dir(folder.parent)
-    return count
 
 
 class Spool:
@@ -150,13 +76,13 @@ class Spool:
     def restrict_modes(self) -> None:
         """Make everything already under ``data_dir`` owner-only (once, when the node starts)."""
         for below, _dirs, files in os.walk(self.data_dir):  # left by an older version or another umask
-            _restrict(Path(below), 0o700)
+            restrict(Path(below), 0o700)
             for name in files:
-                _restrict(Path(below) / name, 0o600)
+                restrict(Path(below) / name, 0o600)
 
     def job_dir(self, job_id: str) -> Path:
         """Return (creating if needed) the folder of job *job_id*."""
-        return _make_dir(self.root / _check_id(job_id), self.root)
+        return make_dir(self.root / _check_id(job_id), self.root)
 
     def write_instance(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> tuple[str, int]:
         """Append *parts* as one new received instance of *job_id*, durably; return ``(file_id, size)``.
@@ -169,7 +95,7 @@ class Spool:
         try:
             return self._segments.append(job_id, lambda: self.job_dir(job_id), parts)
         except OSError as exc:
-            raise _spool_error("cannot write an instance", exc) from exc
+            raise spool_error("cannot write an instance", exc) from exc
 
     def close_segment(self, job_id: str) -> None:
         """Close this process's open segment of *job_id* (the job stopped receiving)."""
@@ -183,31 +109,31 @@ class Spool:
         """The stored (sealed) size of an instance."""
         if segments.is_locator(file_id):
             return segments.locator_size(file_id)
-        return (self.root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}").stat().st_size
+        return (self.root / _check_id(job_id) / f"{_check_id(file_id)}{SUFFIX}").stat().st_size
 
     def write_work(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> str:
         """Write a pseudonymised file of *job_id* (``work/<job_id>/``); return its file id."""
-        folder = _make_dir(self.work_root / _check_id(job_id), self.work_root)
+        folder = make_dir(self.work_root / _check_id(job_id), self.work_root)
         file_id = secrets.token_hex(16)
-        _durable_write(folder, f"{file_id}{_SUFFIX}", parts)
+        durable_write(folder, f"{file_id}{SUFFIX}", parts)
         return file_id
 
     def remove_work(self, job_id: str) -> None:
         """Delete the pseudonymised files of *job_id* (before a stage is redone)."""
         for file_id in self.work_file_ids(job_id):
-            (self.work_root / job_id / f"{file_id}{_SUFFIX}").unlink(missing_ok=True)
+            (self.work_root / job_id / f"{file_id}{SUFFIX}").unlink(missing_ok=True)
 
     def work_file_ids(self, job_id: str) -> list[str]:
         """The pseudonymised files of *job_id*."""
-        return _file_ids(self.work_root / _check_id(job_id))
+        return file_ids(self.work_root / _check_id(job_id))
 
     def read_work(self, job_id: str, file_id: str) -> bytes:
         """A pseudonymised file of *job_id* (sealed)."""
-        return (self.work_root / _check_id(job_id) / f"{_check_id(file_id)}{_SUFFIX}").read_bytes()
+        return (self.work_root / _check_id(job_id) / f"{_check_id(file_id)}{SUFFIX}").read_bytes()
 
     def write_vault(self, job_id: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
         """Write the (sealed) re-identification entry of *job_id*, replacing an older one."""
-        _durable_write(_make_dir(self.vault_root, self.data_dir), f"{_check_id(job_id)}.vault", parts)
+        durable_write(make_dir(self.vault_root, self.data_dir), f"{_check_id(job_id)}.vault", parts)
 
     def read_vault(self, job_id: str) -> bytes:
         """The (sealed) re-identification entry of *job_id*."""
@@ -215,13 +141,13 @@ class Spool:
 
     def remove_results(self, job_id: str) -> None:
         """Delete the stage outputs of *job_id* (its pseudonymisation is being redone)."""
-        _remove_folder(self.results_root / _check_id(job_id))
+        remove_folder(self.results_root / _check_id(job_id))
 
     def write_result(self, job_id: str, name: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
         """Write (durably, replacing) the stage output *name* (``t<task>.<kind>``) of *job_id*."""
         if not _RESULT.match(name):
             raise ValueError(f"not a result name: {name!r}")
-        _durable_write(_make_dir(self.results_root / _check_id(job_id), self.results_root), name, parts)
+        durable_write(make_dir(self.results_root / _check_id(job_id), self.results_root), name, parts)
 
     def read_result(self, job_id: str, name: str) -> bytes:
         """A stage output of *job_id* (sealed); ``FileNotFoundError`` if it was never written."""
@@ -233,19 +159,19 @@ class Spool:
         """Write the result file *file_id* (recorded beforehand, so retention finds it) for a folder destination."""
         if not _FOLDER.match(folder):
             raise ValueError(f"not a destination name: {folder!r}")
-        _durable_write(_make_dir(self.export_root / folder, _make_dir(self.export_root, self.data_dir)),
-                       f"{_check_id(file_id)}{_SUFFIX}", parts)
+        durable_write(make_dir(self.export_root / folder, make_dir(self.export_root, self.data_dir)),
+                       f"{_check_id(file_id)}{SUFFIX}", parts)
 
     def export_files(self) -> list[tuple[str, str]]:
         """Every ``(destination, file_id)`` in ``export/``."""
         if not self.export_root.is_dir():
             return []
         return [(folder.name, file_id) for folder in self.export_root.iterdir()
-                if folder.is_dir() and _FOLDER.match(folder.name) for file_id in _file_ids(folder)]
+                if folder.is_dir() and _FOLDER.match(folder.name) for file_id in file_ids(folder)]
 
     def remove_export(self, folder: str, file_id: str) -> bool:
         """Overwrite (best effort: plaintext) and delete one export file; return whether it existed."""
-        path = self.export_root / folder / f"{_check_id(file_id)}{_SUFFIX}"
+        path = self.export_root / folder / f"{_check_id(file_id)}{SUFFIX}"
         try:
             with open(path, "r+b") as handle:
                 size = handle.seek(0, os.SEEK_END)
@@ -261,9 +187,9 @@ class Spool:
     def stored_job_ids(self) -> set[str]:
         """Every job id that still has a folder or vault entry under ``data_dir``."""
         ids = {entry.name for root in (self.root, self.work_root, self.results_root) if root.is_dir()
-               for entry in os.scandir(root) if entry.is_dir() and _ID.match(entry.name)}
+               for entry in os.scandir(root) if entry.is_dir() and ID.match(entry.name)}
         if self.vault_root.is_dir():
-            ids |= {p.stem for p in self.vault_root.glob("*.vault") if _ID.match(p.stem)}
+            ids |= {p.stem for p in self.vault_root.glob("*.vault") if ID.match(p.stem)}
         return ids
 
     def remove_job(self, job_id: str) -> dict[str, int]:
@@ -273,9 +199,9 @@ class Spool:
         """
         self.close_segment(job_id)
         removed = {"received": len(self.file_ids(job_id))}  # instances, whether records or files
-        _remove_folder(self.root / job_id)
+        remove_folder(self.root / job_id)
         for kind, folder in (("pseudonymised", self.work_root), ("results", self.results_root)):
-            removed[kind] = _remove_folder(folder / _check_id(job_id))
+            removed[kind] = remove_folder(folder / _check_id(job_id))
         vault = self.vault_root / f"{job_id}.vault"
         removed["vault"] = int(vault.exists())
         vault.unlink(missing_ok=True)
@@ -286,7 +212,7 @@ class Spool:
         folder = self.root / _check_id(job_id)
         if segments.is_locator(file_id):
             return segments.read_record(folder, file_id)
-        return (folder / f"{_check_id(file_id)}{_SUFFIX}").read_bytes()
+        return (folder / f"{_check_id(file_id)}{SUFFIX}").read_bytes()
 
     def remove_instance(self, job_id: str, file_id: str) -> None:
         """Delete one instance (a duplicate that lost a race, a replaced copy, a write the sender was told failed)."""
@@ -294,19 +220,19 @@ class Spool:
         if segments.is_locator(file_id):
             segments.remove_record(folder, file_id)
         else:
-            (folder / f"{_check_id(file_id)}{_SUFFIX}").unlink(missing_ok=True)
+            (folder / f"{_check_id(file_id)}{SUFFIX}").unlink(missing_ok=True)
 
     def job_ids(self) -> Iterator[str]:
         """Yield the id of every job folder present."""
         if self.root.is_dir():
             for entry in os.scandir(self.root):
-                if entry.is_dir() and _ID.match(entry.name):
+                if entry.is_dir() and ID.match(entry.name):
                     yield entry.name
 
     def file_ids(self, job_id: str) -> list[str]:
         """The ids of the instances present for *job_id*: live segment records, and files of an older spool."""
         folder = self.root / _check_id(job_id)
-        return [record.locator for record in segments.records(folder) if record.live] + _file_ids(folder)
+        return [record.locator for record in segments.records(folder) if record.live] + file_ids(folder)
 
     def trim_segments(self) -> None:
         """Cut the space pre-allocated after the last record of every segment (start-up, no receiver running)."""
