@@ -12,7 +12,9 @@ present but empty (the result's IOD may require it, type 2). A pseudo UID that s
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -90,9 +92,21 @@ def encode_reidentified(result: Dataset) -> bytes:
     return head + body.getvalue()
 
 
+def _uid_elements(ds: Dataset) -> Iterator[DataElement]:
+    """Every UI element of *ds*, at any depth; other raw elements stay raw (a structure set's contour points are
+    most of its bytes, and parsing them is most of the time a full walk takes)."""
+    for tag in tuple(ds.keys()):
+        vr = ds.get_item(tag).VR or ds[tag].VR  # raw from Implicit VR: known once converted
+        if vr == "UI":
+            yield ds[tag]
+        elif vr == "SQ":
+            for item in ds[tag].value:
+                yield from _uid_elements(item)
+
+
 def _map_uids(ds: Dataset, uids: dict[str, str]) -> None:
-    for element in ds.iterall():
-        if element.VR != "UI" or element.value is None:
+    for element in _uid_elements(ds):
+        if element.value is None:
             continue
         if isinstance(element.value, MultiValue | list):
             element.value = [uids.get(str(v), str(v)) for v in element.value]
@@ -102,8 +116,8 @@ def _map_uids(ds: Dataset, uids: dict[str, str]) -> None:
 
 def _pseudo_uids(ds: Dataset, pseudo: set[str]) -> int:
     count = 0
-    for element in ds.iterall():
-        if element.VR == "UI" and element.value is not None:
+    for element in _uid_elements(ds):
+        if element.value is not None:
             values = element.value if isinstance(element.value, MultiValue | list) else [element.value]
             count += sum(1 for v in values if str(v) in pseudo)
     return count

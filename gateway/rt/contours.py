@@ -9,12 +9,13 @@ make the polygon cross itself is not used.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from skimage import measure
 
-__all__ = ["Contour", "format_ds", "keyholed", "mask_contours", "plane_contours"]
+__all__ = ["Contour", "format_ds", "format_ds_points", "keyholed", "mask_contours", "plane_contours"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,31 @@ class Contour:
 
 def format_ds(value: float) -> str:
     """A Decimal String of at most 16 characters (PS3.5 6.2), to 0.1 micrometre."""
-    text = f"{round(float(value), 4):.4f}".rstrip("0").rstrip(".")
-    text = "0" if text in ("-0", "") else text
-    if len(text) > 16:
+    return format_ds_points(np.array([[value]]))
+
+
+#: Zeros ending a value's fraction (with its point when nothing is left of it), and a ``-0`` left by them.
+_TRAILING_ZEROS = re.compile(r"\.?0+(?=\\|$)")
+_NEGATIVE_ZERO = re.compile(r"(?<![^\\])-0(?![^\\])")
+_Z = "\x00"  # stands for the slice's z while the coordinates are formatted
+
+
+def format_ds_points(points: np.ndarray, z_text: str | None = None) -> str:
+    """Coordinates as one multi-valued Decimal String, each value as :func:`format_ds` writes it, in row order;
+    with *z_text*, the last column of every row is written as that text instead.
+
+    Raises
+    ------
+    ValueError
+        If a value does not fit in 16 characters.
+    """
+    values = points if z_text is None else points[:, :-1]
+    row = "\\".join(["%.4f"] * values.shape[1] + ([] if z_text is None else [_Z]))
+    text = "\\".join([row] * len(points)) % tuple(values.ravel().tolist())
+    text = _NEGATIVE_ZERO.sub("0", _TRAILING_ZEROS.sub("", text))
+    if z_text is not None:
+        text = text.replace(_Z, z_text)
+    if max(map(len, text.split("\\"))) > 16:
         raise ValueError("coordinate out of range for a Decimal String")
     return text
 
@@ -58,51 +81,66 @@ def _is_simple(points: np.ndarray) -> bool:
     return not bool((crossing & ~adjacent).any())
 
 
-def _douglas_peucker(points: np.ndarray, tolerance: float) -> np.ndarray:
-    """Indices kept by Douglas-Peucker on an open polyline (first and last always kept)."""
-    keep = np.zeros(len(points), dtype=bool)
-    keep[0] = keep[-1] = True
-    stack = [(0, len(points) - 1)]
-    while stack:
-        first, last = stack.pop()
-        if last - first < 2:
-            continue
-        start, end = points[first], points[last]
-        span = end - start
-        length = float(np.hypot(*span))
-        middle = points[first + 1:last]
-        if length == 0:
-            distance = np.hypot(*(middle - start).T)
-        else:
-            distance = np.abs(span[0] * (middle[:, 1] - start[1]) - span[1] * (middle[:, 0] - start[0])) / length
-        worst = int(np.argmax(distance))
-        if distance[worst] > tolerance:
-            split = first + 1 + worst
-            keep[split] = True
-            stack += [(first, split), (split, last)]
-    return np.flatnonzero(keep)
+def _douglas_peucker(points: np.ndarray, firsts: np.ndarray, lasts: np.ndarray, tolerance: float) -> np.ndarray:
+    """Which of *points* Douglas-Peucker keeps on the open polylines ``points[firsts[i]:lasts[i] + 1]``.
 
-
-def _simplify(points: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker on a closed polygon: split at the point farthest from the first, reduce both halves.
-
-    Points on straight runs (most of what marching squares emits) are dropped first; that
-    changes nothing in the shape and makes the reduction several times faster.
+    Every polyline's ends are kept. All polylines are reduced together, one level of the recursion at a time: the
+    point farthest from each pending segment's chord (the first of equals) is kept and splits it while it lies
+    beyond *tolerance*, exactly as the recursive algorithm does one segment after another.
     """
+    keep = np.zeros(len(points), dtype=bool)
+    keep[firsts] = keep[lasts] = True
+    while True:
+        wide = lasts - firsts >= 2
+        firsts, lasts = firsts[wide], lasts[wide]
+        if not len(firsts):
+            return keep
+        counts = lasts - firsts - 1
+        owner = np.repeat(np.arange(len(firsts)), counts)
+        offsets = np.cumsum(counts) - counts
+        middle = np.arange(int(counts.sum())) - offsets[owner] + firsts[owner] + 1
+        start, span = points[firsts][owner], (points[lasts] - points[firsts])[owner]
+        length = np.hypot(span[:, 0], span[:, 1])
+        offset = points[middle] - start
+        cross = np.abs(span[:, 0] * offset[:, 1] - span[:, 1] * offset[:, 0])
+        distance = np.where(length > 0, cross / np.where(length > 0, length, 1.0), np.hypot(offset[:, 0], offset[:, 1]))
+        worst = np.maximum.reduceat(distance, offsets)
+        hits = np.flatnonzero(distance == worst[owner])
+        split = middle[hits[np.unique(owner[hits], return_index=True)[1]]]
+        far = worst > tolerance
+        keep[split[far]] = True
+        firsts, lasts = np.concatenate([firsts[far], split[far]]), np.concatenate([split[far], lasts[far]])
+
+
+def _without_straight_runs(points: np.ndarray) -> np.ndarray:
+    """The polygon without the points in the middle of straight runs (most of what marching squares emits): that
+    changes nothing in the shape and leaves Douglas-Peucker far less to do."""
     before, after = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
     turn = (points[:, 0] - before[:, 0]) * (after[:, 1] - points[:, 1]) - \
         (points[:, 1] - before[:, 1]) * (after[:, 0] - points[:, 0])
-    if np.count_nonzero(turn) >= 3:
-        points = points[turn != 0]
-    far = int(np.argmax(np.hypot(*(points - points[0]).T)))
-    first = _douglas_peucker(points[: far + 1], tolerance)
-    second = _douglas_peucker(np.vstack([points[far:], points[:1]]), tolerance)[1:-1] + far
-    reduced: np.ndarray = points[np.concatenate([first, second])]
-    return reduced
+    return points[turn != 0] if np.count_nonzero(turn) >= 3 else points
 
 
-def plane_contours(mask: np.ndarray, tolerance_px: float) -> list[tuple[np.ndarray, bool]]:
-    """Contours of a 2D mask as ``(points (N, 2) in (row, column) pixel units, is_hole)``."""
+def _simplify(polygons: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
+    """Douglas-Peucker on closed polygons, all at once: each split at its point farthest from its first, both
+    halves reduced."""
+    polygons = [_without_straight_runs(points) for points in polygons]
+    closed, firsts, lasts, at = [], [], [], 0
+    for points in polygons:
+        far = int(np.argmax(np.hypot(*(points - points[0]).T)))
+        closed.append(np.vstack([points, points[:1]]))
+        firsts += [at, at + far]
+        lasts += [at + far, at + len(points)]
+        at += len(points) + 1
+    if not closed:
+        return []
+    keep = _douglas_peucker(np.concatenate(closed), np.array(firsts), np.array(lasts), tolerance)
+    bounds = np.cumsum([0] + [len(points) + 1 for points in polygons])
+    return [points[keep[bounds[i]:bounds[i + 1] - 1]] for i, points in enumerate(polygons)]
+
+
+def _traced(mask: np.ndarray) -> list[np.ndarray]:
+    """The boundaries of a 2D mask at pixel edges, ``(N, 2)`` in (row, column) pixel units, without degenerate ones."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not len(rows):
         return []
@@ -111,14 +149,26 @@ def plane_contours(mask: np.ndarray, tolerance_px: float) -> list[tuple[np.ndarr
     out = []
     for traced in measure.find_contours(padded, 0.5):  # type: ignore[no-untyped-call]
         points = traced[:-1] - 1.0 + (top, left)  # the last point repeats the first; undo crop and padding
-        area = _signed_area(points)
-        if abs(area) < 1e-9 or len(points) < 3:
-            continue
-        reduced = _simplify(points, tolerance_px) if tolerance_px > 0 else points
-        if len(reduced) >= 3 and abs(_signed_area(reduced)) > 1e-9 and _is_simple(reduced):
-            points = reduced
-        out.append((points, area < 0))  # skimage traces holes the other way round
+        if len(points) >= 3 and abs(_signed_area(points)) >= 1e-9:
+            out.append(points)
     return out
+
+
+def _reduced(traced: list[np.ndarray], tolerance_px: float) -> list[tuple[np.ndarray, bool]]:
+    """Each traced boundary reduced where the reduction keeps a simple polygon, and whether it is a hole."""
+    reduced = _simplify(traced, tolerance_px) if tolerance_px > 0 else traced
+    out = []
+    for points, fewer in zip(traced, reduced, strict=True):
+        if len(fewer) >= 3 and abs(_signed_area(fewer)) > 1e-9 and _is_simple(fewer):
+            out.append((fewer, _signed_area(points) < 0))  # skimage traces holes the other way round
+        else:
+            out.append((points, _signed_area(points) < 0))
+    return out
+
+
+def plane_contours(mask: np.ndarray, tolerance_px: float) -> list[tuple[np.ndarray, bool]]:
+    """Contours of a 2D mask as ``(points (N, 2) in (row, column) pixel units, is_hole)``."""
+    return _reduced(_traced(mask), tolerance_px)
 
 
 def _inside(point: np.ndarray, polygon: np.ndarray) -> bool:
@@ -156,9 +206,12 @@ def mask_contours(mask: np.ndarray, affine: np.ndarray, tolerance_mm: float = 0.
     Holes are separate inner contours, or with *keyhole* cut into their outer contour.
     """
     pixel_mm = min(float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2])))
+    slices = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    traced = [_traced(mask[index]) for index in slices]
+    reduced = iter(_reduced([points for plane in traced for points in plane], tolerance_mm / pixel_mm))
     contours = []
-    for index in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
-        planar = plane_contours(mask[index], tolerance_mm / pixel_mm)
+    for index, plane in zip(slices, traced, strict=True):
+        planar = [next(reduced) for _ in plane]
         for points, hole in keyholed(planar) if keyhole else planar:
             voxels = np.column_stack([np.full(len(points), float(index)), points, np.ones(len(points))])
             contours.append(Contour(int(index), (affine @ voxels.T).T[:, :3], hole))

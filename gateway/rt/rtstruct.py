@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 import structlog
+from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -28,7 +29,7 @@ from gateway.errors import StructureSetError
 from gateway.inference.manifest import ModelManifest
 from gateway.inference.volume import Volume
 from gateway.routes import StructureTemplate
-from gateway.rt.contours import Contour, format_ds, mask_contours
+from gateway.rt.contours import Contour, format_ds_points, mask_contours
 from gateway.rt.plausibility import Finding, Outcome
 
 __all__ = ["StructureSetInput", "build_structure_set"]
@@ -209,18 +210,19 @@ def _roi_contour(roi: _ROI, slices: list[Dataset], axial: bool) -> Dataset:
         entry.ContourImageSequence = DicomSequence([image])
         entry.ContourGeometricType = "CLOSED_PLANAR"
         entry.NumberOfContourPoints = len(contour.points)
-        values = [format_ds(value) for value in contour.points.ravel()]
-        if axial:  # z exactly as the slice's Image Position (Patient) says, so a TPS matches the slice
-            values[2::3] = [str(ct.ImagePositionPatient[2]).strip()] * len(contour.points)
-        entry[_CONTOUR_DATA] = _raw_ds(_CONTOUR_DATA, values)
+        # z exactly as the slice's Image Position (Patient) says, so a TPS matches the slice
+        z_text = str(ct.ImagePositionPatient[2]).strip() if axial else None
+        entry[_CONTOUR_DATA] = _raw_ds(_CONTOUR_DATA, format_ds_points(contour.points, z_text))
+        # as if read from Explicit VR Little Endian: the writer copies the raw text instead of parsing it
+        entry.set_original_encoding(False, True, default_encoding)
         sequence.append(entry)
     item.ContourSequence = DicomSequence(sequence)
     return item
 
 
-def _raw_ds(tag: int, values: list[str]) -> RawDataElement:
-    # Already valid DS text: stored as written, skipping pydicom's per-value conversion (most of the time).
-    raw = "\\".join(values).encode("ascii")
+def _raw_ds(tag: int, text: str) -> RawDataElement:
+    # Already valid DS text: stored and written as it is, skipping pydicom's per-value conversion.
+    raw = text.encode("ascii")
     if len(raw) % 2:
         raw += b" "
     return RawDataElement(BaseTag(tag), "DS", len(raw), raw, 0, False, True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import polygon as fill_polygon
 
-from gateway.rt.contours import format_ds, mask_contours, plane_contours
+from gateway.rt.contours import format_ds, format_ds_points, mask_contours, plane_contours
 
 
 def _rasterise(contours: list[tuple[np.ndarray, bool]], shape: tuple[int, int]) -> np.ndarray:
@@ -100,3 +100,68 @@ def test_self_crossing_polygons_are_detected() -> None:
 
     assert _is_simple(np.array([[0, 0], [0, 2], [2, 2], [2, 0]], dtype=float))
     assert not _is_simple(np.array([[0, 0], [0, 2], [2, 0], [2, 2]], dtype=float))
+
+
+def _reference_douglas_peucker(points: np.ndarray, tolerance: float) -> list[int]:
+    """Textbook recursive Douglas-Peucker on an open polyline: the indices it keeps."""
+    if len(points) < 3:
+        return list(range(len(points)))
+    start, end = points[0], points[-1]
+    span = end - start
+    length = float(np.hypot(*span))
+    middle = points[1:-1]
+    if length == 0:
+        distance = np.hypot(*(middle - start).T)
+    else:
+        distance = np.abs(span[0] * (middle[:, 1] - start[1]) - span[1] * (middle[:, 0] - start[0])) / length
+    worst = int(np.argmax(distance))
+    if distance[worst] <= tolerance:
+        return [0, len(points) - 1]
+    split = worst + 1
+    first = _reference_douglas_peucker(points[: split + 1], tolerance)
+    return first[:-1] + [split + i for i in _reference_douglas_peucker(points[split:], tolerance)]
+
+
+def _reference_reduction(points: np.ndarray, tolerance: float) -> np.ndarray:
+    """The closed polygon without straight-run points, split at the point farthest from its first, both halves
+    reduced by the recursive algorithm."""
+    before, after = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
+    turn = (points[:, 0] - before[:, 0]) * (after[:, 1] - points[:, 1]) - \
+        (points[:, 1] - before[:, 1]) * (after[:, 0] - points[:, 0])
+    points = points[turn != 0]
+    far = int(np.argmax(np.hypot(*(points - points[0]).T)))
+    first = _reference_douglas_peucker(points[: far + 1], tolerance)
+    second = [far + i for i in _reference_douglas_peucker(np.vstack([points[far:], points[:1]]), tolerance)[1:-1]]
+    return points[first + second]
+
+
+@pytest.mark.parametrize("tolerance", [0.3, 0.5, 1.5])
+def test_reduction_of_many_contours_equals_the_recursive_algorithm(tolerance: float) -> None:
+    # islands, holes and ragged edges on one plane: reduced together, each as if alone
+    rng = np.random.default_rng(7)
+    mask = _disc((160, 160), (60, 60), 45) & ~_disc((160, 160), (55, 65), 12) | _disc((160, 160), (125, 120), 25)
+    mask &= rng.random(mask.shape) > 0.02  # pinholes: many tiny holes
+    mask |= _disc((160, 160), (20, 140), 6)
+    exact, reduced = plane_contours(mask, 0.0), plane_contours(mask, tolerance)
+    assert len(exact) == len(reduced) > 20
+    changed = 0
+    for (points, hole), (fewer, fewer_hole) in zip(exact, reduced, strict=True):
+        assert hole == fewer_hole
+        expected = _reference_reduction(points, tolerance)
+        if len(fewer) != len(points) or not np.array_equal(fewer, points):
+            assert np.array_equal(fewer, expected)
+            changed += 1
+    assert changed >= 3
+
+
+def test_decimal_strings_of_many_points() -> None:
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0, 300, 3000), rng.integers(-500, 500, 300).astype(float),
+                             rng.normal(0, 1e-4, 300), [0.0, -0.0, 5e-5, -5e-5, 1.5e-4, -123456.78912]])
+    points = values[: len(values) // 3 * 3].reshape(-1, 3)
+    one_by_one = [format_ds(value) for value in points.ravel()]
+    assert format_ds_points(points) == "\\".join(one_by_one)
+    one_by_one[2::3] = ["-102.5"] * len(points)
+    assert format_ds_points(points, "-102.5") == "\\".join(one_by_one)
+    with pytest.raises(ValueError, match="out of range"):
+        format_ds_points(np.array([[1.0, 2.0, 3.0], [4.0, -1e16, 6.0]]))
