@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from skimage import measure
+
+from gateway.rt.tracing import boundaries
 
 __all__ = ["Contour", "format_ds", "format_ds_points", "keyholed", "mask_contours", "plane_contours"]
 
@@ -140,15 +141,15 @@ def _simplify(polygons: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
 
 
 def _traced(mask: np.ndarray) -> list[np.ndarray]:
-    """The boundaries of a 2D mask at pixel edges, ``(N, 2)`` in (row, column) pixel units, without degenerate ones."""
+    """The boundaries of a 2D mask at pixel edges, ``(N, 2)`` in (row, column) pixel units, without degenerate ones
+    (:func:`~gateway.rt.tracing.boundaries`)."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not len(rows):
         return []
     top, left = int(rows[0]), int(cols[0])
-    padded = np.pad(mask[top:int(rows[-1]) + 1, left:int(cols[-1]) + 1].astype(np.uint8), 1)
     out = []
-    for traced in measure.find_contours(padded, 0.5):  # type: ignore[no-untyped-call]
-        points = traced[:-1] - 1.0 + (top, left)  # the last point repeats the first; undo crop and padding
+    for points in boundaries(mask[top:int(rows[-1]) + 1, left:int(cols[-1]) + 1]):
+        points += (top, left)
         if len(points) >= 3 and abs(_signed_area(points)) >= 1e-9:
             out.append(points)
     return out
@@ -160,7 +161,7 @@ def _reduced(traced: list[np.ndarray], tolerance_px: float) -> list[tuple[np.nda
     out = []
     for points, fewer in zip(traced, reduced, strict=True):
         if len(fewer) >= 3 and abs(_signed_area(fewer)) > 1e-9 and _is_simple(fewer):
-            out.append((fewer, _signed_area(points) < 0))  # skimage traces holes the other way round
+            out.append((fewer, _signed_area(points) < 0))  # holes run the other way round
         else:
             out.append((points, _signed_area(points) < 0))
     return out

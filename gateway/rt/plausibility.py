@@ -114,14 +114,18 @@ class _Shape:
 
     @classmethod
     def of(cls, mask: np.ndarray) -> _Shape:
-        per_slice = np.count_nonzero(mask, axis=(1, 2))
+        # bool as 0/1 bytes summed in uint16 (exact up to 65535 voxels per line): several times faster than
+        # count_nonzero along axes
+        voxels = np.asarray(mask, dtype=bool).view(np.uint8)
+        by_row = voxels.sum(axis=2, dtype=np.uint16)
+        per_slice = by_row.sum(axis=1, dtype=np.int64)
         count = int(per_slice.sum())
         if not count:
             return cls(np.zeros((0, 0, 0), dtype=bool), 0, per_slice, (slice(0, 0),) * 3, (0.0, 0.0, 0.0))
         slices = np.flatnonzero(per_slice)
         k = slice(int(slices[0]), int(slices[-1]) + 1)
-        rows = np.count_nonzero(mask[k], axis=(0, 2))
-        columns = np.count_nonzero(mask[k], axis=(0, 1))
+        rows = by_row[k].sum(axis=0, dtype=np.int64)
+        columns = voxels[k].sum(axis=0, dtype=np.uint16).sum(axis=0, dtype=np.int64)
         i, j = _span(rows), _span(columns)
         centroid = tuple(float((profile * np.arange(profile.size)).sum()) / count
                          for profile in (per_slice, rows, columns))
