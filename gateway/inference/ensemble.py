@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -73,13 +74,19 @@ def encode_masks(prediction: Prediction) -> bytes:
     sure = list(prediction.confidence)
     figures = [(prediction.confidence[name].mean_probability, prediction.confidence[name].uncertain_share)
                for name in sure]
-    np.savez_compressed(buffer, planes=prediction.masks.planes, form=np.array(prediction.masks.form),
-                        top=np.array(prediction.masks.top), names=np.array(names),
-                        values=np.array([prediction.values[name] for name in names]),
-                        confidence_names=np.array(sure, dtype=str),
-                        confidence=np.array(figures, dtype=np.float64).reshape(len(sure), 2),
-                        split_names=np.array(list(prediction.split_mm), dtype=str),
-                        split_mm=np.array(list(prediction.split_mm.values()), dtype=np.float64))
+    arrays = {"planes": np.asarray(prediction.masks.planes), "form": np.array(prediction.masks.form),
+              "top": np.array(prediction.masks.top), "names": np.array(names),
+              "values": np.array([prediction.values[name] for name in names]),
+              "confidence_names": np.array(sure, dtype=str),
+              "confidence": np.array(figures, dtype=np.float64).reshape(len(sure), 2),
+              "split_names": np.array(list(prediction.split_mm), dtype=str),
+              "split_mm": np.array(list(prediction.split_mm.values()), dtype=np.float64)}
+    # an .npz as np.savez_compressed writes it, but at deflate level 3 instead of 6: on the label layers of a
+    # 512 x 512 x 100 CT 0.10 s instead of 0.27, at 350 KB instead of 190
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=3) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, array, allow_pickle=False)
     return buffer.getvalue()
 
 
