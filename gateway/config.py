@@ -205,6 +205,9 @@ class Pipeline(_Model):
     workers: Annotated[int, Field(ge=1, le=16)] = 1
     #: How often the job table is checked for work that is due (deliveries to retry, restarts).
     poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    #: Memory (MiB) for studies read and pseudonymised while they still arrive, ahead of the pseudonymise
+    #: stage; 0 turns it off. What does not fit is pseudonymised by the stage as usual.
+    prepare_mb: Annotated[int, Field(ge=0, le=65536)] = 256
 
 
 class Retention(_Model):

@@ -13,35 +13,20 @@ from dataclasses import dataclass, field
 
 import pydicom
 import structlog
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
-from gateway.errors import PixelDataError
 from gateway.failpoints import failpoint
-from gateway.identity.pseudonymise import (
-    DEFAULT_UNWANTED_IMAGE_TYPES,
-    ReidentificationRecord,
-    UIDMap,
-    encode,
-    identity_of,
-    new_pseudonym,
-    patient_of,
-    pseudonymise,
-    quarantine_reason,
-)
+from gateway.identity.prepare import PreparedJob, prepare_instance
+from gateway.identity.pseudonymise import DEFAULT_UNWANTED_IMAGE_TYPES, ReidentificationRecord
 from gateway.identity.reidentify import encode_reidentified, reidentify
 from gateway.identity.vault import Vault
 from gateway.routes import Route
 from gateway.store.jobs import JobState
-from gateway.store.outputs import StageContext, load_outputs, load_received, save_outputs, save_work
+from gateway.store.outputs import StageContext, load_outputs, save_outputs, save_work
 from gateway.store.tasks import NewTask
 
-__all__ = ["PseudonymisedJob", "StageContext", "pseudonymise_job", "reidentify_task", "route_for"]
+__all__ = ["PseudonymisedJob", "StageContext", "pseudonymise_job", "reidentify_task"]
 
 log = structlog.get_logger(__name__)
-
-NO_ROUTE = "no_route"
-
 
 @dataclass(frozen=True)
 class PseudonymisedJob:
@@ -54,29 +39,7 @@ class PseudonymisedJob:
     duration_ms: int
     state: JobState
     reason: str | None = None  # why the job failed
-
-
-def route_for(ds: Dataset, routes: Sequence[Route]) -> tuple[Route | None, str | None]:
-    """The first route that takes the series of *ds*, or ``None`` and why none does.
-
-    A route takes a series when its ``match`` fits (multi-valued attributes joined by ``\\``)
-    and its ``[routes.images]`` does not skip it; the reason is the first skip's code, else ``no_route``.
-    """
-    skipped = None
-    for route in routes:
-        attributes = {}
-        for keyword in route.keywords:
-            value = ds.get(keyword)
-            if value is not None:
-                attributes[keyword] = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
-        if not route.matches(attributes):
-            continue
-        image_type = [str(v) for v in ds.get("ImageType", [])]
-        reason = route.images.skip_reason(image_type, attributes)
-        if reason is None:
-            return route, None
-        skipped = skipped or reason
-    return None, skipped or NO_ROUTE
+    prepared: int = 0  # instances read and pseudonymised ahead, while the study arrived
 
 
 @dataclass
@@ -94,7 +57,8 @@ def _quarantine(ctx: StageContext, job_id: str, file_id: str, reason: str, count
 
 
 def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (), *,
-                     unwanted_image_types: Iterable[str] = DEFAULT_UNWANTED_IMAGE_TYPES) -> PseudonymisedJob:
+                     unwanted_image_types: Iterable[str] = DEFAULT_UNWANTED_IMAGE_TYPES,
+                     prepared: PreparedJob | None = None) -> PseudonymisedJob:
     """Pseudonymise every received instance of *job_id* into ``work/``, one task per series.
 
     Each series is routed on its original attributes (the first route that takes it); instances
@@ -102,37 +66,36 @@ def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (
     The vault entry, with the identity of each series taken from that series' own instances, is
     stored before the tasks are committed. The job fails, and nothing of it is processed, with
     ``identity_conflict`` when its instances disagree on the patient (one Study Instance UID, two
-    patients), or ``all_instances_quarantined`` when nothing is left.
+    patients), or ``all_instances_quarantined`` when nothing is left. What was *prepared* ahead
+    (:class:`~gateway.identity.prepare.Preparer`, with the same *routes* and *unwanted_image_types*) is used
+    as long as every instance it holds is still one of the job's.
     """
     started = time.monotonic()
     ctx.spool.remove_work(job_id)  # a stage interrupted by a crash (or a reopened job) is redone from the start
     ctx.spool.remove_results(job_id)
     ctx.tasks.start_over(job_id)
-    uids, pseudonym = UIDMap(), new_pseudonym()
+    files = sorted(ctx.jobs.instance_files(job_id))
+    if prepared is not None and not prepared.files.keys() <= set(files):
+        prepared = None  # an instance was replaced since: afresh, so the vault holds no UID of the old one
+    ahead = prepared or PreparedJob()
     series: dict[str, _SeriesFiles] = {}
     quarantined: dict[str, int] = {}
     patients: set[tuple[bytes, ...]] = set()
-    for file_id in sorted(ctx.jobs.instance_files(job_id)):
-        plaintext = load_received(ctx, job_id, file_id)
-        ds = pydicom.dcmread(io.BytesIO(plaintext))
-        patients.add(patient_of(ds))  # quarantined instances too: the study is suspect either way
-        series_uid = str(ds.get("SeriesInstanceUID", ""))
-        identity = identity_of(ds) if series_uid not in series else b""  # before anything decodes it
-        reason = quarantine_reason(ds, unwanted_image_types)
-        if reason is not None:
-            _quarantine(ctx, job_id, file_id, reason, quarantined)
+    for file_id in files:
+        item = ahead.files.get(file_id) or prepare_instance(ctx, job_id, file_id, ahead.uids, ahead.pseudonym,
+                                                             routes, unwanted_image_types)
+        patients.add(item.patient)  # quarantined instances too: the study is suspect either way
+        if item.quarantine is not None:
+            _quarantine(ctx, job_id, file_id, item.quarantine, quarantined)
             continue
-        if series_uid not in series:
-            series[series_uid] = _SeriesFiles(*route_for(ds, routes), identity)
-            if series[series_uid].route is None:
-                log.info("series_not_routed", job_id=job_id, series=len(series), reason=series[series_uid].reason)
-        group = series[series_uid]
-        try:
-            encoded = encode(pseudonymise(ds, uids, pseudonym))
-        except PixelDataError:
+        if item.series_uid not in series:
+            series[item.series_uid] = _SeriesFiles(item.route, item.route_reason, item.identity)
+            if item.route is None:
+                log.info("series_not_routed", job_id=job_id, series=len(series), reason=item.route_reason)
+        if item.encoded is None:
             _quarantine(ctx, job_id, file_id, "undecodable_pixel_data", quarantined)
             continue
-        group.files.append(save_work(ctx, job_id, encoded))
+        series[item.series_uid].files.append(save_work(ctx, job_id, item.encoded))
     duration_ms = int((time.monotonic() - started) * 1000)
     written = sum(len(group.files) for group in series.values())
     failure = "identity_conflict" if len(patients) > 1 else "all_instances_quarantined" if not series else None
@@ -142,12 +105,14 @@ def pseudonymise_job(ctx: StageContext, job_id: str, routes: Sequence[Route] = (
         state = JobState.FAILED if moved else ctx.jobs.get(job_id).state
         return PseudonymisedJob(job_id, 0, quarantined, len(series), duration_ms, state, failure)
     identities = {number: group.identity for number, group in enumerate(series.values(), start=1)}
-    Vault(ctx.spool, ctx.sealer).store(job_id, ReidentificationRecord(uids.reverse(), identities, pseudonym))
+    Vault(ctx.spool, ctx.sealer).store(job_id, ReidentificationRecord(ahead.uids.reverse(), identities,
+                                                                      ahead.pseudonym))
     tasks = [NewTask(group.route.name if group.route else None, group.files, group.reason)
              for group in series.values()]
     failpoint("after:pseudonymise")
     state = ctx.tasks.create(job_id, tasks, duration_ms=duration_ms, now=time.time())
-    return PseudonymisedJob(job_id, written, quarantined, len(series), duration_ms, state)
+    return PseudonymisedJob(job_id, written, quarantined, len(series), duration_ms, state,
+                            prepared=len(prepared.files) if prepared is not None else 0)
 
 
 def reidentify_task(ctx: StageContext, job_id: str, task_no: int) -> int:

@@ -24,6 +24,7 @@ import structlog
 
 from gateway.config import GatewayConfig
 from gateway.errors import InferenceUnavailable, SpoolError
+from gateway.identity.prepare import Preparer
 from gateway.identity.stages import pseudonymise_job
 from gateway.inference.farm import TritonFarm
 from gateway.ops.audit import AuditLog
@@ -42,6 +43,11 @@ _DEFER_SECONDS = 30.0
 #: Attempts that raised (a bug, a damaged file) or never ended (the process was killed: out of memory) after
 #: which a job is failed instead of tried again; counted in the job table, so restarts do not reset it.
 _MAX_ATTEMPTS = 3
+#: How often the preparer looks for instances that arrived (one query while nothing is being received).
+_PREPARE_SECONDS = 0.25
+#: The preparer waits while instances arrive closer together than this (a burst: the receivers need the
+#: processors); a scanner sending as it reconstructs leaves gaps, and every study leaves its quiet period.
+_BURST_GAP_SECONDS = 0.3
 
 
 class Runner:
@@ -65,10 +71,17 @@ class Runner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
+        limit = config.pipeline.prepare_mb * 2**20
+        self._preparer = Preparer(ctx, config.routes, limit) if limit else None
+        self._preparing: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start dispatching (unfinished jobs from before a restart are picked up at once)."""
+        """Start dispatching (unfinished jobs from before a restart are picked up at once), and preparing."""
         self._thread.start()
+        if self._preparer is not None:
+            self._preparing = threading.Thread(target=self._prepare_loop, args=(self._preparer,), name="preparer",
+                                               daemon=True)
+            self._preparing.start()
 
     def wake(self) -> None:
         """Look for runnable jobs now rather than at the next poll."""
@@ -79,6 +92,10 @@ class Runner:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        if self._preparer is not None:
+            self._preparer.close()
+        if self._preparing is not None:
+            self._preparing.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _dispatch_loop(self) -> None:
@@ -89,6 +106,17 @@ class Runner:
             except Exception as exc:  # keep dispatching; the next poll retries
                 log.error("dispatch_failed", exc_info=exc)
             self._wake.wait(self._config.pipeline.poll_seconds)
+
+    def _prepare_loop(self, preparer: Preparer) -> None:
+        while not self._stop.wait(_PREPARE_SECONDS):
+            try:
+                preparer.step(self._ctx.jobs.awaiting_pseudonymisation(), self._arriving)
+            except Exception as exc:  # the stage does the work instead
+                log.warning("prepare_failed", reason=type(exc).__name__)
+
+    def _arriving(self) -> bool:
+        latest = self._ctx.jobs.last_arrival()
+        return latest is not None and self._clock() - latest < _BURST_GAP_SECONDS
 
     def _dispatch(self) -> None:
         now = self._clock()
@@ -191,10 +219,11 @@ class Runner:
                            first_instance_at=job.created_at, last_instance_at=job.last_received_at,
                            instances=job.instance_count, peer=job.peer)
         self._stages.begin("pseudonymise")
-        result = pseudonymise_job(self._ctx, job.job_id, self._config.routes)
+        prepared = self._preparer.take(job.job_id) if self._preparer is not None else None
+        result = pseudonymise_job(self._ctx, job.job_id, self._config.routes, prepared=prepared)
         quarantined = sum(result.quarantined.values())
         log.info("stage_done", stage="pseudonymise", duration_ms=result.duration_ms, instances=result.instances,
-                 quarantined=quarantined, series=result.series, outcome=result.state.value,
+                 prepared=result.prepared, quarantined=quarantined, series=result.series, outcome=result.state.value,
                  **({"reason": result.reason} if result.reason else {}))
         self._stages.observe("pseudonymise", result.duration_ms)
         self._audit.append("pseudonymised", self._clock(), job_id=job.job_id, study=job.study,

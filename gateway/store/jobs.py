@@ -161,6 +161,20 @@ class JobStore(Receptions):
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at").fetchall()
         return [_job(row) for row in rows]
 
+    def awaiting_pseudonymisation(self) -> list[str]:
+        """The jobs still receiving, or complete and not yet pseudonymised, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT job_id FROM jobs WHERE state IN ('receiving', 'complete') "
+                                    "ORDER BY created_at").fetchall()
+        return [row["job_id"] for row in rows]
+
+    def last_arrival(self) -> float | None:
+        """When the latest instance of any study still receiving arrived (None: nothing is being received)."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(last_received_at) AS latest FROM jobs WHERE state = 'receiving'"
+                                   ).fetchone()
+        return None if row["latest"] is None else float(row["latest"])
+
     def instance_files(self, job_id: str) -> dict[str, str]:
         """Return ``{file_id: sop_key}`` for the job's registered instances."""
         with self._lock:

@@ -30,8 +30,9 @@ from pydicom.uid import (
 )
 
 from gateway.identity.encapsulated import MARKER_SYNTAXES, strip_frame, strip_pixel_data
+from gateway.identity.prepare import route_for
 from gateway.identity.pseudonymise import UIDMap, encode, pseudonymise, quarantine_reason
-from gateway.identity.stages import pseudonymise_job, route_for
+from gateway.identity.stages import pseudonymise_job
 from gateway.routes import Route, RouteImages
 from gateway.sop import TRANSFER_SYNTAXES
 from gateway.store.jobs import JobStore

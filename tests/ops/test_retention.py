@@ -24,7 +24,7 @@ from gateway.store.sealing import Purpose, Sealer
 from gateway.store.spool import Spool
 from gateway.store.tasks import Export, NewTask, TaskStore
 from tests.conftest import REPO, NodeProcess, dcmtk_env, free_port, key_config, key_ring, require_tool
-from tests.identity.test_pseudonymise import CanaryStudy, canary_study  # noqa: F401 (a fixture)
+from tests.identity.canary import CanaryStudy, canary_study  # noqa: F401 (a fixture)
 
 T0 = 1_800_000_000.0
 DAY = 86_400

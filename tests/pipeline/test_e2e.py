@@ -166,6 +166,9 @@ def test_full_path_to_orthanc(node_factory: Callable[..., NodeProcess], tps: Ort
     events = node.events()
     stages = [e["stage"] for e in events if e["event"] == "stage_done"]
     assert stages == STAGES
+    # read and pseudonymised while the study arrived and during its quiet period, then only stored by the stage
+    [pseudonymised] = [e for e in events if e["event"] == "stage_done" and e["stage"] == "pseudonymise"]
+    assert pseudonymised["prepared"] == pseudonymised["instances"] == len(ct.files)
     assert [e["stage"] for e in events if e["event"] == "stage_started"] == STAGES
     assert [e["slices"] for e in events if e["event"] == "inference_expected"] == [len(ct.files)]
     assert all(e["job_id"] == done["job_id"] and e["duration_ms"] >= 0 for e in events if e["event"] == "stage_done")
