@@ -143,17 +143,18 @@ class Preparer:
         for job_id in waiting:
             if job_id in self._left:
                 continue
-            try:
-                for file_id in sorted(self._ctx.jobs.instance_files(job_id)):
-                    if busy():
-                        return prepared
+            for file_id in sorted(self._ctx.jobs.instance_files(job_id)):  # a database error ends the step only
+                if busy():
+                    return prepared
+                try:
                     outcome = self._prepare(job_id, file_id)
-                    if outcome is None:
-                        break
-                    prepared += outcome
-            except Exception as exc:  # the stage reads it again and reports what is wrong
-                log.warning("prepare_skipped", job_id=job_id, reason=type(exc).__name__)
-                self.take(job_id)
+                except Exception as exc:  # the stage reads it again and reports what is wrong
+                    log.warning("prepare_skipped", job_id=job_id, reason=type(exc).__name__)
+                    self.take(job_id)
+                    break
+                if outcome is None:
+                    break
+                prepared += outcome
             if self._size >= self._limit:
                 break
         return prepared

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sqlite3
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from structlog.testing import capture_logs
 
@@ -132,3 +134,18 @@ def test_an_unreadable_instance_leaves_the_study_to_the_stage(received: Received
         (received.job_id, "warning")]
     assert preparer.size == 0 and preparer.take(received.job_id) is None
     assert preparer.step([received.job_id]) == 0  # left to the stage, which says what is wrong
+
+
+def test_a_database_error_ends_the_step_without_leaving_the_study(received: Received,
+                                                                  canary_study: CanaryStudy,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    preparer = Preparer(received.ctx, [CT_ROUTE], _UNLIMITED)
+
+    def locked(job_id: str) -> dict[str, str]:
+        raise sqlite3.OperationalError("database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(received.ctx.jobs, "instance_files", locked)
+        with pytest.raises(sqlite3.OperationalError):
+            preparer.step([received.job_id])  # the runner logs prepare_failed and steps again later
+    assert preparer.step([received.job_id]) == len(canary_study.files)  # not a bad study: prepared as usual

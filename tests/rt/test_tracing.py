@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage import measure
 
-from gateway.rt.tracing import boundaries
+from gateway.rt.tracing import _jump, _walk, boundaries
 
 
 def _signed_area(points: np.ndarray) -> float:
@@ -56,3 +56,22 @@ def test_diagonal_pixels_stay_apart_and_an_empty_plane_has_none() -> None:
     assert len(boundaries(diagonal)) == 4
     assert boundaries(np.zeros((5, 5), dtype=bool)) == []
     assert len(boundaries(np.ones((5, 7), dtype=bool))) == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_loops_followed_one_by_one_and_by_pointer_jumping_agree(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for count in (1, 2, 3, 17, 255, 256, 1000, 4099):
+        following = rng.permutation(count)  # any permutation: loops of every length, fixed points too
+        walked, jumped = _walk(following), _jump(following)
+        assert [members.tolist() for members in walked] == [members.tolist() for members in jumped]
+        assert sorted(np.concatenate(walked).tolist()) == list(range(count))
+        for members in walked:
+            assert members[0] == members.min()
+            assert following[members].tolist() == np.roll(members, -1).tolist()  # in order of travel
+
+
+def test_every_corner_pattern_of_a_cell_against_scikit_image() -> None:
+    for code in range(16):
+        plane = np.array([[code & 8, code & 4], [code & 2, code & 1]], dtype=bool)
+        assert _canonical(boundaries(plane)) == _canonical(_reference(plane)), code
