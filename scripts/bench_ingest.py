@@ -4,7 +4,8 @@
 Method
 ------
 * Three receivers run as real processes on loopback with ``TCP_NODELAY=1``: our node
-  (``python -m gateway serve``, own process group, temporary ``data_dir``, port 0), Orthanc
+  (``python -m gateway serve``, own process group, temporary ``data_dir``, port 0, a quiet period of an
+  hour so that no study completes and is processed during the benchmark: that is ``bench_e2e.py``'s), Orthanc
   (generated JSON configuration, temporary storage and index, ``SyncStorageArea`` on so that
   both make every instance durable before answering, no compression, no plugins, C-STORE
   accepted only from the benchmark AE title on 127.0.0.1), and the *limit*: dcmtk
@@ -30,6 +31,13 @@ Method
   Orthanc); ``storescp --ignore`` keeps nothing to count, so only its storescu exit status is
   checked. Any loss, storescu failure or receiver that does not start ends the script with
   exit code 1. Missed targets do not: this is a measurement, not a test.
+* The disk's own limit, measured in the same rotation (once per repetition, machine settled first):
+  the same number of records of one instance's size written the way the node makes an instance durable,
+  and nothing else: ``pwrite`` into space pre-allocated with ``posix_fallocate``, then ``fdatasync``, one
+  record at a time, in this process, in the work folder (the file system of every receiver's storage).
+  On one association the next C-STORE waits for the answer to the last, and a receiver that answers only
+  once the instance is durable cannot overlap the two, so no such receiver exceeds the *serial bound*
+  ``1 / (1 / limit + 1 / disk)``; it is printed with the gateway's fraction of it.
 * Flushes per instance: after the measured runs, one more, unmeasured store per receiver of
   a fresh series (``--flush-instances``, one association) with ``strace -f -c`` attached to
   every process of the receiver's process group, counting ``fsync``, ``fdatasync``,
@@ -260,7 +268,7 @@ def start_gateway(stack: ExitStack, root: Path) -> Receiver:
         "[node]", 'ae_title = "CONTOUR_GW"', 'bind = "127.0.0.1"', "port = 0",
         f"data_dir = {json.dumps(str(data_dir))}", "max_associations = 8", "",
         "[[peers]]", 'name = "bench"', 'ae_title = "*"', 'host = "127.0.0.1"',
-        "quiet_seconds = 30", "", *key_section(root), "[logging]", 'level = "info"', 'format = "json"', ""]))
+        "quiet_seconds = 3600", "", *key_section(root), "[logging]", 'level = "info"', 'format = "json"', ""]))
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     process = stack.enter_context(spawn(command, log_path, REPO))
     started = wait_until(lambda: node_started(log_path), process, "gateway node", log_path)
@@ -413,14 +421,40 @@ def warm_up(storescu: str, receivers: list[Receiver], work: Path, plan: Plan) ->
         shutil.rmtree(folder, ignore_errors=True)
 
 
-Times = dict[str, dict[str, list[float]]]  # configuration -> receiver -> seconds per run
+Times = dict[str, dict[str, list[float]]]  # configuration -> receiver (or "disk") -> seconds per run
 
 
-def measure(storescu: str, receivers: list[Receiver], work: Path, plan: Plan) -> Times:
-    """Seconds per run; receivers alternate, and their order flips on every repetition."""
+def disk_store(folder: Path, count: int, record_bytes: int) -> float:
+    """Seconds to make *count* records of *record_bytes* durable one by one as the node does, and nothing else:
+    ``pwrite`` into pre-allocated space, then ``fdatasync`` (see the module docstring)."""
+    record = os.urandom(record_bytes)
+    stride = -(-record_bytes // 4096) * 4096
+    path = folder / "disk-limit.seg"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, count * stride)
+        os.fsync(fd)
+        start = time.perf_counter()
+        for index in range(count):
+            os.pwrite(fd, record, index * stride)
+            os.fdatasync(fd)
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def measure(storescu: str, receivers: list[Receiver], work: Path, plan: Plan, record_bytes: int) -> Times:
+    """Seconds per run; receivers alternate, and their order flips on every repetition; the disk once each."""
     times: Times = {c: {r.name: [] for r in receivers} for c in TARGETS}
+    times["single"]["disk"] = []
     seed = 0
     for rep in range(plan.repeat):
+        quiesce(receivers)
+        seconds = disk_store(work, plan.instances, record_bytes)
+        times["single"]["disk"].append(seconds)
+        print(f"  run {rep + 1}/{plan.repeat} {'single':<8} {'disk':<8} "
+              f"{seconds:7.2f} s  {plan.instances / seconds:7.1f} inst/s", flush=True)
         order = receivers if rep % 2 == 0 else receivers[::-1]
         for config, parts in (("single", 1), ("parallel", plan.parallel)):
             for receiver in order:
@@ -543,6 +577,9 @@ def summarize(times: Times, plan: Plan, mb_per_instance: float) -> dict[str, Any
         if config == "single":
             entry["limit_target"] = LIMIT_TARGET
             entry["limit_target_met"] = entry["limit_fraction"] >= LIMIT_TARGET
+            bound = 1 / (1 / entry["storescp"]["median_inst_per_s"] + 1 / entry["disk"]["median_inst_per_s"])
+            entry["serial_bound_inst_per_s"] = round(bound, 1)
+            entry["serial_bound_fraction"] = round(gateway / bound, 3)
         out[config] = entry
     return out
 
@@ -574,9 +611,19 @@ def _summary_lines(config: str, entry: dict[str, Any]) -> list[str]:
     limit = f"gateway / limit {entry['limit_fraction']:.2f}"
     if "limit_target" in entry:
         limit += f" (target >= {entry['limit_target']:.1f}, {_verdict(entry['limit_target_met'])})"
-    return [f"{label}: {rates}",
-            f"  gateway / orthanc {entry['ratio']:.2f} (target >= {entry['target_ratio']:.1f}, "
-            f"{_verdict(entry['target_met'])}); {limit}"]
+    lines = [f"{label}: {rates}",
+             f"  gateway / orthanc {entry['ratio']:.2f} (target >= {entry['target_ratio']:.1f}, "
+             f"{_verdict(entry['target_met'])}); {limit}"]
+    if "serial_bound_inst_per_s" in entry:
+        disk, bound = entry["disk"], entry["serial_bound_inst_per_s"]
+        lines.append(f"  disk alone (pwrite + fdatasync per instance) {disk['median_inst_per_s']:.1f} inst/s "
+                     f"(runs {min(disk['inst_per_s']):.0f}-{max(disk['inst_per_s']):.0f}); serial bound "
+                     f"1 / (1/limit + 1/disk) {bound:.1f} inst/s, gateway / bound "
+                     f"{entry['serial_bound_fraction']:.2f}")
+        if entry["limit_target"] * entry["storescp"]["median_inst_per_s"] > bound:
+            lines.append(f"  (the limit target, {entry['limit_target']:.1f} x limit, is above the serial bound here: "
+                         "no receiver that answers after a flush can reach it)")
+    return lines
 
 
 def _flush_lines(flushes: dict[str, Any]) -> list[str]:
@@ -642,8 +689,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
               f"on port {orthanc.port}, {limit.info['version']} --ignore on port {limit.port}; "
               f"sender {storescu}; work dir {root}", flush=True)
         warm_up(storescu, receivers, root, plan)
-        mb = write_series(root / "probe", 1, 1, plan.size, 0) / 1e6
-        times = measure(storescu, receivers, root, plan)
+        record_bytes = write_series(root / "probe", 1, 1, plan.size, 0)
+        mb = record_bytes / 1e6
+        times = measure(storescu, receivers, root, plan, record_bytes)
         flushes = flushes_per_instance(storescu, receivers, root, plan)
         rss = peak_rss(receivers)
     summary = summarize(times, plan, mb)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,14 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-triton"
 
 
+#: Where the Python backend keeps its shared-memory regions (one per model instance, 256 MiB here).
+SHARED_MEMORY = Path("/dev/shm")
+
+
 @dataclass
 class TritonProcess:
-    """A running ``tritonserver``; :meth:`stop` (or ``kill -9`` by :attr:`process`) ends it."""
+    """A running ``tritonserver``; :meth:`stop` or :meth:`kill` ends it and removes its shared memory."""
 
     process: subprocess.Popen[bytes]
     grpc_port: int
     metrics_port: int
     log: Path
+    shm_prefix: str  # names of its Python backend's shared-memory regions start with this
 
     @property
     def url(self) -> str:
@@ -48,6 +54,7 @@ class TritonProcess:
         if self.alive():
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+        self.remove_shared_memory()
 
     def stop(self) -> None:
         if self.alive():
@@ -56,6 +63,13 @@ class TritonProcess:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self.remove_shared_memory()
+
+    def remove_shared_memory(self) -> None:
+        """Unlink the regions its backend stubs left (a killed server, or stubs ended before the server: each
+        would otherwise hold 256 MiB of memory until the machine restarts)."""
+        for region in SHARED_MEMORY.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
 
 def _site_packages() -> Path:
@@ -85,6 +99,7 @@ def start(repository: Path, folder: Path, *, grpc_port: int, metrics_port: int, 
     binary = site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"tritonserver-{grpc_port}.log"
+    shm_prefix = f"contour_gateway_triton_{secrets.token_hex(6)}_"
     environment = {**os.environ, "VIRTUAL_ENV": str(VENV), "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '')}",
                    "LD_LIBRARY_PATH": str(site / "nvidia_pytriton.libs"), **(env or {})}
     environment.pop("PYTHONHOME", None)
@@ -96,11 +111,12 @@ def start(repository: Path, folder: Path, *, grpc_port: int, metrics_port: int, 
                # A CT volume (50-500 MB) passes through the Python backend's shared memory: one region that fits
                # it, rather than the default 1 MB grown 1 MB at a time.
                "--backend-config=python,shm-default-byte-size=268435456",
-               "--backend-config=python,shm-growth-byte-size=134217728"]
+               "--backend-config=python,shm-growth-byte-size=134217728",
+               f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
     with log.open("wb") as stream:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment,
                                    start_new_session=True)
-    server = TritonProcess(process, grpc_port, metrics_port, log)
+    server = TritonProcess(process, grpc_port, metrics_port, log, shm_prefix)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")

@@ -33,7 +33,7 @@ from tests.conftest import REPO, free_port
 from tests.pki import PKI
 from tests.realct import real_chest_ct
 from tests.synthetic import couch_phantom
-from tests.triton_farm import served, server_entry, start_server, write_repo
+from tests.triton_farm import served, server_entry, start_server, triton_local, write_repo
 
 MODELS = REPO / "models"
 
@@ -148,7 +148,9 @@ def test_a_server_killed_mid_request_is_marked_down_and_the_series_retried_on_th
         deadline = time.monotonic() + 30
         while "failpoint_slow" not in slow.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)  # the slow server has the request (its failpoint logged) ...
+        assert _regions(slow)  # its Python backend holds the volume in shared memory ...
         slow.kill()  # ... and dies with it
+        assert _regions(slow) == []  # no 256 MiB region left behind by a killed server
         thread.join(timeout=120)
         [result] = outcome
         assert_same(result, local_on_phantom)
@@ -156,6 +158,11 @@ def test_a_server_killed_mid_request_is_marked_down_and_the_series_retried_on_th
         assert farm.pool()["slow"] == "down"
     finally:
         slow.kill()
+
+
+def _regions(server: Any) -> list[Path]:
+    """The shared-memory regions of *server*'s Python backend that exist now."""
+    return sorted(triton_local.SHARED_MEMORY.glob(f"{server.shm_prefix}*"))
 
 
 def test_with_every_server_down_the_series_waits_until_one_comes_back(tmp_path: Path, farm_repository: Path,
@@ -172,8 +179,10 @@ def test_with_every_server_down_the_series_waits_until_one_comes_back(tmp_path: 
         time.sleep(0.6)
         assert_same(predictor.predict(phantom), local_on_phantom)
         assert farm.pool() == {"late": "up"}
+        assert _regions(server)
     finally:
         server.stop()
+    assert _regions(server) == []  # stopped: none left either
 
 
 def test_a_node_without_a_trusted_client_certificate_is_refused(servers: list[Any], farm_pki: PKI,
