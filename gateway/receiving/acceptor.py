@@ -4,6 +4,8 @@ Subclasses only (no fork of pynetdicom 3.0.4):
 
 * ``FastSocket`` (:mod:`gateway.receiving.sockets`) reads whole PDUs with ``recv_into`` instead of 4 KiB
   ``recv`` calls, and lets the DUL wait in ``select`` (socket + wake-up pipe) instead of polling every 1 ms.
+* :class:`gateway.receiving.upper_layer.GatewayDUL` reads each PDU into one buffer and hands P-DATA values
+  to the DIMSE layer as views of it (pynetdicom copies them three times).
 * ``_GatewayAssociation`` waits on the DIMSE queue instead of sleeping 1 ms per loop.
   pynetdicom's polling costs up to a millisecond of latency per message in each thread,
   which is most of the difference between it and dcmtk on loopback.
@@ -38,6 +40,7 @@ from gateway.ops.tls import ClientCertificate, client_certificate
 from gateway.receiving.dimse import GatewayDIMSE, InlineStoreQueue
 from gateway.receiving.policy import REJECTIONS, AssociationPolicy, AssociationSlots
 from gateway.receiving.sockets import REACTOR_TICK_S, ConnectionLimits, FastSocket
+from gateway.receiving.upper_layer import GatewayDUL
 
 __all__ = ["FdAssociationServer"]
 
@@ -103,6 +106,9 @@ class _GatewayAssociation(Association):
 
     def __init__(self, ae: Any, mode: str, server: FdAssociationServer) -> None:
         super().__init__(ae, mode)
+        self.dul = GatewayDUL(self)
+        # pynetdicom set the ARTIM and idle timers on the DUL it made: set them again on this one.
+        self.acse_timeout, self.network_timeout = self.acse_timeout, self.network_timeout
         self.policy = server.policy
         self.slots = server.slots
         self.disk_low = server.disk_low

@@ -102,7 +102,7 @@ class GatewayDIMSE(DIMSEServiceProvider):
                     continue
                 kept = kept[:1]  # the control byte alone ends the message in pynetdicom's decoder
             single = P_DATA()
-            item: Any = [context_id, kept]  # a list, as pynetdicom's own decoder makes
+            item: Any = [context_id, bytes(kept)]  # a list, as pynetdicom's own decoder makes; bytes, not a view
             single.presentation_data_value_list = [item]
             super().receive_primitive(single)
             if self.message is None:  # a whole message was decoded: the next one starts from zero

@@ -159,30 +159,66 @@ class FastSocket(AssociationSocket):
             cast(socket.socket, self.socket).sendall(_ABORT_INVALID_PARAMETER)
         raise OSError("declared PDU length over the limit")  # the DUL closes the connection
 
+    def recv_pdu(self) -> bytearray:
+        """The next PDU, header and body in one buffer; shorter than it declares when the connection ended.
+
+        A P-DATA-TF (its declared length already checked against what was negotiated) is read straight into
+        a buffer of its size; any other PDU as :meth:`recv` reads it.
+
+        Raises
+        ------
+        OSError
+            As :meth:`recv`: the connection failed, the PDU was too long or too slow.
+        """
+        header = self.recv(6)
+        if len(header) < 6:
+            return header
+        length = int.from_bytes(header[2:6], "big")
+        if header[0] != _P_DATA_TF:
+            return header + self.recv(length)
+        pdu = bytearray(6 + length)
+        pdu[:6] = header
+        try:
+            received = self._read_into(memoryview(pdu)[6:])
+        except OSError:
+            self._wake_acceptor()
+            raise
+        finally:
+            self._pdu_deadline = None
+            self._first_pdu_read = True
+        if received < length:  # the peer closed the connection
+            self._wake_acceptor()
+            del pdu[6 + received:]
+        return pdu
+
     def _read(self, nr_bytes: int) -> bytearray:
         if nr_bytes > _PREALLOCATE:
             return self._read_growing(nr_bytes)
+        buffer = bytearray(nr_bytes)
+        received = self._read_into(memoryview(buffer))
+        return buffer if received == nr_bytes else buffer[:received]
+
+    def _read_into(self, view: memoryview) -> int:
+        """Fill *view* from the socket before the PDU's deadline; return how many bytes came (fewer: it closed)."""
         sock: socket.socket = self.socket  # type: ignore[assignment]
         assert self._pdu_deadline is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
+        received, wanted = 0, len(view)
         try:
-            while received < nr_bytes:
+            while received < wanted:
                 # A timeout per call (a TLS record is read whole, so waiting for readability is not enough).
                 sock.settimeout(max(0.001, self._pdu_deadline - time.monotonic()))
-                count = sock.recv_into(view[received:], nr_bytes - received)
+                count = sock.recv_into(view[received:], wanted - received)
                 if not count:
-                    return buffer[:received]
+                    break
                 received += count
         except TimeoutError:
             self._pdu_deadline = None
             log.warning("connection_closed", reason="pdu_too_slow", limit_seconds=self._limits.pdu_seconds)
             raise
         finally:
-            del view
+            view.release()
             sock.settimeout(self._limits.pdu_seconds)  # what our own sends may wait for a peer that does not read
-        return buffer
+        return received
 
     def _read_growing(self, nr_bytes: int) -> bytearray:
         # A large declared length (up to the A-ASSOCIATE-RQ bound): memory follows the bytes that

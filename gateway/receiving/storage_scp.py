@@ -8,7 +8,6 @@ Association policy lives in :mod:`gateway.receiving.policy`; nothing slow runs o
 
 from __future__ import annotations
 
-import io
 import re
 import sqlite3
 from collections.abc import Callable
@@ -17,8 +16,6 @@ from enum import IntEnum
 from typing import Any, cast
 
 import structlog
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.uid import (
     UID,
 )
@@ -30,6 +27,7 @@ from gateway.config import GatewayConfig, Limits, Peer
 from gateway.errors import SpoolError
 from gateway.receiving.assembly import Assembler, IncomingInstance
 from gateway.receiving.dimse import DiscardedDataSet
+from gateway.receiving.elements import MalformedDataSetError, top_level_values
 from gateway.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, VERIFICATION_TRANSFER_SYNTAXES
 
 __all__ = [
@@ -98,33 +96,24 @@ class Identity:
 
 
 _UID_SYNTAX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_IDENTITY_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
+_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES = 0x00080016, 0x00080018, 0x0020000D, 0x0020000E
 _ROWS, _COLUMNS, _NUMBER_OF_FRAMES = 0x00280010, 0x00280011, 0x00280008
+_WANTED = frozenset({_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _ROWS, _COLUMNS, _NUMBER_OF_FRAMES})
 
 
-def _uid_value(ds: Dataset, tag: int) -> str | None:
-    # Read the raw value: pydicom's conversion and validation cost more than the whole write.
-    if tag not in ds:
-        return None
-    value = ds.get_item(tag).value
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
-    text = text.rstrip("\0 ")
+def _uid_value(values: dict[int, bytes], tag: int) -> str | None:
+    text = values.get(tag, b"").decode("ascii", "replace").rstrip("\0 ")
     return text if 0 < len(text) <= 64 and _UID_SYNTAX.match(text) else None
 
 
-def _raw_value(ds: Dataset, tag: int) -> bytes | None:
-    value = ds.get_item(tag).value if tag in ds else None
-    return value if isinstance(value, bytes) and value else None
-
-
-def _declared_pixels(ds: Dataset) -> int:
-    """Rows x Columns x Number of Frames, from the raw values (US little endian, IS) without pydicom's conversion."""
-    rows, columns = _raw_value(ds, _ROWS), _raw_value(ds, _COLUMNS)
-    if rows is None or columns is None:
+def _declared_pixels(values: dict[int, bytes]) -> int:
+    """Rows x Columns x Number of Frames, from the raw values (US little endian, IS)."""
+    rows, columns = values.get(_ROWS), values.get(_COLUMNS)
+    if not rows or not columns:
         return 0
     if len(rows) < 2 or len(columns) < 2:
         raise UndecodableError("Rows or Columns shorter than 2 bytes")
-    frames_text = (_raw_value(ds, _NUMBER_OF_FRAMES) or b"1").decode("ascii", "replace").strip(" \0")
+    frames_text = (values.get(_NUMBER_OF_FRAMES) or b"1").decode("ascii", "replace").strip(" \0")
     try:
         frames = float(frames_text or "1")
     except ValueError:
@@ -134,44 +123,31 @@ def _declared_pixels(ds: Dataset) -> int:
     return int.from_bytes(rows[:2], "little") * int.from_bytes(columns[:2], "little") * int(frames)
 
 
-def _check_not_truncated(ds: Dataset) -> None:
-    # Raw elements still carry their declared length; pydicom silently shortens a value
-    # that runs past the end of the data.
-    for elem in ds.elements():
-        length = getattr(elem, "length", None)
-        value = getattr(elem, "value", None)
-        if isinstance(value, bytes) and length not in (None, _UNDEFINED_LENGTH) and len(value) != length:
-            raise UndecodableError("data set truncated inside an element")
+def identify(data: bytes | memoryview, transfer_syntax: UID) -> Identity | None:
+    """Walk *data* (a data set in *transfer_syntax*, little endian) and return its UIDs and declared pixel count.
 
-
-def identify(data: bytes | memoryview | io.BytesIO, transfer_syntax: UID) -> Identity | None:
-    """Parse *data* (a data set in *transfer_syntax*, little endian) and return its UIDs and declared pixel count.
-
-    A ``BytesIO`` (the received data set) is read in place, from its start: no copy of the data set is made.
+    Only element headers and the identifying values are read (:mod:`gateway.receiving.elements`): no copy of
+    the data set is made.
 
     Returns ``None`` when a UID is missing or malformed.
 
     Raises
     ------
     UndecodableError
-        When the data set is not parseable DICOM, or its Rows, Columns or Number of Frames are malformed.
+        When the data set is empty, its elements do not fit it, or its Rows, Columns or Number of Frames
+        are malformed.
     """
     try:
-        source = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
-        source.seek(0)
-        ds = read_dataset(source, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
-        _check_not_truncated(ds)
-        values = [_uid_value(ds, tag) for tag in _IDENTITY_TAGS]
-        pixels = _declared_pixels(ds)
-    except UndecodableError:
-        raise
-    except Exception as exc:  # pydicom raises many types for bad input; none may escape
-        raise UndecodableError(f"data set not decodable ({type(exc).__name__})") from None
-    if len(ds) == 0:
+        values, count = top_level_values(data, transfer_syntax.is_implicit_VR, _WANTED)
+    except MalformedDataSetError as exc:
+        raise UndecodableError(f"data set not decodable ({exc})") from None
+    if count == 0:
         raise UndecodableError("empty data set")
-    if None in values:
+    pixels = _declared_pixels(values)
+    uids = [_uid_value(values, tag) for tag in (_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES)]
+    if None in uids:
         return None
-    sop_class_uid, sop_instance_uid, study_uid, series_uid = cast(list[str], values)
+    sop_class_uid, sop_instance_uid, study_uid, series_uid = cast(list[str], uids)
     return Identity(sop_class_uid, sop_instance_uid, study_uid, series_uid, pixels)
 
 
@@ -218,7 +194,7 @@ def _store(event: evt.Event, assembler: Assembler, limits: Limits) -> str | None
         return _refused("disk_space_low")
     data = request.DataSet.getbuffer()
     try:
-        return _spool(event, request, request.DataSet, data, assembler, limits, peer)
+        return _spool(event, request, data, assembler, limits, peer)
     except (SpoolError, sqlite3.OperationalError) as exc:
         return _refused("out_of_resources", exc=exc)
     except Exception as exc:  # an escaping exception would be answered 0xC211 by pynetdicom
@@ -227,12 +203,12 @@ def _store(event: evt.Event, assembler: Assembler, limits: Limits) -> str | None
         data.release()
 
 
-def _spool(event: evt.Event, request: C_STORE, received: io.BytesIO, data: memoryview, assembler: Assembler,
-           limits: Limits, peer: Peer) -> str | None:
-    """Identify the data set (*received*, its buffer *data*), check it against the request and *limits*, spool it."""
+def _spool(event: evt.Event, request: C_STORE, data: memoryview, assembler: Assembler, limits: Limits,
+           peer: Peer) -> str | None:
+    """Identify the data set (the received buffer *data*), check it against the request and *limits*, spool it."""
     transfer_syntax = UID(event.context.transfer_syntax)
     try:
-        identity = identify(received, transfer_syntax)
+        identity = identify(data, transfer_syntax)
     except UndecodableError:
         return _refused("undecodable")
     if identity is None:

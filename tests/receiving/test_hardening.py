@@ -176,6 +176,25 @@ def test_a_pdu_dribbled_after_association_is_cut_off(node_factory: Callable[...,
     assert node.wait_for("connection_closed", reason="pdu_too_slow")
 
 
+@pytest.mark.parametrize("body", [
+    struct.pack(">IB", 64, 1) + b"\x03CANARY^FUZZ",  # an item running past the end of its PDU
+    struct.pack(">IB", 1, 1),  # an item without a message control header
+    b"",  # no item
+], ids=["past-the-end", "no-control-header", "empty"])
+def test_a_malformed_p_data_after_association_is_aborted(node_factory: Callable[..., NodeProcess],
+                                                         body: bytes) -> None:
+    node = node_factory()
+    with connect(node) as sock:
+        sock.sendall(associate_rq())
+        assert sock.recv(6)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.recv(65536)
+        sock.sendall(struct.pack(">BBI", 0x04, 0, len(body)) + body)
+        sock.settimeout(CLOSE_DEADLINE_S)
+        assert sock.recv(1) == b"\x07"  # A-ABORT
+    assert echo(node)
+    assert "CANARY" not in node.log_text()
+
+
 def _fuzz_pdu(rng: random.Random, valid: bytes) -> bytes:
     choice = rng.randrange(6)
     if choice == 0:  # random type and length, random body
