@@ -43,10 +43,8 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 IMPLEMENTATION_CLASS_UID = UID(encoding.IMPLEMENTATION_CLASS_UID)
 IMPLEMENTATION_VERSION_NAME = encoding.IMPLEMENTATION_VERSION_NAME
-
 
 
 class StoreStatus(IntEnum):
