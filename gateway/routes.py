@@ -122,7 +122,7 @@ class Route(_Model):
     holes: Literal["separate", "keyhole"] = "separate"
     #: Also send a DICOM Segmentation of the same structures.
     segmentation: bool = False
-    #: Contour QA failures: written in the RTSTRUCT (``annotate``), holding the series until ``python -m gateway
+    #: Contour QA failures: written in the RTSTRUCT (``annotate``), holding the whole study until ``python -m gateway
     #: release`` (``hold``), or leaving the failing structures out (``drop``).
     qa: Literal["annotate", "hold", "drop"] = "annotate"
     #: Keep a QA picture (contours over three planes, sealed, shredded with the study): ``python -m gateway qa``.

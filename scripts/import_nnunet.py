@@ -418,6 +418,20 @@ def tg263_name(name: str) -> str:
     return safe[:16].rstrip("_")
 
 
+_SIDE_WORDS = frozenset({"left", "right", "l", "r", "lt", "rt", "sin", "dx"})
+
+
+def _words(name: str) -> set[str]:
+    return {word.lower() for word in re.split(r"[^A-Za-z0-9]+", name) if word}
+
+
+def loses_side(name: str) -> bool:
+    """Whether cutting *name* to a structure name drops the word that says its side (``lung_middle_lobe_right``
+    would become ``lung_middle_lobe``): a structure of one side must never come out as a structure of neither."""
+    side = _words(name) & _SIDE_WORDS
+    return bool(side) and not side & _words(tg263_name(name))
+
+
 def class_names(dataset: dict[str, Any], renames: Sequence[tuple[str, str]]) -> list[str]:
     """The structure name of each foreground class, in class index order (1, 2, ...).
 
@@ -435,6 +449,9 @@ def class_names(dataset: dict[str, Any], renames: Sequence[tuple[str, str]]) -> 
     names = [tg263_name(renamed[name]) for _, name in ordered]
     problems = [f"label {old!r} has no usable name; give one with --rename {old}=NAME"
                 for (_, old), new in zip(ordered, names, strict=True) if not new]
+    problems += [f"label {old!r} would lose its side as {new!r} (16 characters); give a name that keeps it, e.g. "
+                 f"--rename {old}=NAME_L" for (_, old), new in zip(ordered, names, strict=True)
+                 if new and loses_side(renamed[old])]
     for new in sorted({new for new in names if new and names.count(new) > 1}):
         olds = [old for (_, old), safe in zip(ordered, names, strict=True) if safe == new]
         problems.append(f"labels {olds} all become {new!r}; tell them apart with --rename old=New")

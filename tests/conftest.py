@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import pydicom
 import pytest
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.ops.process import ProcessSettings
@@ -135,6 +137,14 @@ class NodeProcess:
     tls_port: int = 0
     data_dir: Path = field(default_factory=Path)
     log_offset: int = 0
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample the node's ``/metrics`` shows now: (name, sorted labels) -> value."""
+        port = int(self.wait_for("node_started")["metrics_port"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(body) for sample in family.samples}
 
     def log_text(self) -> str:
         """What this process (not an earlier one on the same log) has written."""

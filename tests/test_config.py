@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from gateway.config import MAX_AGE_CEILING_SECONDS, load_config, parse_config
 from gateway.errors import ConfigError
 from gateway.inference_servers import RemoteModel
+from gateway.routes import Route
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +69,15 @@ class TestEmbeddedDefault:
         assert [(s.name, s.url, s.expected_name) for s in config.inference.servers] == [
             ("gpu1", "gpu1.hospital.local:8001", "gpu1.hospital.local")]
         assert config.inference.remote.for_model("default").attempts == 3
+
+    def test_the_readmes_4d_ct_route_contours_the_average_only(self) -> None:
+        [block] = [b for b in (REPO / "README.md").read_text().split("```toml\n")[1:] if "skip_image_types" in b]
+        [route] = [Route.model_validate(r) for r in tomllib.loads(block.split("```")[0])["routes"]]
+        series = {"CT 0%": ["ORIGINAL", "PRIMARY", "AXIAL"], "CT 90%": ["ORIGINAL", "PRIMARY", "AXIAL"],
+                  "AVG": ["DERIVED", "SECONDARY", "AXIAL", "AVERAGE"], "MIP": ["DERIVED", "SECONDARY", "AXIAL", "MIP"]}
+        kept = [d for d, image_type in series.items()
+                if route.images.skip_reason(image_type, {"SeriesDescription": d}) is None]
+        assert kept == ["AVG"]
 
     def test_valid_mapping_round_trips(self) -> None:
         config = parse_config(_valid())

@@ -49,6 +49,7 @@ was trained, and everything the RTSTRUCT writer needs to name what it found::
     volume_ml = [500, 150000]    # plausible volume, for contour QA
     contiguous = true            # contour QA: no empty slice between its first and last
     # exclusive_with = ["Lung_R"] # contour QA: never shares a voxel with these labels
+    # outside_external = [0.02, 0.10]  # contour QA: share outside the External that warns, that fails
     # within = "External"        # keep only what lies inside an earlier label (lungs: never in a couch pad)
 
 Post-processing runs per label in manifest order: within, side, components, length along the patient,
@@ -215,6 +216,9 @@ class Label(_Model):
     contiguous: bool = False
     #: For contour QA: labels this one never shares a voxel with (the two lungs).
     exclusive_with: tuple[str, ...] = ()
+    #: For contour QA: the share of the structure outside the External that warns, and that fails (a structure that
+    #: may reach past the skin, such as a bolus or the nostrils' airway, is given more).
+    outside_external: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.02, 0.10)
     #: The model ("name version") that found this label, where a route merges several models' labels.
     origin: str | None = None
 
@@ -261,6 +265,8 @@ class ModelManifest(_Model):
                 raise ValueError(f"label {label.name!r}: exclusive_with must name other labels of the model")
             if label.volume_ml is not None and label.volume_ml[0] >= label.volume_ml[1]:
                 raise ValueError(f"label {label.name!r}: volume_ml must be [smallest, largest]")
+            if label.outside_external[0] > label.outside_external[1]:
+                raise ValueError(f"label {label.name!r}: outside_external must be [warn, fail], warn <= fail")
         if self.input.resampling == "nnunet" and not self.output.logits:
             raise ValueError("resampling = \"nnunet\" resamples logits: set output.logits = true")
         if self.output.kind == "sigmoid":

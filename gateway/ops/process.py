@@ -1,7 +1,9 @@
 """Process-wide settings, in one place: applied once when a process starts, and restorable for tests.
 
 Every process of the node (``serve``, each receiver process, each command) calls :func:`configure_process`
-first; nothing else in the package changes interpreter-wide state.
+first; nothing else in the package changes interpreter-wide state, except two settings that belong to the
+receivers alone: the listener's forkserver preloads the receiver module (``receiving.listener``), and each
+receiver process keeps large buffers in glibc's heap (``receiving.receiver``, ``mallopt``).
 
 * file modes: every file and folder the process creates is owner-only (umask 077), including what the node
   does not create with an explicit mode (SQLite's database, WAL and shared-memory files, parent folders);

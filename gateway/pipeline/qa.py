@@ -1,10 +1,11 @@
 """Contour QA in the structure stage: check every structure, keep the record, and apply the route's ``qa`` mode.
 
-``annotate`` (the default) sends every structure, the findings written in the RTSTRUCT; ``hold`` keeps a series
-with any failed check from being sent (state ``held``, reason ``qa_failed``, an alert) until ``python -m gateway
-release``; ``drop`` leaves the structures that failed a check out. Whatever the mode, each flag is logged, every
-outcome counted in the metrics, the series' record stored for ``status`` and ``python -m gateway qa``, and one
-audit record written: structure names, check and reason codes and figures only, never patient data.
+``annotate`` (the default) sends every structure, the findings written in the RTSTRUCT; ``hold`` keeps the whole
+study from being sent when a check of any of its series fails (that series ``held`` with reason ``qa_failed`` and an
+alert, the others ``held`` with reason ``study_held``) until ``python -m gateway release``; ``drop`` leaves the
+structures that failed a check out. Whatever the mode, each flag is logged, every outcome counted in the metrics,
+the series' record stored for ``status`` and ``python -m gateway qa``, and one audit record written: structure
+names, check and reason codes and figures only, never patient data.
 """
 
 from __future__ import annotations

@@ -143,9 +143,10 @@ class Runner:
                 return
             if job.state is JobState.COMPLETE:
                 self._pseudonymise(job)
-            for task in self._ctx.tasks.tasks(job_id):
-                if not task.state.terminal and not self._stop.is_set():
-                    self._stages.run(task)
+            if any(self._stages.holds(task) for task in self._ctx.tasks.tasks(job_id)):
+                self._run_tasks(job_id, send=False)  # QA sees every series before any is sent
+                self._stages.hold_study(job_id)
+            self._run_tasks(job_id)
             self._ctx.jobs.end_attempt(job_id)
             self._finish(job_id)
             with self._lock:
@@ -163,6 +164,11 @@ class Runner:
             with self._lock:
                 self._busy.discard(job_id)
             self._wake.set()
+
+    def _run_tasks(self, job_id: str, *, send: bool = True) -> None:
+        for task in self._ctx.tasks.tasks(job_id):
+            if not task.state.terminal and not self._stop.is_set():
+                self._stages.run(task, send=send)
 
     def _reopened(self, job_id: str) -> bool:
         return self._ctx.jobs.get(job_id).state is JobState.RECEIVING

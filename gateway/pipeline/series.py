@@ -98,8 +98,19 @@ class SeriesStages:
         self._templates = load_route_templates(config.inference.templates_dir, config.routes,
                                                manifests_of(self._predictors.manifest))
 
-    def run(self, task: Task) -> None:
-        """Take one series as far as it can go now (its deliveries may wait for a retry)."""
+    def holds(self, task: Task) -> bool:
+        """Whether contour QA may hold *task*'s study (its route has ``qa = "hold"``)."""
+        return any(r.name == task.route and r.qa == "hold" for r in self._config.routes)
+
+    def hold_study(self, job_id: str) -> None:
+        """A series of *job_id* held by contour QA holds the others too: the study is released as one."""
+        held = self._ctx.tasks.hold_study(job_id, self._clock())
+        if held:
+            log.warning("study_held", series=held, reason="study_held")
+
+    def run(self, task: Task, *, send: bool = True) -> None:
+        """Take one series as far as it can go now (its deliveries may wait for a retry); with *send* false, no
+        further than its structure set, so that contour QA has seen every series before any is sent."""
         route = next((r for r in self._config.routes if r.name == task.route), None)
         structlog.contextvars.bind_contextvars(task=task.task_no)
         state, series, inferred = task.state, None, None
@@ -118,14 +129,14 @@ class SeriesStages:
                                      empty=len(prediction.empty), slices=series.volume.shape[0])
             if state is JobState.INFERRED:
                 state = self._structure(task, route, series, inferred)
-            if state is JobState.STRUCTURED:
+            if state is JobState.STRUCTURED and send:
                 started = time.monotonic()
                 self.begin("reidentify")
                 count = self._reidentify(task)
                 deliveries = [(item, name) for item in range(count) for name in route.destinations]
                 state = self._commit(task, JobState.REIDENTIFIED, "reidentify", started, deliveries=deliveries,
                                      results=count)
-            if state is JobState.REIDENTIFIED:
+            if state is JobState.REIDENTIFIED and send:
                 self._send(task)
         except _TaskGone:
             log.info("job_gone", reason="reopened")

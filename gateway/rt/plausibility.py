@@ -6,7 +6,8 @@ manifest's expectations:
 * ``laterality``: a left or right structure (manifest ``side``, else a TG-263 ``_L`` / ``_R`` suffix) has its
   centroid on that side of the External's midline, whatever the patient position (LPS is the patient's own frame);
 * ``volume``: within the manifest's ``volume_ml`` range;
-* ``inside_external``: the share of the structure outside the External;
+* ``inside_external``: the share of the structure outside the External (manifest ``outside_external``: the shares
+  that warn and fail, 2 % and 10 % unless a label says otherwise);
 * ``continuity``: no empty slice between the first and last slice of a structure marked ``contiguous``, nor
   between it and a piece of it that keeping the largest component discarded (``Prediction.split_mm``);
 * ``truncation``: a structure touching the first or last slice of the scan may be cut off by the scan range;
@@ -34,8 +35,6 @@ from gateway.inference.volume import Volume
 
 __all__ = ["Finding", "Outcome", "check_structures", "expected_side"]
 
-#: Share of a structure outside the External from which it is flagged (warn) and failed.
-_OUTSIDE_WARN, _OUTSIDE_FAIL = 0.02, 0.10
 #: A centroid closer to the midline than this (mm) is not judged for laterality (a structure on the midline).
 _MIDLINE_TOLERANCE_MM = 5.0
 #: A structure reaching further than this (mm) beyond the External towards the couch fails ``below_table``.
@@ -165,7 +164,7 @@ def _checks(volume: Volume, label: Label, shape: _Shape, shapes: dict[str, _Shap
     if label.interpreted_type != "EXTERNAL":
         yield _truncation(name, shape)
         if external is not None:
-            yield _inside(name, shape, external)
+            yield _inside(name, shape, external, label.outside_external)
             yield _below_table(volume, name, shape, external)
             side = expected_side(label)
             if side is not None:
@@ -193,11 +192,12 @@ def _truncation(name: str, shape: _Shape) -> Finding:
     return Finding(name, "truncation", Outcome.PASS, 0)
 
 
-def _inside(name: str, shape: _Shape, external: _Shape) -> Finding:
+def _inside(name: str, shape: _Shape, external: _Shape, limits: tuple[float, float]) -> Finding:
     outside = np.count_nonzero(shape.inside(shape.box) & ~external.inside(shape.box)) / shape.count
-    if outside >= _OUTSIDE_FAIL:
+    warn, fail = limits
+    if outside >= fail:
         return Finding(name, "inside_external", Outcome.FAIL, round(outside, 4), "outside_external")
-    if outside >= _OUTSIDE_WARN:
+    if outside >= warn:
         return Finding(name, "inside_external", Outcome.WARN, round(outside, 4), "partly_outside_external")
     return Finding(name, "inside_external", Outcome.PASS, round(outside, 4))
 

@@ -1,10 +1,9 @@
-"""C-STORE SCU: send a dataset to a configured destination, classify every failure, retry the transient ones.
+"""C-STORE SCU: send a dataset to a configured destination once, and classify every failure.
 
-An empty response (timeout, abort) is a failure, never "sent". Transient failures
-(connection refused or timed out, A-ASSOCIATE-RJ transient, abort, 0xA7xx) are retried with
-exponential backoff; permanent ones (A-ASSOCIATE-RJ permanent, no accepted presentation
-context, 0xA9xx, 0xCxxx, other failure statuses) are not, and the job goes to dead letter
-with the exact reason.
+An empty response (timeout, abort) is a failure, never "sent". Failures are transient (connection refused or
+timed out, A-ASSOCIATE-RJ transient, abort, 0xA7xx) or permanent (A-ASSOCIATE-RJ permanent, no accepted
+presentation context, 0xA9xx, 0xCxxx, other failure statuses), each with its exact reason code;
+:mod:`gateway.sending.delivery` retries the transient ones with backoff and dead-letters the rest.
 """
 
 from __future__ import annotations

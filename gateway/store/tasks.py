@@ -160,17 +160,20 @@ class TaskStore:
                 _record_time(db, job_id, task_no, stage, duration_ms, now)
             return _settle(db, job_id, now)
 
+    def hold_study(self, job_id: str, now: float) -> list[int]:
+        """When contour QA holds a series of *job_id*, hold its other structured series too (reason ``study_held``):
+        nothing of the study is sent until it is released. Return the numbers of the series held here."""
+        with self._jobs.transaction(durable=True) as db:
+            if db.execute("SELECT 1 FROM tasks WHERE job_id = ? AND state = ?", (job_id, JobState.HELD)).fetchone() \
+                    is None:
+                return []
+            return _move_all(db, job_id, JobState.STRUCTURED, JobState.HELD, "study_held", now)
+
     def release(self, job_id: str, now: float) -> list[int]:
         """Series of *job_id* held by contour QA go on to be sent; return their numbers (none held: ``[]``)."""
         with self._jobs.transaction(durable=True) as db:
             _job_state(db, job_id)  # raises JobNotFoundError
-            rows = db.execute("SELECT task_no FROM tasks WHERE job_id = ? AND state = ? ORDER BY task_no",
-                              (job_id, JobState.HELD)).fetchall()
-            db.execute("UPDATE tasks SET state = ?, reason = NULL WHERE job_id = ? AND state = ?",
-                       (JobState.STRUCTURED, job_id, JobState.HELD))
-            if rows:
-                _settle(db, job_id, now)
-        return [row["task_no"] for row in rows]
+            return _move_all(db, job_id, JobState.HELD, JobState.STRUCTURED, None, now)
 
     def deliveries(self, job_id: str, task_no: int) -> list[Delivery]:
         """What one task owes to its destinations, and how each stands."""
@@ -229,6 +232,17 @@ class TaskStore:
             rows = db.execute("SELECT task_no, stage, duration_ms FROM stage_times WHERE job_id = ? "
                               "ORDER BY finished_at", (job_id,)).fetchall()
         return [StageTime(row["task_no"], row["stage"], row["duration_ms"]) for row in rows]
+
+
+def _move_all(db: sqlite3.Connection, job_id: str, old: JobState, new: JobState, reason: str | None,
+              now: float) -> list[int]:
+    """Move every task of *job_id* in state *old* to *new* (with *reason*); return their numbers."""
+    rows = db.execute("SELECT task_no FROM tasks WHERE job_id = ? AND state = ? ORDER BY task_no",
+                      (job_id, old)).fetchall()
+    db.execute("UPDATE tasks SET state = ?, reason = ? WHERE job_id = ? AND state = ?", (new, reason, job_id, old))
+    if rows:
+        _settle(db, job_id, now)
+    return [row["task_no"] for row in rows]
 
 
 def _record_time(db: sqlite3.Connection, job_id: str, task_no: int, stage: str, duration_ms: int,

@@ -36,6 +36,11 @@ def test_committed_network_is_what_the_script_builds() -> None:
     assert build().SerializeToString() == (DEFAULT / "model.onnx").read_bytes()
     package = load_model_package(DEFAULT)
     assert [label.name for label in package.manifest.labels] == ["External", "Lung_L", "Lung_R"]
+    # What it covers, and what contour QA expects of it (the body regions are those tests/region_phantoms.py and
+    # the real CTs of tests/pipeline/test_real_ct.py try it on).
+    assert package.manifest.model.regions == ["head", "neck", "thorax", "abdomen", "pelvis", "limbs"]
+    assert {label.name: label.volume_ml for label in package.manifest.labels} == {
+        "External": (500, 150000), "Lung_L": (50, 4500), "Lung_R": (50, 5000)}
 
 
 def test_phantom_with_couch(predictor: Predictor) -> None:

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+import structlog.testing
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from gateway.config import parse_config
 from gateway.errors import InferenceError, InferenceUnavailable, VolumeError
-from gateway.inference.farm import TritonFarm
+from gateway.inference.farm import FarmObserver, TritonFarm
 from gateway.inference.packages import load_model
 from gateway.inference.predictor import Prediction, Predictor
 from gateway.inference.remote import RemotePredictor
@@ -59,9 +60,23 @@ def local_on_phantom(phantom: Volume) -> Prediction:
     return Predictor(load_model(MODELS / "default")).predict(phantom)
 
 
-def farm_of(entries: list[dict[str, Any]], **remote: Any) -> TritonFarm:
+def farm_of(entries: list[dict[str, Any]], observer: FarmObserver | None = None, **remote: Any) -> TritonFarm:
     config = parse_config({"inference": {"backend": "triton", "servers": entries, "remote": remote}})
-    return TritonFarm(config.inference)
+    return TritonFarm(config.inference, observer)
+
+
+class _Recorder:
+    """What the farm reports to the node's metrics."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, float]] = []
+        self.up: list[tuple[str, bool]] = []
+
+    def inference_request(self, server: str, outcome: str, seconds: float) -> None:
+        self.requests.append((server, outcome, seconds))
+
+    def inference_server_up(self, server: str, up: bool) -> None:
+        self.up.append((server, up))
 
 
 def remote_default(farm: TritonFarm) -> RemotePredictor:
@@ -158,6 +173,31 @@ def test_a_server_killed_mid_request_is_marked_down_and_the_series_retried_on_th
         assert farm.pool()["slow"] == "down"
     finally:
         slow.kill()
+
+
+def test_a_server_that_does_not_answer_in_time_is_marked_down_and_the_series_retried_on_the_other(
+        tmp_path: Path, farm_repository: Path, servers: list[Any], farm_pki: PKI, phantom: Volume,
+        local_on_phantom: Prediction) -> None:
+    """``timeout_seconds`` bounds a request: the stuck server (first in line) is given up after it, marked down and
+    reported as failed, and the series is answered by the other server; nothing waits for the stuck one."""
+    stuck = start_server(farm_repository, tmp_path, farm_pki, env={"CONTOUR_GW_FAILPOINT": "slow:remote_infer:60"})
+    try:
+        recorder = _Recorder()
+        farm = farm_of([server_entry("stuck", stuck.url, farm_pki), server_entry("other", servers[1].url, farm_pki)],
+                       recorder, timeout_seconds=5)
+        started = time.monotonic()
+        with structlog.testing.capture_logs() as logs:
+            assert_same(remote_default(farm).predict(phantom), local_on_phantom)
+        assert time.monotonic() - started < 40  # not the stuck server's 60 s
+        [down] = [entry for entry in logs if entry["event"] == "inference_server_down"]
+        assert (down["server"], down["reason"]) == ("stuck", "deadline_exceeded")
+        assert farm.pool() == {"stuck": "down", "other": "up"}
+        assert [(server, outcome) for server, outcome, _ in recorder.requests] == [("stuck", "failed"),
+                                                                                  ("other", "ok")]
+        assert recorder.requests[0][2] >= 5  # it was given its whole time
+        assert ("stuck", False) in recorder.up
+    finally:
+        stuck.kill()
 
 
 def _regions(server: Any) -> list[Path]:

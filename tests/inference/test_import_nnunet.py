@@ -302,6 +302,21 @@ class TestNames:
     def test_tg263_name(self, importer: ModuleType, name: str, safe: str) -> None:
         assert importer.tg263_name(name) == safe
 
+    @pytest.mark.parametrize(("name", "lost"), [
+        ("lung_middle_lobe_right", True), ("adrenal_gland_left", True), ("Parotid gland (R)", False),
+        ("Kidney_L", False), ("left_kidney", False), ("iliopsoas_muscle", False), ("humerus_left", False),
+    ])
+    def test_a_side_cut_off_is_found(self, importer: ModuleType, name: str, lost: bool) -> None:
+        assert importer.loses_side(name) is lost
+
+    def test_a_label_that_would_lose_its_side_is_refused(self, importer: ModuleType) -> None:
+        dataset = {"labels": {"background": 0, "lung_middle_lobe_right": 1, "Spinal cord": 2}}
+        with pytest.raises(importer.Refused, match="'lung_middle_lobe_right' would lose its side as "
+                                                   "'lung_middle_lobe'"):
+            importer.class_names(dataset, [])
+        assert importer.class_names(dataset, [("lung_middle_lobe_right", "Lung_Lobe_Mid_R")]) == [
+            "Lung_Lobe_Mid_R", "Spinal_cord"]
+
     def test_renamed_labels_and_a_second_import_replaces_the_first(self, importer: ModuleType, tmp_path: Path) -> None:
         folder = write_results_folder(tmp_path / "results", Recipe(folds=(0,)))
         out = tmp_path / "models" / "toy"

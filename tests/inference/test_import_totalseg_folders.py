@@ -66,9 +66,10 @@ def manifest(package: Path) -> dict[str, Any]:
 
 def renames(importer: ModuleType, labels: dict[str, int]) -> list[str]:
     """``--rename`` options for the labels whose 16-character structure names collide (``gluteus_maximus_left``
-    and ``_right`` ...): ``TS<value>`` (the TG-263 table will name them properly)."""
+    and ``_right`` ...) or lose their side: ``TS<value>`` (the TG-263 table will name them properly)."""
     short = {name: importer.tg263_name(name) for name in labels if name != "background"}
-    clashing = [name for name, safe in short.items() if list(short.values()).count(safe) > 1]
+    clashing = [name for name, safe in short.items()
+                if list(short.values()).count(safe) > 1 or importer.loses_side(name)]
     return [option for name in clashing for option in ("--rename", f"{name}=TS{labels[name]}")]
 
 

@@ -179,6 +179,12 @@ def test_a_server_killed_mid_request_leaves_one_rtstruct_computed_by_the_other(
     time.sleep(2)
     assert len(rtstructs_of(tps, ct.study_uid)) == 1
     assert [e["event"] for e in node.events() if e["event"] == "alert"] == []  # retried at once: nothing waited
+    samples = node.metrics()
+    assert samples[("gateway_inference_requests_total", (("outcome", "failed"), ("server", "slow")))] == 1
+    assert samples[("gateway_inference_requests_total", (("outcome", "ok"), ("server", "other")))] == 1
+    assert samples[("gateway_inference_server_up", (("server", "slow"),))] == 0
+    assert samples[("gateway_inference_server_up", (("server", "other"),))] == 1
+    assert samples[("gateway_inference_request_seconds_count", (("server", "other"),))] == 1
 
 
 def test_with_every_server_down_a_study_waits_and_is_sent_once_when_one_returns(
@@ -215,7 +221,8 @@ def test_with_every_server_down_a_study_waits_and_is_sent_once_when_one_returns(
 def test_with_every_server_down_past_the_deadline_the_study_is_shredded_on_time_and_nothing_sent(
         node_factory: Callable[..., NodeProcess], tps: Orthanc, farm_pki: PKI, tmp_path: Path) -> None:
     ct = real_chest_ct(tmp_path / "ct", source="lung1", slices=30, downsample=4)
-    node = triton_node(node_factory, tps, [server_entry("gpu0", f"127.0.0.1:{free_port()}", farm_pki)],
+    node = triton_node(node_factory, tps, [server_entry(f"gpu{i}", f"127.0.0.1:{free_port()}", farm_pki)
+                                           for i in range(2)],
                        wait_seconds=1.0, down_seconds=0.5, extra="[retention]\nsweep_interval_seconds = 1")
     send(node, ct.files)
     node.wait_for("alert", timeout=60, outcome="waiting")

@@ -115,6 +115,43 @@ def test_hold_keeps_the_study_from_the_tps_until_released(node_factory: Callable
     _no_canaries(node, ct, record.stdout + shown)
 
 
+@pytest.mark.timeout(300)
+def test_hold_keeps_every_series_of_the_study_when_one_fails(node_factory: Callable[..., NodeProcess], tps: Orthanc,
+                                                             models: Path, tmp_path: Path) -> None:
+    """Two series of one study on two routes: the one whose model QA fails (``qa = "hold"``) holds the other, which
+    passes on its own route, so the TPS gets nothing of the study until it is released, then both."""
+    both = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "default", both / "default")
+    shutil.copytree(models / "default", both / "strict")
+    manifest = both / "strict" / "manifest.toml"
+    manifest.write_text(manifest.read_text().replace('name = "default"', 'name = "strict"', 1))
+    strict = phantom(tmp_path / "strict", series_description="Strict")
+    normal = phantom(tmp_path / "normal", study_uid=strict.study_uid)
+    routes = [route("tps", name="strict", match={"SeriesDescription": "Strict"}, model="strict", qa="hold"),
+              route("tps")]
+    node = node_factory(destinations=[tps_destination(tps)], routes=routes, models_dir=both, extra=KEEP)
+    send(node, strict.files + normal.files)
+    alert = node.wait_for("alert", timeout=120, reason="qa_failed")
+    assert alert["structures"] == ["Lung_L"]
+    held = node.wait_for("study_held", timeout=60)
+    [(job_id, state, reason)] = jobs_of(node.data_dir)
+    assert state == "held" and sorted(reason.split("; ")) == sorted(
+        [f"series {held['series'][0]}: study_held", f"series {3 - held['series'][0]}: qa_failed"]), reason
+    time.sleep(3)  # the runner keeps polling: neither series may leave
+    assert rtstructs_of(tps, strict.study_uid) == []
+    assert "series 1: held" in status(node) and "series 2: held" in status(node)
+
+    released = _gateway(node, "release", job_id)
+    assert released.returncode == 0 and "series 1, 2 released" in released.stdout, released
+    assert node.wait_for("job_done", timeout=120)["state"] == "sent"
+    sent = rtstructs_of(tps, strict.study_uid)
+    assert sorted(_observations(rtstruct).get("Lung_L") or "" for rtstruct in sent) == ["QA: truncation?",
+                                                                                     "QA: volume?"]
+    [release] = [r for r in audit_records(node.data_dir) if r["event"] == "qa_released"]
+    assert release["series"] == [1, 2]
+    _no_canaries(node, strict, released.stdout)
+
+
 @pytest.mark.timeout(240)
 def test_drop_sends_the_structures_that_passed(node_factory: Callable[..., NodeProcess], tps: Orthanc,
                                                models: Path, tmp_path: Path) -> None:

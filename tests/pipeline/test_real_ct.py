@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from gateway.inference.manifest import load_model_package
@@ -243,7 +244,7 @@ def test_head_ct_and_single_slice_end_with_a_reason(node_factory: Callable[..., 
 def test_default_external_agrees_with_plastimatch_on_real_ct(source: str, tmp_path: Path) -> None:
     """An independent body outline: plastimatch's own patient segmentation (couch removed), holes filled per
     slice as an RT External is. Dice >= 0.97 on two real chest CTs and a real head CT in its head holder; lungs
-    only inside the External."""
+    only inside the External, and on the chest CTs where the air inside that body is."""
     ct = real_head_ct(tmp_path / "ct") if source == "head" else real_chest_ct(tmp_path / "ct", source=source)
     subprocess.run([require_tool("plastimatch"), "segment", "--input", str(ct.folder), "--output-img",
                     str(tmp_path / "body.mha")], check=True, capture_output=True, timeout=120)
@@ -256,7 +257,24 @@ def test_default_external_agrees_with_plastimatch_on_real_ct(source: str, tmp_pa
     score = 2 * float((external & reference).sum()) / float(external.sum() + reference.sum())
     print(f"{source}: External Dice against plastimatch segment {score:.4f}")
     assert score >= 0.97
-    assert not ((prediction.mask("Lung_L") | prediction.mask("Lung_R")) & ~external).any()
+    lungs = prediction.mask("Lung_L") | prediction.mask("Lung_R")
+    assert not (lungs & ~external).any()
+    if source != "head":
+        known = _threshold_lungs(volume.hu, reference, float(np.prod(volume.spacing)) / 1000)
+        lung_score = 2 * float((lungs & known).sum()) / float(lungs.sum() + known.sum())
+        print(f"{source}: lungs Dice against the air inside plastimatch's body {lung_score:.4f}")
+        # Measured 0.948 (lung1) and 0.954 (lung2): the reference also holds the trachea and main bronchi and every
+        # partial-volume edge voxel at 0.6 mm, which the model, deciding on its 3 mm grid, leaves out.
+        assert lung_score >= 0.94
+
+
+def _threshold_lungs(hu: np.ndarray, body: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """An independent lung reference on real CT: air (below -400 HU) inside the body, in pieces of 200 ml or more
+    (no stomach or bowel gas)."""
+    air = (hu < -400) & body
+    labels, count = ndimage.label(air)
+    sizes = ndimage.sum_labels(air, labels, range(1, count + 1)) * voxel_ml
+    return np.isin(labels, 1 + np.flatnonzero(sizes >= 200))
 
 
 @pytest.mark.timeout(120)
@@ -324,5 +342,21 @@ def test_localizer_and_screen_capture_are_quarantined(node_factory: Callable[...
     assert (pseudonymised["instances"], pseudonymised["quarantined"]) == (len(ct.files), 2)
     report = status(node)
     assert re.search(r"quarantined: image_type_localizer 1, secondary_capture 1\n", report), report
+
+    # A study of nothing but a scout: nothing to contour, and it says so (the PACS saw success).
+    lone = pydicom.dcmread(scout)
+    lone.StudyInstanceUID, lone.SeriesInstanceUID = generate_uid(), generate_uid()
+    lone.SOPInstanceUID = lone.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    lone.save_as(tmp_path / "lone.dcm", enforce_file_format=True)
+    send(node, [tmp_path / "lone.dcm"])
+    alert = node.wait_for("alert", timeout=120, reason="all_instances_quarantined")
+    assert (alert["stage"], alert["quarantined"]) == ("pseudonymise", {"image_type_localizer": 1})
+    assert "all_instances_quarantined" in status(node)
+    samples = node.metrics()
+    assert samples[("gateway_quarantined_instances_total", (("reason", "image_type_localizer"),))] == 2
+    assert samples[("gateway_quarantined_instances_total", (("reason", "secondary_capture"),))] == 1
+    assert samples[("gateway_failures_total", (("reason", "all_instances_quarantined"),
+                                               ("stage", "pseudonymise")))] == 1
+    assert rtstructs_of(tps, str(lone.StudyInstanceUID)) == []
     no_crash(node)
     no_phi_in_sinks(node, ct)

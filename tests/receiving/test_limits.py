@@ -6,7 +6,6 @@ import io
 import os
 import struct
 import subprocess
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless, generate_uid
@@ -114,14 +112,6 @@ def _peak_growth_kib(pgid: int, before: dict[int, int]) -> int:
     return max(peak - before.get(pid, 0) for pid, peak in _peak_rss_kib(pgid).items())
 
 
-def _metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    port = int(node.wait_for("node_started")["metrics_port"])
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        body = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(body) for sample in family.samples}
-
-
 def _refusals(node: NodeProcess) -> list[dict[str, object]]:
     return [event for event in node.events() if event["event"] == "store_refused"]
 
@@ -196,7 +186,7 @@ class TestDataSetBytes:
         assert str(big.SOPInstanceUID) not in spooled_by_sop(node.data_dir)
         log = node.log_text()
         assert not [canary for canary in [*CANARIES, str(big.SOPInstanceUID)] if canary in log]
-        samples = _metrics(node)
+        samples = node.metrics()
         assert samples[("gateway_instances_refused_total", (("reason", "dataset_too_large"),))] == 1
         assert samples[("gateway_instances_total", (("outcome", "refused"),))] == 1
         assert samples[("gateway_instances_total", (("outcome", "stored"),))] == 3
@@ -234,7 +224,7 @@ class TestPixels:
                                                                                 16384 * 16384)] * 12
         assert len(spooled_by_sop(node.data_dir)) == 1
         assert not [canary for canary in CANARIES if canary in node.log_text()]
-        samples = _metrics(node)
+        samples = node.metrics()
         assert samples[("gateway_instances_refused_total", (("reason", "too_many_pixels"),))] == 12
         assert samples[("gateway_instances_refused_total", (("reason", "dataset_too_large"),))] == 0
 

@@ -3,6 +3,7 @@ flagged with the right reason and nothing else, whatever way the volume's axes r
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -243,3 +244,29 @@ def _shifted(affine: np.ndarray, slices: int) -> np.ndarray:
     moved = affine.copy()
     moved[:3, 3] += affine[:3, 0] * slices
     return moved
+
+
+def test_how_much_may_lie_outside_the_external_is_set_per_label(contoured: tuple[Volume, dict[str, np.ndarray]],
+                                                                manifest: ModelManifest) -> None:
+    volume, masks = contoured
+    moved = _inner(masks)
+    first_row = int(np.flatnonzero(moved["Lung_L"].any(axis=(0, 2)))[0])
+    moved["Lung_L"] = np.roll(moved["Lung_L"], -first_row, axis=1)
+    [share] = [f.value for f in check_structures(volume, moved, manifest)
+               if (f.structure, f.check) == ("Lung_L", "inside_external")]
+    outcomes = []
+    for limits in [(share + 0.01, share + 0.02), (share - 0.01, share + 0.01), (0.0, share - 0.001)]:
+        labels = [label.model_copy(update={"outside_external": limits}) if label.name == "Lung_L" else label
+                  for label in manifest.labels]
+        findings = check_structures(volume, moved, manifest.model_copy(update={"labels": labels}))
+        [found] = [f for f in findings if (f.structure, f.check) == ("Lung_L", "inside_external")]
+        outcomes.append((found.outcome, found.reason))
+    assert outcomes == [(Outcome.PASS, None), (Outcome.WARN, "partly_outside_external"),
+                        (Outcome.FAIL, "outside_external")]
+
+
+def test_outside_external_limits_are_warn_then_fail() -> None:
+    text = (REPO / "models" / "default" / "manifest.toml").read_text()
+    bad = text.replace('name = "Lung_L"', 'name = "Lung_L"\noutside_external = [0.3, 0.1]', 1)
+    with pytest.raises(ValueError, match="outside_external must be"):
+        ModelManifest.model_validate(tomllib.loads(bad))

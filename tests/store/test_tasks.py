@@ -126,3 +126,23 @@ def test_a_held_series_waits_for_release_and_keeps_its_qa_record(store: tuple[Jo
     assert records.of_job(job_id) == []
     with pytest.raises(JobNotFoundError):
         tasks.release("0" * 16, NOW)
+
+
+def test_a_held_series_holds_the_structured_series_of_its_study(store: tuple[JobStore, TaskStore]) -> None:
+    jobs, tasks = store
+    job_id = _job(jobs, tasks, "a", "b", "c")
+    tasks.advance(job_id, 1, JobState.STRUCTURED, stage="structure", duration_ms=7, now=NOW)
+    assert tasks.hold_study(job_id, NOW) == []  # nothing held: the structured series goes on
+    assert tasks.tasks(job_id)[0].state is JobState.STRUCTURED
+    tasks.advance(job_id, 2, JobState.HELD, stage="structure", duration_ms=7, now=NOW, reason="qa_failed")
+    tasks.advance(job_id, 3, JobState.FAILED, stage=None, duration_ms=0, now=NOW, reason="too_few_slices")
+    assert tasks.hold_study(job_id, NOW) == [1]
+    assert [(t.state, t.reason) for t in tasks.tasks(job_id)] == [
+        (JobState.HELD, "study_held"), (JobState.HELD, "qa_failed"), (JobState.FAILED, "too_few_slices")]
+    job = jobs.get(job_id)
+    assert job.state is JobState.HELD
+    assert job.reason == "series 1: study_held; series 2: qa_failed; series 3: too_few_slices"
+    assert job_id not in tasks.runnable(NOW + 3600)
+    assert tasks.release(job_id, NOW + 60) == [1, 2]  # released as one study
+    assert [t.state for t in tasks.tasks(job_id)] == [JobState.STRUCTURED, JobState.STRUCTURED, JobState.FAILED]
+    assert tasks.hold_study(job_id, NOW + 61) == []
