@@ -14,7 +14,8 @@ Method
   plans (they come with the downloaded weights); 297's patch is reported as [112, 112, 128], and the rest is
   nnU-Net 2.8.1's planner default for that patch (four poolings on 112, five on 128). Some 31 M parameters.
 * It is imported once, with ``scripts/import_totalsegmentator.py --task total_fast``, into a temporary models
-  folder (ONNX, tile step 0.5, float16 sums, ``resampling = "nnunet"``).
+  folder with the importer's defaults for TotalSegmentator: ONNX, the task's tile step (0.8 for ``total_fast``, as
+  TotalSegmentator runs it), float16 sums, ``resampling = "totalsegmentator"`` (its own resampling).
 * CT: the pyradiomics ``lung2`` chest CT as plastimatch writes it in DICOM (``tests.realct.real_chest_ct``): 61
   slices of 512 x 512, 0.63 mm pixels, 5 mm slices. Both sides read the same DICOM folder: TotalSegmentator
   converts it itself (dicom2nifti), we read it with pydicom and ``volume_from_datasets``.
@@ -36,9 +37,10 @@ Method
 
   Both have ``OMP_NUM_THREADS`` (and the MKL / OpenBLAS equivalents) set to ``--threads``.
 * Reported: each side's seconds, peak RSS and tree PSS, the ratios ours / theirs, the labels each found, and the
-  share of CT voxels where the two label maps agree (all voxels, and those either side labels). They need not
-  agree: TotalSegmentator resamples the CT to 3 mm itself (linear, then nnU-Net sees a 3 mm CT) and the label map
-  back (nearest), where we resample as nnU-Net does from the CT's own grid and the logits back.
+  share of CT voxels where the two label maps agree (all voxels, and those either side labels). Both resample the
+  CT to 3 mm as TotalSegmentator does (linear, cast to integers) and the label map back (nearest); what remains
+  apart is TotalSegmentator reading the DICOM through dicom2nifti against pydicom here, and near-ties between
+  classes (``tests/inference/test_totalseg_equivalence.py``, which gives both the same voxels).
 
 Usage: ``scripts/bench_totalseg.py [--threads 2] [--repeat 1] [--keep DIR]``.
 About 3 minutes on 2 CPUs (1 of them setup).

@@ -15,7 +15,7 @@ random (:mod:`tests.nnunet_folder`). What is checked:
   orientation, written as NIfTI and read by nnU-Net's own ``NibabelIOWithReorient``: probabilities on the network's
   grid, and labels written back by nnU-Net's writer into the file's stored axes.
 
-The ``total`` 3 mm model has 117 classes: its test waits for model packages to hold more than 32 labels.
+The ``total`` 3 mm model has 117 classes (a model package holds up to 256 labels).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class TestTotalParts:
         assert len(spec["labels"]) == 24
 
     def test_total_3mm_model_with_117_classes(self, importer: ModuleType, tmp_path: Path) -> None:
-        """Dataset297 (``--fast``): 117 classes, nnUNetTrainer_4000epochs_NoMirroring. Waits on the label cap."""
+        """Dataset297 (``--fast``): 117 classes, nnUNetTrainer_4000epochs_NoMirroring."""
         folder = write_results_folder(tmp_path / "results", totalsegmentator_recipe(297))
         assert folder.name == "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"
         labels = totalsegmentator_labels("total")

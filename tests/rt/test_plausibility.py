@@ -146,6 +146,32 @@ def test_the_same_anatomy_stored_along_other_axes_gives_the_same_findings(
     assert ("Lung_L", "fail", "laterality_swapped") in _flagged(check_structures(turned, flipped, manifest))
 
 
+@pytest.mark.parametrize("position", ["HFDL", "FFDR"])
+def test_on_its_side_with_rows_and_columns_swapped_laterality_is_unchanged(
+        contoured: tuple[Volume, dict[str, np.ndarray]], manifest: ModelManifest, position: str) -> None:
+    """A decubitus scan: the image rows run along the patient's left-right axis and the columns front to back (the
+    in-plane axes swapped, the affine to match). In LPS nothing moved: the same laterality figures, and swapped
+    lungs still fail."""
+    volume, masks = contoured
+    clean = _inner(masks)
+    affine = volume.affine.copy()
+    affine[:, [1, 2]] = affine[:, [2, 1]]
+    turned = replace(volume, hu=np.ascontiguousarray(volume.hu.transpose(0, 2, 1)), affine=affine,
+                     patient_position=position)
+    swapped = {name: np.ascontiguousarray(mask.transpose(0, 2, 1)) for name, mask in clean.items()}
+
+    def laterality(findings: list[Finding]) -> list[tuple[str, Outcome, float]]:
+        return [(f.structure, f.outcome, f.value) for f in findings if f.check == "laterality"]
+
+    expected = laterality(check_structures(volume, clean, manifest))
+    assert [(name, outcome) for name, outcome, _ in expected] == [("Lung_L", Outcome.PASS), ("Lung_R", Outcome.PASS)]
+    found = laterality(check_structures(turned, swapped, manifest))
+    assert [(n, o) for n, o, _ in found] == [(n, o) for n, o, _ in expected]
+    assert [v for _, _, v in found] == pytest.approx([v for _, _, v in expected], abs=0.2)
+    swapped["Lung_L"], swapped["Lung_R"] = swapped["Lung_R"], swapped["Lung_L"]
+    assert ("Lung_L", "fail", "laterality_swapped") in _flagged(check_structures(turned, swapped, manifest))
+
+
 def _padded(volume: Volume, masks: dict[str, np.ndarray], axis: int, mm: float) -> tuple[Volume, dict[str, np.ndarray]]:
     """The volume with *mm* more air on both sides along array *axis* (a larger field of view, so that a fault may
     reach beyond the body), the affine moved to match."""

@@ -238,6 +238,23 @@ class TestWriteProtocol:
         with pytest.raises(FileNotFoundError):
             spool.read_instance(_JOB, ids[3])
 
+    def test_removing_a_job_leaves_the_segments_of_the_others_whole(self, tmp_path: Path) -> None:
+        """Segments hold one job each: shredding a study removes its own folder, and a study received at the same
+        time, by the same receiver, keeps every instance byte for byte."""
+        spool = _fresh_spool(tmp_path)
+        other = "f" * len(_JOB)
+        written = {job: [] for job in (_JOB, other)}
+        for n in range(6):  # interleaved, as two associations write them
+            for job in (_JOB, other):
+                payload = bytes([n]) * 3000 + job.encode()
+                written[job].append((spool.write_instance(job, [payload])[0], payload))
+        kept = {path: path.read_bytes() for path in (spool.root / other).iterdir()}
+        assert spool.remove_job(_JOB)["received"] == 6
+        assert not (spool.root / _JOB).exists()
+        assert {path: path.read_bytes() for path in (spool.root / other).iterdir()} == kept
+        assert [spool.read_instance(other, file_id) for file_id, _ in written[other]] == [
+            payload for _, payload in written[other]]
+
     def test_an_older_spool_of_one_file_per_instance_is_still_read(self, tmp_path: Path) -> None:
         spool = _fresh_spool(tmp_path)
         record, _ = spool.write_instance(_JOB, [b"record"])
