@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from gateway.config import Limits
 from gateway.errors import VolumeError
+from gateway.limits import Limits
 
 __all__ = ["Volume", "VolumeLimits", "volume_from_datasets"]
 

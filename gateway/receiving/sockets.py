@@ -17,7 +17,8 @@ from typing import Any, cast
 import structlog
 from pynetdicom.transport import AssociationSocket
 
-from gateway.config import GatewayConfig, Limits
+from gateway.config import GatewayConfig
+from gateway.limits import Limits
 
 __all__ = ["REACTOR_TICK_S", "ConnectionLimits", "FastSocket"]
 

@@ -23,8 +23,9 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from gateway import encoding
-from gateway.config import GatewayConfig, Limits, Peer
+from gateway.config import GatewayConfig, Peer
 from gateway.errors import SpoolError
+from gateway.limits import Limits
 from gateway.receiving.assembly import Assembler, IncomingInstance
 from gateway.receiving.dimse import DiscardedDataSet
 from gateway.receiving.elements import MalformedDataSetError, top_level_values

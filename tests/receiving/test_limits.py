@@ -22,11 +22,12 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from gateway.config import Limits, parse_config
+from gateway.config import parse_config
 from gateway.errors import VolumeError
 from gateway.inference.manifest import load_model_package
 from gateway.inference.predictor import Predictor
 from gateway.inference.volume import Volume, VolumeLimits, volume_from_datasets
+from gateway.limits import Limits
 from gateway.ops.metrics import STORE_REFUSALS
 from gateway.receiving.dimse import DiscardedDataSet, GatewayDIMSE
 from gateway.receiving.storage_scp import REFUSALS, UndecodableError, identify
