@@ -193,9 +193,8 @@ def _union(first: Box, second: Box) -> Box:
 def decide(scores: np.ndarray, kind: str, threshold: float) -> LabelMasks:
     """Probabilities ``[channels, *grid]`` decided. Softmax: the winning class (0 = background, labels 1..);
     sigmoid: channel c where it is at least *threshold*, as label c + 1."""
-    if kind == "softmax":
-        winner = np.argmax(scores, axis=0).astype(_class_dtype(len(scores) - 1))
-        return LabelMasks.from_classes(winner, len(scores) - 1)
+    if kind == "softmax":  # a running argmax, channel by channel: np.argmax over the first axis copies them all first
+        return decide_logits(scores, len(scores), kind, threshold)
     masks = LabelMasks.empty(scores.shape[1:], len(scores))
     for channel, score in enumerate(scores):
         masks.add(channel + 1, score >= threshold)
