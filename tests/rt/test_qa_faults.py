@@ -9,6 +9,7 @@ The packages are the shipped default network with ONNX nodes appended (:mod:`tes
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from gateway.inference.manifest import ModelPackage, load_model_package
 from gateway.inference.orientation import orientation_code
@@ -24,6 +26,7 @@ from gateway.inference.predictor import Predictor
 from gateway.inference.tiling import window_steps
 from gateway.inference.volume import Volume, volume_from_datasets
 from gateway.rt.plausibility import Finding, Outcome, check_structures
+from gateway.rt.qa_picture import qa_picture
 from tests import onnx_models
 from tests.realct import PATIENT_POSITIONS, real_chest_ct, real_chest_ct_positioned
 
@@ -236,3 +239,46 @@ def test_a_hole_of_empty_slices_fails_continuity(tmp_path: Path, lung1: Volume, 
                                           ("Lung_R", "fail", "empty_slices_inside")}
     gaps = {f.structure: f.value for f in findings if f.check == "continuity" and f.structure != "External"}
     assert min(gaps.values()) >= 1, gaps  # empty CT slices
+
+
+# --- the QA picture on real CT --------------------------------------------------------------------------------
+
+
+def _patient_coordinates(volume: Volume) -> list[np.ndarray]:
+    """Each voxel's LPS x, y and z, as arrays that broadcast over the volume (its axes run along LPS axes)."""
+    coordinates: list[np.ndarray] = [np.empty(0)] * 3
+    for axis in range(3):
+        component = int(np.argmax(np.abs(volume.affine[:3, axis])))
+        shape = [1, 1, 1]
+        shape[axis] = volume.shape[axis]
+        steps = np.arange(volume.shape[axis]) * volume.affine[component, axis]
+        coordinates[component] = (volume.affine[component, 3] + steps).reshape(shape)
+    return coordinates
+
+
+@pytest.mark.parametrize("position", ["FFS", "HFP", "FFP"])
+def test_the_qa_picture_of_a_real_ct_is_the_same_in_every_patient_position(
+        scans: Callable[[str, str | None], Volume], position: str) -> None:
+    """The chest CT on which the coronal and sagittal panels came out upside down: a marker in the patient's upper
+    left (placed in patient coordinates) and the body, drawn from the scan in *position*, give the picture of the
+    scan head first supine pixel for pixel, the marker at the top right of its coronal panel (whose drawing
+    tests/rt/test_qa_picture.py checks on every axis order)."""
+    reference = scans("lung1", "HFS")
+    x, _, z = _patient_coordinates(reference)
+    body = reference.hu > -500
+    middle = float(np.mean(np.broadcast_to(x, reference.shape)[body]))
+    top = float(np.broadcast_to(z, reference.shape)[body].max())
+
+    def picture(volume: Volume) -> np.ndarray:
+        px, _, pz = _patient_coordinates(volume)
+        inside = volume.hu > -500
+        marker = inside & (px > middle + 40) & (pz > top - 60)  # crosses the coronal panel, at its top right
+        drawn = qa_picture(volume, {"Body": inside, "Marker": marker}, {"Body": (0, 0, 255), "Marker": (255, 0, 0)})
+        return np.asarray(Image.open(io.BytesIO(drawn)))
+
+    expected = picture(reference)
+    rows, columns = np.nonzero(np.all(expected == (255, 0, 0), axis=2))
+    width = expected.shape[1] // 3  # axial, coronal, sagittal
+    assert len(rows) > 100  # drawn in the coronal panel only, in its upper right: head up, the left on the right
+    assert rows.max() < expected.shape[0] // 2 and (columns >= width + width // 2).all() and (columns < 2 * width).all()
+    assert np.array_equal(picture(scans("lung1", position)), expected)
